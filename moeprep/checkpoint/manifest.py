@@ -1,0 +1,162 @@
+"""The ``moeprep.json`` manifest: schema, load/validate, and the integrity checks built on it.
+
+Imported by the vLLM runtime, so it depends on the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprep.errors import ManifestError
+
+MANIFEST_NAME = "moeprep.json"
+SCHEMA_VERSION = 1
+QUANT_METHOD = "moeprep"
+
+
+@dataclass
+class FileRecord:
+    size: int
+    sha256: str
+
+
+@dataclass
+class TensorRecord:
+    """One tensor as stored: the bytes ``[begin, end)`` of ``file`` hash to ``sha256``."""
+
+    file: str
+    dtype: str
+    shape: list[int]
+    strides: list[int]
+    begin: int
+    end: int
+    sha256: str
+    recipe: str
+    sources: list[str]
+
+
+@dataclass
+class Target:
+    """What the tensors were prepared for; the runtime compares this with the running vLLM."""
+
+    backend: str
+    recipe: str
+    recipe_version: int
+    vllm_versions: list[str]
+    tp_size: int = 1
+    ep_size: int = 1
+    padding: dict[str, int] = field(default_factory=dict)
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    kind: str  # "local" or "hub"
+    location: str  # folder path or repo id
+    revision: str | None
+    files: dict[str, FileRecord]
+
+
+@dataclass
+class Manifest:
+    moeprep_version: str
+    model_type: str
+    architectures: list[str]
+    source: Source
+    target: Target
+    files: dict[str, FileRecord]
+    tensors: dict[str, TensorRecord]
+    routing: dict[str, Any] | None = None
+    lora: list[dict[str, Any]] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: not a JSON object; re-run moeprep convert")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; "
+                "use the moeprep version that wrote it or re-run moeprep convert"
+            )
+        try:
+            src = data["source"]
+            return cls(
+                moeprep_version=_typed(data["moeprep_version"], str),
+                model_type=_typed(data["model_type"], str),
+                architectures=_typed(data["architectures"], list),
+                source=Source(
+                    kind=_typed(src["kind"], str),
+                    location=_typed(src["location"], str),
+                    revision=src["revision"],
+                    files=_records(src["files"], FileRecord),
+                ),
+                target=Target(**_typed(data["target"], dict)),
+                files=_records(data["files"], FileRecord),
+                tensors=_records(data["tensors"], TensorRecord),
+                routing=data.get("routing"),
+                lora=_typed(data.get("lora", []), list),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: malformed manifest ({exc!r}); re-run moeprep convert") from exc
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _records(data: Any, kind: type) -> dict[str, Any]:
+    records = {}
+    for name, fields in _typed(data, dict).items():
+        record = kind(**_typed(fields, dict))
+        for key, value in asdict(record).items():
+            expected = kind.__annotations__[key]
+            if expected == "int" and type(value) is not int:
+                raise TypeError(f"{name}.{key} must be an integer")
+            if expected == "str" and not isinstance(value, str):
+                raise TypeError(f"{name}.{key} must be a string")
+        records[name] = record
+    return records
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """Read and validate ``folder/moeprep.json``."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: {folder} is not a complete moeprep output; run moeprep convert again")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path}: unreadable ({exc}); run moeprep convert again") from exc
+    return Manifest.from_dict(data, str(path))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_file_sizes(folder: Path, manifest: Manifest) -> None:
+    """Cheap integrity check (the runtime runs it at every load): every recorded file is present
+    with its recorded size, and small non-weight files (configs) hash to their recorded sha256."""
+    for name, record in manifest.files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing; the prepared folder is incomplete, convert again")
+        size = path.stat().st_size
+        if size != record.size:
+            raise ManifestError(
+                f"{path} has {size} bytes, the manifest records {record.size}; "
+                "the folder was modified or truncated, convert again"
+            )
+        if size <= 1 << 20 and not name.endswith(".safetensors") and sha256_bytes(path.read_bytes()) != record.sha256:
+            raise ManifestError(f"{path} does not match its sha256 in {MANIFEST_NAME}; convert again")

@@ -1,0 +1,190 @@
+"""Read a Hugging Face model folder or Hub repo lazily: config, aux files and tensors on demand.
+
+Never unpickles arbitrary objects (``.bin`` only through ``torch.load(weights_only=True)``) and
+never runs remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprep.checkpoint.safetensors_io import DTYPE_NAMES, SafetensorsFile, TensorInfo, read_header, read_tensor
+from moeprep.errors import CheckpointError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# Non-weight files a served model needs, copied verbatim into the prepared folder.
+AUX_PATTERNS = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tiktoken.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "*.tiktoken",
+)
+WEIGHT_PATTERNS = ("*.safetensors", SAFE_INDEX)
+HUB_PATTERNS = ("config.json", *AUX_PATTERNS, *WEIGHT_PATTERNS)
+
+
+@dataclass
+class CheckpointSource:
+    """A model folder: its config, aux files and a lazily read tensor table."""
+
+    folder: Path
+    kind: str  # "local" | "hub"
+    location: str
+    revision: str | None
+    config: dict[str, Any]
+    weight_files: list[str]
+    aux_files: list[str]
+    _safetensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(default_factory=dict, repr=False)
+    _bin_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        if self._bin_state is not None:
+            return list(self._bin_state)
+        return list(self._safetensors)
+
+    def tensor_meta(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype name, shape) of a tensor, without reading its data."""
+        if self._bin_state is not None:
+            t = self._bin_state[name]
+            return DTYPE_NAMES[t.dtype], tuple(t.shape)
+        info = self._safetensors[name][1]
+        return info.dtype, info.shape
+
+    def tensor_location(self, name: str) -> tuple[Path, TensorInfo]:
+        file, info = self._safetensors[name]
+        return file.path, info
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._safetensors and (self._bin_state is None or name not in self._bin_state):
+            raise CheckpointError(f"{self.location}: tensor {name!r} is not in the checkpoint")
+        if self._bin_state is not None:
+            return self._bin_state[name].contiguous()
+        file, info = self._safetensors[name]
+        return read_tensor(file.path, info)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found; is this a Hugging Face model folder?") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); fix or re-download it") from exc
+
+
+def _weight_map(folder: Path, index_name: str) -> dict[str, str]:
+    index = _read_json(folder / index_name)
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(f"{folder / index_name}: missing or malformed weight_map; re-download it")
+    for file in set(wm.values()):
+        if Path(file).name != file:
+            raise CheckpointError(f"{folder / index_name}: weight file {file!r} must be a plain file name")
+    return wm
+
+
+def _load_safetensors(folder: Path) -> tuple[list[str], dict[str, tuple[SafetensorsFile, TensorInfo]]]:
+    if (folder / SAFE_INDEX).is_file():
+        weight_map = _weight_map(folder, SAFE_INDEX)
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map, files = {}, [SAFE_SINGLE]
+    table: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
+    for file in files:
+        path = folder / file
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in the index but missing; download the complete checkpoint")
+        header = read_header(path)
+        for name, info in header.tensors.items():
+            if name in table:
+                raise CheckpointError(f"tensor {name!r} appears in both {table[name][0].path.name} and {file}")
+            if weight_map and weight_map.get(name) != file:
+                raise CheckpointError(f"{path}: tensor {name!r} is not mapped to this file by {SAFE_INDEX}")
+            table[name] = (header, info)
+    missing = sorted(set(weight_map) - set(table))
+    if missing:
+        raise CheckpointError(
+            f"{folder / SAFE_INDEX} lists {missing[0]!r} (and {len(missing) - 1} more) "
+            f"but no shard holds it; the download is incomplete"
+        )
+    return files, table
+
+
+def _load_bin(folder: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+    files = sorted(set(_weight_map(folder, BIN_INDEX).values())) if (folder / BIN_INDEX).is_file() else [BIN_SINGLE]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            part = torch.load(folder / file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for corrupt pickles
+            raise CheckpointError(
+                f"{folder / file}: cannot load safely ({type(exc).__name__}); convert it to safetensors"
+            ) from exc
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise CheckpointError(f"{folder / file}: not a flat state dict of tensors")
+        state.update(part)
+    return files, state
+
+
+def open_local(
+    folder: Path, kind: str = "local", location: str | None = None, revision: str | None = None
+) -> CheckpointSource:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a JSON object")
+    aux = sorted(p.name for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in AUX_PATTERNS))
+    source = CheckpointSource(folder, kind, location or str(folder.absolute()), revision, config, [], aux)
+    if (folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file():
+        source.weight_files, source._safetensors = _load_safetensors(folder)
+    elif (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
+        source.weight_files, source._bin_state = _load_bin(folder)
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin found")
+    return source
+
+
+def looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def open_source(src: str, revision: str | None = None) -> CheckpointSource:
+    """A local folder, or a Hub repo id (``org/name``) of which only the needed files are fetched."""
+    if Path(src).exists() or not looks_like_repo_id(src):
+        if revision:
+            raise CheckpointError(f"--revision applies to Hub repo ids, not to the local folder {src}")
+        return open_local(Path(src))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(src, revision=revision, allow_patterns=list(HUB_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise CheckpointError(f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {exc}") from exc
+    commit = Path(folder).name  # snapshots/<commit sha>
+    return open_local(Path(folder), "hub", src, commit)

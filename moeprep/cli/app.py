@@ -1,0 +1,185 @@
+"""``moeprep`` commands: fixture, convert, verify, inspect.
+
+Every ``MoeprepError`` becomes one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from moeprep.errors import MoeprepError
+
+if TYPE_CHECKING:
+    from moeprep.plan import Plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare MoE checkpoints offline for vLLM.")
+console = Console(stderr=True)
+out = Console()
+
+
+class Backend(str, Enum):
+    none = "none"
+
+
+def main() -> None:
+    app()
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn MoeprepError into a one-line message and exit code 2."""
+    try:
+        yield
+    except MoeprepError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(2) from None
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size like 500MB or 5GB")
+    unit = (match.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(float(match.group(1)) * 1024 ** "_KMGT".index(unit or "_"))
+
+
+@contextmanager
+def byte_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` bytes; yields the callback that advances it."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+@app.command()
+def fixture(
+    family: Annotated[
+        str, typer.Argument(help="gpt-oss, deepseek-v3, glm4-moe, qwen2-moe, qwen3-moe, llama4, mixtral")
+    ],
+    dest: Annotated[Path, typer.Argument(help="output folder")],
+    preset: Annotated[
+        str, typer.Option(help="tiny, or real expert dims (gpt-oss: 20b, 120b; deepseek-v3: v3; ...)")
+    ] = "tiny",
+    layers: Annotated[int | None, typer.Option(min=1, help="number of layers (default: the preset's)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same bytes")] = 0,
+    overwrite: bool = False,
+) -> None:
+    """Write a deterministic random checkpoint in a real model's exact on-disk format."""
+    from moeprep.fixtures import build_fixture, fixture_bytes
+
+    with user_errors():
+        with byte_progress(fixture_bytes(family, preset, layers), f"fixture {family}") as advance:
+            build_fixture(family, dest, preset, layers, seed, overwrite=overwrite, on_bytes=advance)
+    out.print(f"wrote {family} ({preset}) fixture to {dest}")
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="model folder or Hub repo id (org/name)")],
+    dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
+    backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="cap per output shard, e.g. 5GB")] = "5GB",
+    overwrite: bool = False,
+) -> None:
+    """Prepare SRC for vLLM into DEST."""
+    from moeprep.convert import convert as run_convert
+    from moeprep.convert import load_plan
+
+    with user_errors():
+        source, plan = load_plan(src, backend.value, revision)
+        if dry_run:
+            print_plan(plan, as_json)
+            return
+        with byte_progress(plan.total_bytes, "convert") as advance:
+            manifest = run_convert(source, plan, dest, overwrite, parse_size(max_shard_size), advance)
+    out.print(
+        f"wrote {len(manifest.tensors)} tensors in {len(manifest.files)} files to {dest} "
+        f"(backend {manifest.target.backend}); serve with: vllm serve {dest}"
+    )
+
+
+def print_plan(plan: Plan, as_json: bool) -> None:
+    if as_json:
+        jobs = [
+            {
+                "tensor": j.entry.name,
+                "dtype": j.entry.dtype,
+                "shape": list(j.entry.shape),
+                "recipe": j.recipe,
+                "sources": list(j.sources),
+            }
+            for j in plan.jobs
+        ]
+        out.print_json(json.dumps({"summary": plan.summary(), "jobs": jobs}))
+        return
+    table = Table(
+        "tensor", "dtype", "shape", "recipe", title=f"plan: {plan.family.name} -> backend {plan.target.backend}"
+    )
+    for job in plan.jobs:
+        table.add_row(job.entry.name, job.entry.dtype, str(list(job.entry.shape)), job.recipe)
+    out.print(table)
+    out.print(plan.summary())
+
+
+@app.command()
+def verify(folder: Annotated[Path, typer.Argument(help="prepared folder")]) -> None:
+    """Re-hash every file and tensor of a prepared folder against moeprep.json."""
+    from moeprep.verify import verify_folder
+
+    with user_errors():
+        report = verify_folder(folder)
+    out.print(f"OK: {report.files} files, {report.tensors} tensors, {report.bytes} bytes match moeprep.json")
+
+
+@app.command()
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="prepared folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
+) -> None:
+    """Show what was done to a prepared folder."""
+    from moeprep.checkpoint.manifest import load_manifest
+
+    with user_errors():
+        manifest = load_manifest(folder)
+    if as_json:
+        out.print_json(manifest.to_json())
+        return
+    recipes: dict[str, int] = {}
+    for record in manifest.tensors.values():
+        recipes[record.recipe] = recipes.get(record.recipe, 0) + 1
+    t = manifest.target
+    out.print(f"model: {manifest.model_type} ({', '.join(manifest.architectures)})")
+    out.print(
+        f"source: {manifest.source.kind} {manifest.source.location}"
+        + (f" @ {manifest.source.revision}" if manifest.source.revision else "")
+    )
+    out.print(
+        f"target: backend {t.backend}, recipe {t.recipe} v{t.recipe_version}, vLLM {', '.join(t.vllm_versions)}, "
+        f"TP {t.tp_size}, EP {t.ep_size}, padding {t.padding or '-'}, knobs {t.knobs or '-'}"
+    )
+    out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
+    out.print(f"tensors: {len(manifest.tensors)} ({', '.join(f'{k}: {v}' for k, v in sorted(recipes.items()))})")
+    out.print(f"fused shared experts: {'yes' if manifest.routing else 'no'}; LoRA adapters: {len(manifest.lora)}")

@@ -1,0 +1,115 @@
+"""Run a plan: stream tensors from the source into an atomically written prepared folder."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moeprep import __version__
+from moeprep.checkpoint.manifest import (
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    SCHEMA_VERSION,
+    FileRecord,
+    Manifest,
+    Source,
+    Target,
+    TensorRecord,
+)
+from moeprep.checkpoint.safetensors_io import TensorEntry, sha256_file
+from moeprep.checkpoint.source import CheckpointSource, open_source
+from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_json, write_sharded
+from moeprep.modelcard import render_model_card
+from moeprep.plan import Plan, build_plan
+
+
+def prepared_config(config: dict[str, Any], target: Target) -> dict[str, Any]:
+    """config.json with the original quantization_config wrapped under the ``moeprep`` method."""
+    return {
+        **config,
+        "quantization_config": {
+            "quant_method": QUANT_METHOD,
+            "schema_version": SCHEMA_VERSION,
+            "backend": target.backend,
+            "manifest": MANIFEST_NAME,
+            "original": config.get("quantization_config"),
+        },
+    }
+
+
+def source_record(source: CheckpointSource) -> Source:
+    files = {
+        name: _file_record(source.folder / name) for name in ["config.json", *source.aux_files, *source.weight_files]
+    }
+    return Source(source.kind, source.location, source.revision, files)
+
+
+def _file_record(path: Path) -> FileRecord:
+    return FileRecord(path.stat().st_size, sha256_file(path))
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return strides[::-1]
+
+
+def load_plan(src: str, backend: str, revision: str | None = None) -> tuple[CheckpointSource, Plan]:
+    source = open_source(src, revision)
+    return source, build_plan(source, backend)
+
+
+def convert(
+    source: CheckpointSource,
+    plan: Plan,
+    out: Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Write the prepared folder for ``plan`` to ``out``; the manifest is written last."""
+    jobs = {job.entry.name: job for job in plan.jobs}
+    src_record = source_record(source)
+    with AtomicFolder(out, overwrite) as tmp:
+        for name in source.aux_files:
+            shutil.copyfile(source.folder / name, tmp / name)
+        write_json(tmp / "config.json", prepared_config(source.config, plan.target))
+        entries: list[TensorEntry] = [job.entry for job in plan.jobs]
+        written = write_sharded(tmp, entries, lambda e: jobs[e.name].run(source), max_shard_bytes, on_bytes)
+        model_type = str(source.config["model_type"])
+        (tmp / "README.md").write_text(
+            render_model_card(src_record, plan.target, model_type, plan.summary()), encoding="utf-8"
+        )
+        files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.name not in written.files}
+        files |= {name: FileRecord(w.size, w.sha256) for name, w in written.files.items()}
+        tensors = {}
+        for entry in entries:
+            file = written.weight_map[entry.name]
+            begin, end = written.files[file].tensor_offsets[entry.name]
+            job = jobs[entry.name]
+            tensors[entry.name] = TensorRecord(
+                file=file,
+                dtype=entry.dtype,
+                shape=list(entry.shape),
+                strides=_strides(entry.shape),
+                begin=begin,
+                end=end,
+                sha256=written.files[file].tensor_sha256[entry.name],
+                recipe=job.recipe,
+                sources=list(job.sources),
+            )
+        manifest = Manifest(
+            moeprep_version=__version__,
+            model_type=model_type,
+            architectures=list(source.config.get("architectures") or []),
+            source=src_record,
+            target=plan.target,
+            files=dict(sorted(files.items())),
+            tensors=tensors,
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest

@@ -1,0 +1,116 @@
+"""What a model family is: its config, its tensor inventory and where its MoE parts live.
+
+A family module subclasses ``Family`` and registers itself with ``@register_family``. The tensor
+inventory (``tensor_specs``) is the single source of truth used both to validate a source
+checkpoint and to build tiny fixtures in the exact on-disk format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from moeprep.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected shape/dtype of one checkpoint tensor and how a fixture fills it.
+
+    ``init``: ``linear`` (normal, std 1/sqrt(fan_in)), ``norm`` (1 + small noise), ``bias`` (small
+    normal), ``mxfp4_blocks`` (random bytes), ``e8m0_scales`` (random exponents near 2^0).
+    ``fan_in_dim`` is the input dimension (-2 for fused 3-D experts applied as ``x @ W``).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str = "BF16"
+    init: str = "linear"
+    fan_in_dim: int = -1
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The MoE structure of a model, as read from its config."""
+
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    expert_intermediate: int
+    expert_format: str  # "per-expert" | "fused-3d" | "mxfp4"
+    shared_intermediate: int = 0
+    shared_gate: bool = False
+    routed_scaling_factor: float = 1.0
+    renormalize: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Family:
+    """Base class of one architecture. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # CLI name, e.g. "glm4-moe"
+    model_types: ClassVar[tuple[str, ...]]
+    architecture: ClassVar[str]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def tiny_config(self) -> dict[str, Any]:
+        """A complete config.json for a CPU-sized model in the family's exact format."""
+        raise NotImplementedError
+
+    def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
+        """Every tensor a checkpoint with ``config`` holds, in on-disk names, shapes and dtypes."""
+        raise NotImplementedError
+
+    def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
+        raise NotImplementedError
+
+    def preset_config(self, preset: str, num_layers: int | None) -> dict[str, Any]:
+        """``tiny`` or one of ``presets`` (real expert dims), optionally with fewer layers."""
+        config = self.tiny_config()
+        if preset != "tiny":
+            if preset not in self.presets:
+                known = ", ".join(["tiny", *self.presets])
+                raise UnsupportedModelError(f"family {self.name} has no preset {preset!r}; choose one of: {known}")
+            config = {**config, **self.presets[preset]}
+        if num_layers is not None:
+            config = self.with_num_layers(config, num_layers)
+        return config
+
+    def with_num_layers(self, config: dict[str, Any], num_layers: int) -> dict[str, Any]:
+        return {**config, "num_hidden_layers": num_layers}
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: make a family findable by its CLI name and its ``model_type`` values."""
+    family = cls()
+    for key in {cls.name, *cls.model_types}:
+        if key in _FAMILIES:
+            raise RuntimeError(f"family key {key!r} registered twice")
+        _FAMILIES[key] = family
+    return cls
+
+
+def get_family(key: str) -> Family:
+    """The family for a CLI name or a config ``model_type``."""
+    from moeprep import families as _  # noqa: F401  (imports every family module)
+
+    if key not in _FAMILIES:
+        raise UnsupportedModelError(
+            f"unknown model family or model_type {key!r}; supported: {', '.join(family_names())}"
+        )
+    return _FAMILIES[key]
+
+
+def family_names() -> list[str]:
+    from moeprep import families as _  # noqa: F401
+
+    return sorted({f.name for f in _FAMILIES.values()})
+
+
+def family_for_config(config: dict[str, Any]) -> Family:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError("config.json has no model_type; is this a Hugging Face model folder?")
+    return get_family(model_type)

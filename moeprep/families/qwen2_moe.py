@@ -1,0 +1,77 @@
+"""Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): routed experts plus one sigmoid-gated shared expert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeprep.families import common
+from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
+
+
+def sparse_layers(config: dict[str, Any]) -> tuple[int, ...]:
+    """Layers with an MoE block, per transformers' Qwen2/Qwen3-MoE rule."""
+    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers", []))
+    return tuple(
+        i
+        for i in range(config["num_hidden_layers"])
+        if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0
+    )
+
+
+@register_family
+class Qwen2Moe(Family):
+    name = "qwen2-moe"
+    model_types = ("qwen2_moe",)
+    architecture = "Qwen2MoeForCausalLM"
+
+    def tiny_config(self) -> dict[str, Any]:
+        return {
+            **common.TINY_COMMON,
+            "architectures": [self.architecture],
+            "model_type": "qwen2_moe",
+            "num_hidden_layers": 2,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 128,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+            "use_sliding_window": False,
+            "sliding_window": 2048,
+            "max_window_layers": 2,
+            "attention_dropout": 0.0,
+            "rope_theta": 1000000.0,
+        }
+
+    def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
+        hidden, specs = config["hidden_size"], common.decoder_shell(config)
+        moe = set(sparse_layers(config))
+        for i in range(config["num_hidden_layers"]):
+            layer = f"model.layers.{i}"
+            specs |= common.layer_norms(layer, hidden) | common.attention(layer, config, qkv_bias=True)
+            if i not in moe:
+                specs |= common.gated_mlp(f"{layer}.mlp", hidden, config["intermediate_size"])
+                continue
+            specs[f"{layer}.mlp.gate.weight"] = TensorSpec((config["num_experts"], hidden))
+            specs |= common.per_expert_mlps(
+                f"{layer}.mlp.experts", config["num_experts"], hidden, config["moe_intermediate_size"]
+            )
+            specs |= common.gated_mlp(f"{layer}.mlp.shared_expert", hidden, config["shared_expert_intermediate_size"])
+            specs[f"{layer}.mlp.shared_expert_gate.weight"] = TensorSpec((1, hidden))
+        return specs
+
+    def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
+        return MoeSpec(
+            num_experts=config["num_experts"],
+            top_k=config["num_experts_per_tok"],
+            moe_layers=sparse_layers(config),
+            expert_intermediate=config["moe_intermediate_size"],
+            expert_format="per-expert",
+            shared_intermediate=config["shared_expert_intermediate_size"],
+            shared_gate=True,
+            renormalize=config.get("norm_topk_prob", False),
+        )

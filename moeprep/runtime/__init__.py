@@ -1,0 +1,9 @@
+"""vLLM plugin (entry point ``vllm.general_plugins: moeprep = moeprep.runtime:register``).
+
+Imports only torch, safetensors, vllm and ``moeprep.checkpoint.manifest``.
+"""
+
+
+def register() -> None:
+    """Register the ``moeprep`` quantization method with vLLM (idempotent)."""
+    from moeprep.runtime import quant_config  # noqa: F401  (registers on import)

@@ -1,0 +1,140 @@
+"""The ``moeprep`` quantization method: loads prepared folders and refuses mismatched ones.
+
+A prepared config.json says ``quantization_config = {"quant_method": "moeprep", "backend": ...,
+"original": <the source's quantization_config or null>}``. Layers whose tensors passed through
+are delegated to the original method (or left unquantized); the manifest is checked against the
+running vLLM before the first layer is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import vllm
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from moeprep.checkpoint.manifest import (
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    SCHEMA_VERSION,
+    Manifest,
+    check_file_sizes,
+    load_manifest,
+)
+from moeprep.errors import MoeprepError
+
+RUNTIME_BACKENDS = ("none",)
+
+
+class PreparedCheckpointMismatch(ValueError):
+    """The prepared folder does not fit the running vLLM; the message says what to do."""
+
+
+def running_vllm_version() -> str:
+    return str(vllm.__version__).split("+")[0]
+
+
+def prepared_folder(model: str, revision: str | None) -> Path:
+    """The local folder of the model vLLM is loading (a path, or a Hub repo's snapshot)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model, MANIFEST_NAME, revision=revision)).parent
+
+
+def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: int) -> None:
+    version = running_vllm_version()
+    target = manifest.target
+    if target.backend != backend:
+        raise PreparedCheckpointMismatch(
+            f"moeprep: config.json says backend {backend!r} but {MANIFEST_NAME} says {target.backend!r}; convert again"
+        )
+    if version not in target.vllm_versions:
+        raise PreparedCheckpointMismatch(
+            f"moeprep: this folder was verified against vLLM {', '.join(target.vllm_versions)} but vLLM {version} "
+            f"is running; install one of those or re-run moeprep convert with this vLLM"
+        )
+    if target.tp_size != 1 and target.tp_size != tp_size:
+        raise PreparedCheckpointMismatch(
+            f"moeprep: prepared for tensor parallel size {target.tp_size}, running with {tp_size}; "
+            f"serve with --tensor-parallel-size {target.tp_size} or convert again with --tp {tp_size}"
+        )
+
+
+@register_quantization_config(QUANT_METHOD)
+class MoeprepConfig(QuantizationConfig):
+    """Quantization config for folders written by ``moeprep convert``."""
+
+    def __init__(self, backend: str, original: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.original_config = original
+        self.original: QuantizationConfig | None = None
+        if original is not None:
+            self.original = get_quantization_config(original["quant_method"]).from_config(original)
+        self.manifest: Manifest | None = None
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        if self.original is not None:
+            return self.original.get_supported_act_dtypes()
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MoeprepConfig:
+        if config.get("schema_version") != SCHEMA_VERSION:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: prepared with schema {config.get('schema_version')!r}, this runtime reads {SCHEMA_VERSION}; "
+                "install the moeprep version that wrote it or convert again"
+            )
+        backend = config.get("backend")
+        if backend not in RUNTIME_BACKENDS:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: backend {backend!r} is not supported by this moeprep runtime "
+                f"(supports {', '.join(RUNTIME_BACKENDS)}); upgrade moeprep"
+            )
+        return cls(backend, config.get("original"))
+
+    def _load_and_check_manifest(self) -> None:
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        model_config = vllm_config.model_config
+        folder = prepared_folder(model_config.model, model_config.revision)
+        try:
+            manifest = load_manifest(folder)
+            check_file_sizes(folder, manifest)
+        except MoeprepError as exc:
+            raise PreparedCheckpointMismatch(f"moeprep: {exc}") from exc
+        check_manifest_against_runtime(manifest, self.backend, vllm_config.parallel_config.tensor_parallel_size)
+        self.manifest = manifest
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if self.manifest is None:
+            self._load_and_check_manifest()
+        if self.original is not None:
+            self.original.packed_modules_mapping = self.packed_modules_mapping
+            return self.original.get_quant_method(layer, prefix)
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        if self.original is not None:
+            self.original.apply_vllm_mapper(hf_to_vllm_mapper)

@@ -1,0 +1,55 @@
+"""``vllm serve`` (vLLM CPU) on loopback: converted checkpoints generate exactly what the originals do,
+and vLLM refuses prepared folders it cannot load correctly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.e2e.vllm_server import run_until_exit, serve_and_generate
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("converted")
+
+    def get(family: str) -> Path:
+        dest = root / family
+        if not dest.exists():
+            result = run_cli("convert", tiny(family), dest)
+            assert result.returncode == 0, result.stderr
+        return dest
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["glm4-moe", "qwen2-moe"])
+def test_converted_generates_the_same_greedy_tokens(tiny, converted, family: str, tmp_path: Path) -> None:
+    original = serve_and_generate(tiny(family), tmp_path / "original.log")
+    prepared = serve_and_generate(converted(family), tmp_path / "prepared.log")
+    assert "quantization=moeprep" in (tmp_path / "prepared.log").read_text()
+    assert prepared == original
+    assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
+
+
+def test_vllm_without_plugin_refuses_prepared_folder(converted, tmp_path: Path) -> None:
+    code, output = run_until_exit(converted("glm4-moe"), tmp_path / "noplugin.log", plugins=False)
+    assert code != 0
+    assert "Unknown quantization method: moeprep" in output
+
+
+def test_runtime_refuses_folder_verified_for_other_vllm(converted, tmp_path: Path) -> None:
+    folder = shutil.copytree(converted("glm4-moe"), tmp_path / "other-vllm")
+    manifest = json.loads((folder / "moeprep.json").read_text())
+    manifest["target"]["vllm_versions"] = ["0.1.0"]
+    (folder / "moeprep.json").write_text(json.dumps(manifest))
+    code, output = run_until_exit(folder, tmp_path / "mismatch.log")
+    assert code != 0
+    assert "verified against vLLM 0.1.0" in output

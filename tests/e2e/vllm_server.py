@@ -1,0 +1,128 @@
+"""Start ``vllm serve`` on loopback for a test and query it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+VLLM = str(Path(sys.executable).parent / "vllm")
+SERVE_ARGS = ("--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0")
+PROMPTS = (
+    "hello world the model is",
+    "once upon a time there was a river",
+    "the expert layer will route each token",
+    "people who work with memory and kernel",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env(plugins: bool) -> dict[str, str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    if not plugins:
+        env["VLLM_PLUGINS"] = "no-plugins-at-all"
+    return env
+
+
+def serve_command(model: Path, port: int) -> list[str]:
+    return [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *SERVE_ARGS]
+
+
+@contextmanager
+def vllm_server(model: Path, log: Path, plugins: bool = True, timeout: float = 300) -> Iterator[str]:
+    """Serve ``model``; yields the base URL once /health answers. Fails with the log tail if vLLM exits."""
+    port = free_port()
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            serve_command(model, port),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=serve_env(plugins),
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited with {proc.returncode}:\n{log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vllm serve not ready after {timeout}s:\n{log_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        yield url
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_until_exit(model: Path, log: Path, plugins: bool = True, timeout: float = 240) -> tuple[int, str]:
+    """Start ``vllm serve`` expecting it to refuse the model; returns (exit code, output)."""
+    proc = subprocess.Popen(
+        serve_command(model, free_port()),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=serve_env(plugins),
+        start_new_session=True,
+    )
+    try:
+        code = proc.wait(timeout)
+    finally:
+        stop(proc)
+    return code, log.read_text()
+
+
+def log_tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def greedy_token_ids(url: str, model: Path, prompt: str, max_tokens: int = 32) -> list[int]:
+    """Greedy completion of ``prompt``: exactly ``max_tokens`` generated token ids."""
+    body = {
+        "model": str(model),
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        choice = json.load(r)["choices"][0]
+    assert len(choice["token_ids"]) == max_tokens
+    return choice["token_ids"]
+
+
+def serve_and_generate(model: Path, log: Path, max_tokens: int = 32) -> list[list[int]]:
+    """One server for ``model``; the prompts are sent one at a time so batching cannot change numerics."""
+    with vllm_server(model, log) as url:
+        return [greedy_token_ids(url, model, p, max_tokens) for p in PROMPTS]

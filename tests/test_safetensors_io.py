@@ -1,0 +1,111 @@
+"""The safetensors reader/writer against the reference ``safetensors`` library."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprep.checkpoint.safetensors_io import (
+    DTYPE_NAMES,
+    TensorEntry,
+    read_header,
+    read_tensor,
+    sha256_file_and_ranges,
+    write_safetensors,
+)
+from moeprep.errors import CheckpointError
+
+
+def random_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "bf16": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+        "f32": torch.randn(3, generator=g),
+        "u8": torch.randint(0, 256, (4, 3, 2), generator=g, dtype=torch.uint8),
+        "fp8": torch.randn(6, 2, generator=g).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+    }
+
+
+def test_reads_files_written_by_safetensors(tmp_path: Path) -> None:
+    tensors = random_tensors()
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    header = read_header(tmp_path / "a.safetensors")
+    assert header.metadata == {"format": "pt"}
+    for name, tensor in tensors.items():
+        got = read_tensor(tmp_path / "a.safetensors", header.tensors[name])
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+
+
+def test_written_files_load_in_safetensors_and_hashes_match(tmp_path: Path) -> None:
+    tensors = random_tensors()
+    entries = [TensorEntry(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    path = tmp_path / "b.safetensors"
+    written = write_safetensors(path, entries, lambda e: tensors[e.name], {"k": "v"})
+    loaded = load_file(path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name].float(), tensor.float())
+    file_sha, ranges = sha256_file_and_ranges(path, written.tensor_offsets)
+    assert file_sha == written.sha256 and ranges == written.tensor_sha256
+
+
+def test_chunked_producer_writes_the_concatenation(tmp_path: Path) -> None:
+    full = torch.randn(6, 4).to(torch.bfloat16)
+    entry = TensorEntry("w", "BF16", (6, 4))
+    write_safetensors(tmp_path / "c.safetensors", [entry], lambda e: iter([full[:2], full[2:5], full[5:]]))
+    assert torch.equal(load_file(tmp_path / "c.safetensors")["w"], full)
+
+
+def test_producer_with_wrong_size_is_refused(tmp_path: Path) -> None:
+    entry = TensorEntry("w", "BF16", (6, 4))
+    with pytest.raises(CheckpointError, match="'w' produced 32 bytes, expected 48"):
+        write_safetensors(tmp_path / "d.safetensors", [entry], lambda e: torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+def _raw_file(path: Path, header: object, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "ends at byte"),
+        ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
+        ({"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown dtype"),
+        ({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid data_offsets"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlap",
+        ),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+)
+def test_corrupt_headers_raise_checkpoint_error(tmp_path: Path, header: object, data: bytes, message: str) -> None:
+    path = _raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_header(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_and_oversized_header_length(tmp_path: Path) -> None:
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="no header"):
+        read_header(tmp_path / "short.safetensors")
+    (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(CheckpointError, match="exceeds the file size"):
+        read_header(tmp_path / "long.safetensors")
