@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/fetch_reference.sh
 . .venv/bin/activate
 ruff check moeprep tests scripts
 python -m pytest -q -p no:cacheprovider tests

@@ -1,0 +1,72 @@
+"""Triton Hopper (sm90) mxfp4 layouts, bitwise against vLLM 0.26.0's triton_kernels:
+committed golden hashes of seeded inputs always, and the live reference on fresh random inputs
+when it is present (CI fetches it with scripts/fetch_reference.sh)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprep.layouts.triton_hopper import (
+    hopper_scale_storage_shape,
+    hopper_value_storage_shape,
+    swizzle_hopper_scale,
+    swizzle_hopper_value,
+)
+from tests.golden_inputs import TRITON_HOPPER_CASES, mxfp4_inputs
+from tests.reference import reference_hopper_scale, reference_hopper_value
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "triton_hopper_sm90.json").read_text())["cases"]
+
+
+def sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_golden_cases_cover_the_declared_inputs() -> None:
+    assert [{k: c[k] for k in ("seed", "experts", "rows", "k")} for c in GOLDEN] == TRITON_HOPPER_CASES
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=lambda c: f"E{c['experts']}-N{c['rows']}-K{c['k']}")
+def test_matches_golden_reference_hashes(case: dict) -> None:
+    blocks, scales = mxfp4_inputs(case["seed"], case["experts"], case["rows"], case["k"])
+    assert (sha(blocks), sha(scales)) == (case["blocks"], case["scales"]), "seeded inputs changed; regenerate golden"
+    value, scale = swizzle_hopper_value(blocks), swizzle_hopper_scale(scales)
+    assert list(value.shape) == case["value_shape"] and sha(value) == case["value"]
+    assert list(scale.shape) == case["scale_shape"] and sha(scale) == case["scale"]
+
+
+FRESH_SHAPES = [(2, 5760, 2880), (2, 2880, 2880), (3, 2 * 192, 192), (1, 192, 192), (2, 136, 320), (1, 1000, 64)]
+
+
+@pytest.mark.parametrize(("experts", "rows", "k"), FRESH_SHAPES)
+def test_matches_live_reference_on_fresh_random_inputs(experts: int, rows: int, k: int) -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    blocks, scales = mxfp4_inputs(seed, experts, rows, k)
+    expected_value, expected_scale = reference_hopper_value(blocks), reference_hopper_scale(scales)
+    value, scale = swizzle_hopper_value(blocks), swizzle_hopper_scale(scales)
+    assert value.shape == expected_value.shape and torch.equal(value, expected_value), f"seed {seed}"
+    assert scale.shape == expected_scale.shape and torch.equal(scale, expected_scale), f"seed {seed}"
+
+
+@pytest.mark.parametrize("num_warps", [4, 8, 16])
+def test_scale_num_warps_variants_match_reference(num_warps: int) -> None:
+    _, scales = mxfp4_inputs(int.from_bytes(os.urandom(4), "little"), 2, 700, 2880)
+    expected = reference_hopper_scale(scales, num_warps)
+    assert torch.equal(swizzle_hopper_scale(scales, num_warps), expected)
+
+
+def test_storage_shapes_are_known_without_data() -> None:
+    assert hopper_value_storage_shape(128, 5760, 1440) == (128, 1440, 5760)
+    assert hopper_scale_storage_shape(128, 5760, 90) == (128, 184, 2944)
+    assert hopper_scale_storage_shape(128, 2880, 90, num_warps=8) == (128, 96, 2944)
+
+
+def test_non_power_of_two_warps_are_refused() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        swizzle_hopper_scale(torch.ones(1, 32, 4, dtype=torch.uint8), num_warps=6)
