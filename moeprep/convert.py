@@ -50,17 +50,11 @@ def _file_record(path: Path) -> FileRecord:
     return FileRecord(path.stat().st_size, sha256_file(path))
 
 
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    strides, step = [], 1
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return strides[::-1]
-
-
-def load_plan(src: str, backend: str, revision: str | None = None) -> tuple[CheckpointSource, Plan]:
+def load_plan(
+    src: str, backend: str, revision: str | None = None, arch: str | None = None
+) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend)
+    return source, build_plan(source, backend, arch)
 
 
 def convert(
@@ -94,8 +88,9 @@ def convert(
             tensors[entry.name] = TensorRecord(
                 file=file,
                 dtype=entry.dtype,
-                shape=list(entry.shape),
-                strides=_strides(entry.shape),
+                stored_shape=list(entry.shape),
+                shape=list(job.view_shape),
+                strides=list(job.view_strides),
                 begin=begin,
                 end=end,
                 sha256=written.files[file].tensor_sha256[entry.name],

@@ -6,8 +6,9 @@ tensor passes through), the source tensors it reads and the recipe that turns on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -17,18 +18,31 @@ from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
+from moeprep.layouts import triton
+from moeprep.layouts.mxfp4_experts import PreparedExpertTensor, contiguous_strides
 
 PASSTHROUGH = "passthrough"
-BACKENDS = ("none",)
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
+MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton}
+BACKENDS = ("none", *MXFP4_BACKENDS)
+CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TensorJob:
+    """Write ``entry`` (the stored bytes) from ``sources``; vLLM holds it as ``view_shape``/``view_strides``."""
+
     entry: TensorEntry
     sources: tuple[str, ...]
     recipe: str
-    run: Callable[[CheckpointSource], torch.Tensor] = field(compare=False, repr=False)
+    run: Callable[[CheckpointSource], torch.Tensor | Iterable[torch.Tensor]] = field(compare=False, repr=False)
+    view_shape: tuple[int, ...] = ()
+    view_strides: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.view_shape:
+            object.__setattr__(self, "view_shape", self.entry.shape)
+            object.__setattr__(self, "view_strides", contiguous_strides(self.entry.shape))
 
 
 @dataclass
@@ -85,14 +99,65 @@ def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
     return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, lambda src, n=name: src.read(n))
 
 
-def build_plan(source: CheckpointSource, backend: str = "none") -> Plan:
+def _expert_chunks(source: CheckpointSource, name: str, recipe: PreparedExpertTensor) -> Iterator[torch.Tensor]:
+    """Apply ``recipe`` to slices of experts of ``name`` of at most CHUNK_BYTES each."""
+    dtype, shape = source.tensor_meta(name)
+    experts = shape[0]
+    per_expert = max(1, TensorEntry(name, dtype, shape).nbytes // max(1, experts))
+    step = max(1, CHUNK_BYTES // per_expert)
+    for start in range(0, experts, step):
+        yield recipe.transform(source.read_rows(name, start, min(experts, start + step)))
+
+
+def _mxfp4_jobs(source: CheckpointSource, moe: MoeSpec, backend: ModuleType) -> tuple[list[TensorJob], set[str]]:
+    config = source.config
+    dims = backend.expert_dims(moe.num_experts, config["hidden_size"], moe.expert_intermediate)
+    jobs, consumed = [], set()
+    for layer in moe.moe_layers:
+        source_prefix = f"model.layers.{layer}.mlp.experts"
+        param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
+        for recipe in backend.prepared_expert_tensors(dims):
+            src = f"{source_prefix}.{recipe.source}"
+            entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
+            run = lambda s, n=src, r=recipe: _expert_chunks(s, n, r)  # noqa: E731
+            jobs.append(TensorJob(entry, (src,), recipe.recipe, run, recipe.view_shape, recipe.view_strides))
+            consumed.add(src)
+    return jobs, consumed
+
+
+def backend_target(backend: str, arch: str | None) -> Target:
+    if backend == "none":
+        return Target(backend, PASSTHROUGH, 1, list(PASSTHROUGH_VERIFIED_VLLM))
+    module = MXFP4_BACKENDS[backend]
+    arch = arch or module.ARCHES[0]
+    if arch not in module.ARCHES:
+        raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(module.ARCHES)}, not {arch!r}")
+    return Target(
+        backend=backend,
+        recipe=f"{backend}-{arch}",
+        recipe_version=module.RECIPE_VERSION,
+        vllm_versions=list(module.VERIFIED_VLLM),
+        padding={"hidden": module.HIDDEN_MULTIPLE, "intermediate": module.INTERMEDIATE_MULTIPLE},
+        knobs={"arch": arch, "num_warps": module.NUM_WARPS},
+    )
+
+
+def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None = None) -> Plan:
     """Validate the source against its family and list the jobs for ``backend``."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
-    target = Target(
-        backend=backend, recipe=PASSTHROUGH, recipe_version=1, vllm_versions=list(PASSTHROUGH_VERIFIED_VLLM)
-    )
-    jobs = [_passthrough_job(source, name) for name in source.tensor_names]
-    return Plan(family, family.moe_spec(source.config), target, jobs, unknown)
+    moe = family.moe_spec(source.config)
+    target = backend_target(backend, arch)
+    jobs: list[TensorJob] = []
+    consumed: set[str] = set()
+    if backend in MXFP4_BACKENDS:
+        if moe.expert_format != "mxfp4":
+            raise UnsupportedModelError(
+                f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
+                "use --backend none"
+            )
+        jobs, consumed = _mxfp4_jobs(source, moe, MXFP4_BACKENDS[backend])
+    jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
+    return Plan(family, moe, target, jobs, unknown)

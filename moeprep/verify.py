@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, check_file_sizes, load_manifest
+from moeprep.checkpoint.manifest import MANIFEST_NAME, TensorRecord, check_file_sizes, load_manifest
 from moeprep.checkpoint.safetensors_io import read_header, sha256_file_and_ranges
 from moeprep.errors import VerificationError
 
@@ -51,16 +51,12 @@ def verify_folder(folder: Path) -> VerifyReport:
     return VerifyReport(len(manifest.files), len(manifest.tensors), sum(r.size for r in manifest.files.values()))
 
 
-def _check_header(path: Path, tensors: dict, ranges: dict[str, tuple[int, int]]) -> None:
+def _check_header(path: Path, tensors: dict[str, TensorRecord], ranges: dict[str, tuple[int, int]]) -> None:
     header = read_header(path)
     for name in ranges:
         info, record = header.tensors.get(name), tensors[name]
-        if info is None or (info.begin, info.end, info.dtype, list(info.shape)) != (
-            record.begin,
-            record.end,
-            record.dtype,
-            record.shape,
-        ):
+        stored = (record.begin, record.end, record.dtype, record.stored_shape)
+        if info is None or (info.begin, info.end, info.dtype, list(info.shape)) != stored:
             raise VerificationError(
                 f"{path}: header entry of tensor {name!r} differs from {MANIFEST_NAME}; convert again"
             )

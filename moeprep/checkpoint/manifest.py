@@ -26,10 +26,12 @@ class FileRecord:
 
 @dataclass
 class TensorRecord:
-    """One tensor as stored: the bytes ``[begin, end)`` of ``file`` hash to ``sha256``."""
+    """One tensor: the bytes ``[begin, end)`` of ``file`` (a ``stored_shape`` safetensors entry) hash
+    to ``sha256``; vLLM holds them as a tensor of logical ``shape`` and element ``strides``."""
 
     file: str
     dtype: str
+    stored_shape: list[int]
     shape: list[int]
     strides: list[int]
     begin: int

@@ -75,6 +75,25 @@ class CheckpointSource:
         file, info = self._safetensors[name]
         return file.path, info
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of dim 0 (for safetensors, only those bytes are read)."""
+        if self._bin_state is not None:
+            return self.read(name)[start:stop].contiguous()
+        file, info = self._safetensors[name]
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise CheckpointError(
+                f"{file.path}: rows {start}:{stop} out of range for tensor {name!r} {list(info.shape)}"
+            )
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        rows = TensorInfo(
+            name,
+            info.dtype,
+            (stop - start, *info.shape[1:]),
+            info.begin + start * row_bytes,
+            info.begin + stop * row_bytes,
+        )
+        return read_tensor(file.path, rows)
+
     def read(self, name: str) -> torch.Tensor:
         if name not in self._safetensors and (self._bin_state is None or name not in self._bin_state):
             raise CheckpointError(f"{self.location}: tensor {name!r} is not in the checkpoint")

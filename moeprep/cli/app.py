@@ -30,6 +30,7 @@ out = Console()
 
 class Backend(str, Enum):
     none = "none"
+    triton = "triton"
 
 
 def main() -> None:
@@ -98,6 +99,7 @@ def convert(
     src: Annotated[str, typer.Argument(help="model folder or Hub repo id (org/name)")],
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
     backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
+    arch: Annotated[str | None, typer.Option(help="GPU architecture for mxfp4 layouts (triton: sm90)")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
@@ -109,7 +111,7 @@ def convert(
     from moeprep.convert import load_plan
 
     with user_errors():
-        source, plan = load_plan(src, backend.value, revision)
+        source, plan = load_plan(src, backend.value, revision, arch)
         if dry_run:
             print_plan(plan, as_json)
             return

@@ -18,6 +18,26 @@ def sparse_layers(config: dict[str, Any]) -> tuple[int, ...]:
     )
 
 
+def qwen_moe_tensor_specs(config: dict[str, Any], qwen3: bool) -> dict[str, TensorSpec]:
+    """Qwen2-MoE (biased q/k/v, gated shared expert) and Qwen3-MoE (q/k norms, no shared expert)."""
+    hidden, specs = config["hidden_size"], common.decoder_shell(config)
+    moe = set(sparse_layers(config))
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        specs |= common.layer_norms(layer, hidden) | common.attention(layer, config, qkv_bias=not qwen3, qk_norm=qwen3)
+        if i not in moe:
+            specs |= common.gated_mlp(f"{layer}.mlp", hidden, config["intermediate_size"])
+            continue
+        specs[f"{layer}.mlp.gate.weight"] = TensorSpec((config["num_experts"], hidden))
+        specs |= common.per_expert_mlps(
+            f"{layer}.mlp.experts", config["num_experts"], hidden, config["moe_intermediate_size"]
+        )
+        if not qwen3:
+            specs |= common.gated_mlp(f"{layer}.mlp.shared_expert", hidden, config["shared_expert_intermediate_size"])
+            specs[f"{layer}.mlp.shared_expert_gate.weight"] = TensorSpec((1, hidden))
+    return specs
+
+
 @register_family
 class Qwen2Moe(Family):
     name = "qwen2-moe"
@@ -48,21 +68,7 @@ class Qwen2Moe(Family):
         }
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
-        hidden, specs = config["hidden_size"], common.decoder_shell(config)
-        moe = set(sparse_layers(config))
-        for i in range(config["num_hidden_layers"]):
-            layer = f"model.layers.{i}"
-            specs |= common.layer_norms(layer, hidden) | common.attention(layer, config, qkv_bias=True)
-            if i not in moe:
-                specs |= common.gated_mlp(f"{layer}.mlp", hidden, config["intermediate_size"])
-                continue
-            specs[f"{layer}.mlp.gate.weight"] = TensorSpec((config["num_experts"], hidden))
-            specs |= common.per_expert_mlps(
-                f"{layer}.mlp.experts", config["num_experts"], hidden, config["moe_intermediate_size"]
-            )
-            specs |= common.gated_mlp(f"{layer}.mlp.shared_expert", hidden, config["shared_expert_intermediate_size"])
-            specs[f"{layer}.mlp.shared_expert_gate.weight"] = TensorSpec((1, hidden))
-        return specs
+        return qwen_moe_tensor_specs(config, qwen3=False)
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
         return MoeSpec(

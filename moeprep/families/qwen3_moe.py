@@ -6,7 +6,7 @@ from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
-from moeprep.families.qwen2_moe import sparse_layers
+from moeprep.families.qwen2_moe import qwen_moe_tensor_specs, sparse_layers
 
 
 @register_family
@@ -52,19 +52,7 @@ class Qwen3Moe(Family):
         }
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
-        hidden, specs = config["hidden_size"], common.decoder_shell(config)
-        moe = set(sparse_layers(config))
-        for i in range(config["num_hidden_layers"]):
-            layer = f"model.layers.{i}"
-            specs |= common.layer_norms(layer, hidden) | common.attention(layer, config, qk_norm=True)
-            if i not in moe:
-                specs |= common.gated_mlp(f"{layer}.mlp", hidden, config["intermediate_size"])
-                continue
-            specs[f"{layer}.mlp.gate.weight"] = TensorSpec((config["num_experts"], hidden))
-            specs |= common.per_expert_mlps(
-                f"{layer}.mlp.experts", config["num_experts"], hidden, config["moe_intermediate_size"]
-            )
-        return specs
+        return qwen_moe_tensor_specs(config, qwen3=True)
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
         return MoeSpec(

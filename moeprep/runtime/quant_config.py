@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import vllm
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
@@ -22,16 +23,15 @@ from moeprep.checkpoint.manifest import (
     QUANT_METHOD,
     SCHEMA_VERSION,
     Manifest,
+    TensorRecord,
     check_file_sizes,
     load_manifest,
 )
 from moeprep.errors import MoeprepError
+from moeprep.runtime.errors import PreparedCheckpointMismatch
 
-RUNTIME_BACKENDS = ("none",)
-
-
-class PreparedCheckpointMismatch(ValueError):
-    """The prepared folder does not fit the running vLLM; the message says what to do."""
+RUNTIME_BACKENDS = ("none", "triton")
+PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 
 
 def running_vllm_version() -> str:
@@ -78,6 +78,7 @@ class MoeprepConfig(QuantizationConfig):
         if original is not None:
             self.original = get_quantization_config(original["quant_method"]).from_config(original)
         self.manifest: Manifest | None = None
+        self.consumed: set[str] = set()
 
     @classmethod
     def get_name(cls) -> str:
@@ -125,9 +126,28 @@ class MoeprepConfig(QuantizationConfig):
         check_manifest_against_runtime(manifest, self.backend, vllm_config.parallel_config.tensor_parallel_size)
         self.manifest = manifest
 
+    def prepared_records(self, prefix: str) -> dict[str, TensorRecord]:
+        """Manifest records of the prepared parameters of the experts module at ``prefix``."""
+        assert self.manifest is not None
+        layer = prefix.removesuffix(".routed_experts")
+        modules = {layer, f"{layer}.routed_experts"}
+        records = {}
+        for name, record in self.manifest.tensors.items():
+            module, _, param = name.rpartition(".")
+            if module in modules and param.startswith(PREPARED_PARAM_PREFIX):
+                records[param] = record
+        return records
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
             self._load_and_check_manifest()
+        if self.backend == "triton" and isinstance(layer, RoutedExperts):
+            from moeprep.runtime.triton_mxfp4 import PreparedTritonMxfp4MoEMethod
+
+            assert self.manifest is not None
+            return PreparedTritonMxfp4MoEMethod(
+                layer.moe_config, prefix, self.prepared_records(prefix), self.manifest.target.knobs, self.consumed.add
+            )
         if self.original is not None:
             self.original.packed_modules_mapping = self.packed_modules_mapping
             return self.original.get_quant_method(layer, prefix)

@@ -1,0 +1,69 @@
+"""gpt-oss-style mxfp4 experts -> prepared tensors for one backend.
+
+A backend module lists ``PreparedExpertTensor`` recipes; each turns one checkpoint tensor of a MoE
+layer (``{experts}.gate_up_proj_blocks`` ...) into the storage bytes of one parameter that the
+moeprep runtime registers on vLLM's experts module (``{experts}.moeprep_w13_value`` ...). Transforms
+take a slice of experts (dim 0) so conversion streams with bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moeprep.layouts.padding import round_up
+
+MXFP4_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Mxfp4ExpertDims:
+    """Per-layer expert sizes: as in the checkpoint and as padded by the backend (per TP rank)."""
+
+    experts: int
+    hidden: int
+    intermediate: int
+    hidden_padded: int
+    intermediate_padded: int
+
+    @classmethod
+    def padded(cls, experts: int, hidden: int, intermediate: int, hidden_multiple: int, inter_multiple: int):  # type: ignore[no-untyped-def]
+        return cls(
+            experts, hidden, intermediate, round_up(hidden, hidden_multiple), round_up(intermediate, inter_multiple)
+        )
+
+
+@dataclass(frozen=True)
+class PreparedExpertTensor:
+    """One prepared parameter: stored as ``storage_shape`` bytes, held by vLLM as the view
+    ``view_shape``/``view_strides`` of that storage."""
+
+    param: str
+    source: str
+    dtype: str
+    storage_shape: tuple[int, ...]
+    view_shape: tuple[int, ...]
+    view_strides: tuple[int, ...]
+    recipe: str
+    transform: Callable[[torch.Tensor], torch.Tensor]
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def transposed_view(storage_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shape and strides of ``storage.mT`` for a contiguous 3-D storage."""
+    e, rows, cols = storage_shape
+    return (e, cols, rows), (rows * cols, 1, cols)
+
+
+def packed_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """[E, N, K/32, 16] checkpoint blocks -> [E, N, K/2] bytes (the view vLLM's loader takes)."""
+    return blocks.reshape(blocks.shape[0], blocks.shape[1], -1)

@@ -1,0 +1,83 @@
+"""Backend ``triton``: vLLM 0.26's ``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``) on sm90.
+
+What vLLM does at load (vllm/model_executor/layers/fused_moe/oracle/mxfp4.py): intermediate size
+rounded up to 64 (hidden unchanged), checkpoint tensors copied into the top-left corner of the
+zero-padded parameters, biases cast to float32, then ``_swizzle_mxfp4`` (see ``triton_hopper``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeprep.layouts.mxfp4_experts import (
+    MXFP4_BLOCK,
+    Mxfp4ExpertDims,
+    PreparedExpertTensor,
+    contiguous_strides,
+    packed_blocks,
+    transposed_view,
+)
+from moeprep.layouts.padding import pad_to
+from moeprep.layouts.triton_hopper import (
+    hopper_scale_storage_shape,
+    hopper_value_storage_shape,
+    swizzle_hopper_scale,
+    swizzle_hopper_value,
+)
+
+NAME = "triton"
+ARCHES = ("sm90",)
+INTERMEDIATE_MULTIPLE = 64
+HIDDEN_MULTIPLE = 1
+NUM_WARPS = 8
+RECIPE_VERSION = 1
+VERIFIED_VLLM = ["0.26.0"]
+# vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors
+# are stored under the full name of the parameter they fill.
+EXPERTS_MODULE = "mlp.experts.routed_experts"
+
+
+def expert_dims(experts: int, hidden: int, intermediate: int) -> Mxfp4ExpertDims:
+    return Mxfp4ExpertDims.padded(experts, hidden, intermediate, HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)
+
+
+def _value(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
+    storage = hopper_value_storage_shape(dims.experts, rows, k // 2)
+    view_shape, view_strides = transposed_view(storage)
+
+    def transform(blocks: torch.Tensor) -> torch.Tensor:
+        return swizzle_hopper_value(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
+
+    return PreparedExpertTensor(param, source, "U8", storage, view_shape, view_strides, "triton-sm90-value", transform)
+
+
+def _scale(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
+    storage = hopper_scale_storage_shape(dims.experts, rows, k // MXFP4_BLOCK, NUM_WARPS)
+    view_shape, view_strides = transposed_view(storage)
+
+    def transform(scales: torch.Tensor) -> torch.Tensor:
+        return swizzle_hopper_scale(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)), NUM_WARPS)
+
+    return PreparedExpertTensor(param, source, "U8", storage, view_shape, view_strides, "triton-sm90-scale", transform)
+
+
+def _bias(param: str, source: str, rows: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
+    shape = (dims.experts, rows)
+
+    def transform(bias: torch.Tensor) -> torch.Tensor:
+        return pad_to(bias, (bias.shape[0], rows)).to(torch.float32)
+
+    return PreparedExpertTensor(param, source, "F32", shape, shape, contiguous_strides(shape), "pad-float32", transform)
+
+
+def prepared_expert_tensors(dims: Mxfp4ExpertDims) -> list[PreparedExpertTensor]:
+    """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
+    w13_rows, w2_rows = 2 * dims.intermediate_padded, dims.hidden_padded
+    return [
+        _value("moeprep_w13_value", "gate_up_proj_blocks", w13_rows, dims.hidden_padded, dims),
+        _scale("moeprep_w13_scale", "gate_up_proj_scales", w13_rows, dims.hidden_padded, dims),
+        _bias("moeprep_w13_bias", "gate_up_proj_bias", w13_rows, dims),
+        _value("moeprep_w2_value", "down_proj_blocks", w2_rows, dims.intermediate_padded, dims),
+        _scale("moeprep_w2_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims),
+        _bias("moeprep_w2_bias", "down_proj_bias", w2_rows, dims),
+    ]
