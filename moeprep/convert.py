@@ -51,10 +51,10 @@ def _file_record(path: Path) -> FileRecord:
 
 
 def load_plan(
-    src: str, backend: str, revision: str | None = None, arch: str | None = None
+    src: str, backend: str, revision: str | None = None, arch: str | None = None, device: str = "cpu"
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch)
+    return source, build_plan(source, backend, arch, device)
 
 
 def convert(

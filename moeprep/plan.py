@@ -99,17 +99,22 @@ def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
     return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, lambda src, n=name: src.read(n))
 
 
-def _expert_chunks(source: CheckpointSource, name: str, recipe: PreparedExpertTensor) -> Iterator[torch.Tensor]:
-    """Apply ``recipe`` to slices of experts of ``name`` of at most CHUNK_BYTES each."""
+def _expert_chunks(
+    source: CheckpointSource, name: str, recipe: PreparedExpertTensor, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Apply ``recipe`` on ``device`` to slices of experts of ``name`` of at most CHUNK_BYTES each."""
     dtype, shape = source.tensor_meta(name)
     experts = shape[0]
     per_expert = max(1, TensorEntry(name, dtype, shape).nbytes // max(1, experts))
     step = max(1, CHUNK_BYTES // per_expert)
     for start in range(0, experts, step):
-        yield recipe.transform(source.read_rows(name, start, min(experts, start + step)))
+        rows = source.read_rows(name, start, min(experts, start + step))
+        yield recipe.transform(rows.to(device, non_blocking=True)).to("cpu")
 
 
-def _mxfp4_jobs(source: CheckpointSource, moe: MoeSpec, backend: ModuleType) -> tuple[list[TensorJob], set[str]]:
+def _mxfp4_jobs(
+    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, device: torch.device
+) -> tuple[list[TensorJob], set[str]]:
     config = source.config
     dims = backend.expert_dims(moe.num_experts, config["hidden_size"], moe.expert_intermediate)
     jobs, consumed = [], set()
@@ -119,10 +124,20 @@ def _mxfp4_jobs(source: CheckpointSource, moe: MoeSpec, backend: ModuleType) -> 
         for recipe in backend.prepared_expert_tensors(dims):
             src = f"{source_prefix}.{recipe.source}"
             entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
-            run = lambda s, n=src, r=recipe: _expert_chunks(s, n, r)  # noqa: E731
+            run = lambda s, n=src, r=recipe: _expert_chunks(s, n, r, device)  # noqa: E731
             jobs.append(TensorJob(entry, (src,), recipe.recipe, run, recipe.view_shape, recipe.view_strides))
             consumed.add(src)
     return jobs, consumed
+
+
+def transform_device(device: str) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UnsupportedModelError(f"--device {device!r} is not a torch device (use cpu or cuda)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedModelError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+    return resolved
 
 
 def backend_target(backend: str, arch: str | None) -> Target:
@@ -142,8 +157,8 @@ def backend_target(backend: str, arch: str | None) -> Target:
     )
 
 
-def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None = None) -> Plan:
-    """Validate the source against its family and list the jobs for ``backend``."""
+def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None = None, device: str = "cpu") -> Plan:
+    """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     family = family_for_config(source.config)
@@ -158,6 +173,6 @@ def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None
                 f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
                 "use --backend none"
             )
-        jobs, consumed = _mxfp4_jobs(source, moe, MXFP4_BACKENDS[backend])
+        jobs, consumed = _mxfp4_jobs(source, moe, MXFP4_BACKENDS[backend], transform_device(device))
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     return Plan(family, moe, target, jobs, unknown)

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/fetch_reference.sh
 . .venv/bin/activate
-ruff check moeprep tests scripts
+ruff check moeprep tests scripts benchmarks
 python -m pytest -q -p no:cacheprovider tests

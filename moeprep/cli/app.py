@@ -100,6 +100,7 @@ def convert(
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
     backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
     arch: Annotated[str | None, typer.Option(help="GPU architecture for mxfp4 layouts (triton: sm90)")] = None,
+    device: Annotated[str, typer.Option(help="where layouts are computed: cpu or cuda")] = "cpu",
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
@@ -111,7 +112,7 @@ def convert(
     from moeprep.convert import load_plan
 
     with user_errors():
-        source, plan = load_plan(src, backend.value, revision, arch)
+        source, plan = load_plan(src, backend.value, revision, arch, device)
         if dry_run:
             print_plan(plan, as_json)
             return

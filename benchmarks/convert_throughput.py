@@ -1,0 +1,103 @@
+"""Conversion wall time and peak RSS against copying the same checkpoint files, in one run.
+
+    python benchmarks/convert_throughput.py --preset 120b --layers 4 --backend triton [--device cuda]
+
+Builds a synthetic gpt-oss checkpoint (real expert dims, E=128, H=I=2880 for 120b) once under
+--workdir, then times, each in a fresh subprocess: copying its files (the baseline) and
+``moeprep convert``. Prints the ratio convert/copy and each side's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def child_copy(src: Path, dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in sorted(src.iterdir()):
+        shutil.copyfile(path, dest / path.name)
+        with (dest / path.name).open("rb+") as f:
+            os.fsync(f.fileno())
+
+
+def child_convert(src: Path, dest: Path, backend: str, device: str) -> None:
+    from moeprep.convert import convert, load_plan
+
+    source, plan = load_plan(str(src), backend, device=device)
+    convert(source, plan, dest, overwrite=True)
+
+
+def run_child(*args: str) -> dict[str, float]:
+    """Run this script as a child doing one job; returns its wall time and peak RSS."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="120b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-bench"))
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        start = time.perf_counter()
+        job, *rest = args.child
+        if job == "copy":
+            child_copy(Path(rest[0]), Path(rest[1]))
+        else:
+            child_convert(Path(rest[0]), Path(rest[1]), rest[2], rest[3])
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}))
+        return
+
+    from moeprep.fixtures import build_fixture
+
+    src = args.workdir / f"gpt-oss-{args.preset}-{args.layers}l"
+    if not (src / "config.json").exists():
+        build_fixture("gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
+    copy = run_child("copy", str(src), str(args.workdir / "copy"))
+    conv = run_child("convert", str(src), str(args.workdir / "prepared"), args.backend, args.device)
+    size = folder_bytes(src)
+    result = {
+        "preset": args.preset,
+        "layers": args.layers,
+        "backend": args.backend,
+        "device": args.device,
+        "source_gb": size / 1e9,
+        "copy_s": copy["seconds"],
+        "convert_s": conv["seconds"],
+        "ratio_convert_to_copy": conv["seconds"] / copy["seconds"],
+        "convert_gb_per_s": size / 1e9 / conv["seconds"],
+        "copy_peak_rss_mib": copy["peak_rss_mib"],
+        "convert_peak_rss_mib": conv["peak_rss_mib"],
+        "cpu_threads": os.cpu_count(),
+    }
+    shutil.rmtree(args.workdir / "copy", ignore_errors=True)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
