@@ -1,0 +1,78 @@
+"""Record vLLM 0.26's Marlin mxfp4 MoE transform (``prepare_moe_mxfp4_layer_for_marlin``, a CUDA op) on
+seeded inputs: small cases as raw tensors, gpt-oss-sized cases as sha256. GPU host only.
+
+Usage: python scripts/make_golden_marlin.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = [  # (seed, experts, intermediate n, hidden k)
+    (11, 2, 128, 256),
+    (12, 3, 192, 192),
+    (13, 2, 2880, 2880),
+]
+
+
+def seeded_inputs(seed: int, e: int, n: int, k: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    u8 = lambda *shape, lo=0, hi=256: torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)  # noqa: E731
+    return {
+        "w13": u8(e, 2 * n, k // 2),
+        "w2": u8(e, k, n // 2),
+        "w13_scale": u8(e, 2 * n, k // 32, lo=110, hi=135),
+        "w2_scale": u8(e, k, n // 32, lo=110, hi=135),
+        "w13_bias": torch.randn(e, 2 * n, generator=gen).to(torch.bfloat16),
+        "w2_bias": torch.randn(e, k, generator=gen).to(torch.bfloat16),
+    }
+
+
+def main() -> None:
+    from safetensors.torch import save_file
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import prepare_moe_mxfp4_layer_for_marlin
+
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    layer = torch.nn.Module()
+    layer.params_dtype = torch.bfloat16
+    summary = []
+    with set_current_vllm_config(VllmConfig()):
+        for seed, e, n, k in CASES:
+            inputs = seeded_inputs(seed, e, n, k)
+            cuda = {name: t.cuda() for name, t in inputs.items()}
+            outputs = prepare_moe_mxfp4_layer_for_marlin(
+                layer, cuda["w13"], cuda["w2"], cuda["w13_scale"], cuda["w2_scale"], cuda["w13_bias"], cuda["w2_bias"]
+            )
+            named = dict(zip(["w13", "w2", "w13_scale", "w2_scale", "w13_bias", "w2_bias"], outputs, strict=True))
+            record = {"seed": seed, "experts": e, "intermediate": n, "hidden": k, "outputs": {}}
+            for name, t in named.items():
+                t = t.contiguous().cpu()
+                record["outputs"][name] = {
+                    "dtype": str(t.dtype),
+                    "shape": list(t.shape),
+                    "sha256": hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest(),
+                }
+            if e * n * k <= 2 * 192 * 256:
+                save_file(
+                    {
+                        **{f"in.{k2}": v for k2, v in inputs.items()},
+                        **{f"out.{k2}": v.contiguous().cpu() for k2, v in named.items()},
+                    },
+                    out / f"marlin_mxfp4_{seed}.safetensors",
+                )
+            summary.append(record)
+    (out / "marlin_mxfp4_golden.json").write_text(
+        json.dumps({"reference": "vllm 0.26.0 prepare_moe_mxfp4_layer_for_marlin", "cases": summary}, indent=1)
+    )
+    print(json.dumps(summary, indent=1)[:2000])
+
+
+if __name__ == "__main__":
+    main()
