@@ -3,8 +3,8 @@
     python benchmarks/convert_throughput.py --preset 120b --layers 4 --backend triton [--device cuda]
 
 Builds a synthetic gpt-oss checkpoint (real expert dims, E=128, H=I=2880 for 120b) once under
---workdir, then times, each in a fresh subprocess: copying its files (the baseline) and
-``moeprep convert``. Prints the ratio convert/copy and each side's peak RSS.
+--workdir, then times, each in a fresh subprocess and alternating for --rounds: copying its files
+(the baseline) and ``moeprep convert``. Prints the ratio of the medians and each side's peak RSS.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-bench"))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating copy/convert rounds (medians reported)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -76,8 +78,12 @@ def main() -> None:
     src = args.workdir / f"gpt-oss-{args.preset}-{args.layers}l"
     if not (src / "config.json").exists():
         build_fixture("gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
-    copy = run_child("copy", str(src), str(args.workdir / "copy"))
-    conv = run_child("convert", str(src), str(args.workdir / "prepared"), args.backend, args.device)
+    copies, converts = [], []
+    for _ in range(args.rounds):  # alternate, so disk writeback state hits both sides alike
+        copies.append(run_child("copy", str(src), str(args.workdir / "copy")))
+        converts.append(run_child("convert", str(src), str(args.workdir / "prepared"), args.backend, args.device))
+    copy_s = statistics.median(c["seconds"] for c in copies)
+    convert_s = statistics.median(c["seconds"] for c in converts)
     size = folder_bytes(src)
     result = {
         "preset": args.preset,
@@ -85,12 +91,15 @@ def main() -> None:
         "backend": args.backend,
         "device": args.device,
         "source_gb": size / 1e9,
-        "copy_s": copy["seconds"],
-        "convert_s": conv["seconds"],
-        "ratio_convert_to_copy": conv["seconds"] / copy["seconds"],
-        "convert_gb_per_s": size / 1e9 / conv["seconds"],
-        "copy_peak_rss_mib": copy["peak_rss_mib"],
-        "convert_peak_rss_mib": conv["peak_rss_mib"],
+        "rounds": args.rounds,
+        "copy_s_median": copy_s,
+        "convert_s_median": convert_s,
+        "ratio_convert_to_copy": convert_s / copy_s,
+        "convert_gb_per_s": size / 1e9 / convert_s,
+        "copy_s_all": [c["seconds"] for c in copies],
+        "convert_s_all": [c["seconds"] for c in converts],
+        "copy_peak_rss_mib": max(c["peak_rss_mib"] for c in copies),
+        "convert_peak_rss_mib": max(c["peak_rss_mib"] for c in converts),
         "cpu_threads": os.cpu_count(),
     }
     shutil.rmtree(args.workdir / "copy", ignore_errors=True)

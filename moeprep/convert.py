@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +68,23 @@ def convert(
 ) -> Manifest:
     """Write the prepared folder for ``plan`` to ``out``; the manifest is written last."""
     jobs = {job.entry.name: job for job in plan.jobs}
-    src_record = source_record(source)
-    with AtomicFolder(out, overwrite) as tmp:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash") as background,
+        AtomicFolder(out, overwrite) as tmp,
+    ):
+        src_future = background.submit(source_record, source)  # hashes the source while converting
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)
         write_json(tmp / "config.json", prepared_config(source.config, plan.target))
         entries: list[TensorEntry] = [job.entry for job in plan.jobs]
         written = write_sharded(tmp, entries, lambda e: jobs[e.name].run(source), max_shard_bytes, on_bytes)
         model_type = str(source.config["model_type"])
+        src_record = src_future.result()
         (tmp / "README.md").write_text(
             render_model_card(src_record, plan.target, model_type, plan.summary()), encoding="utf-8"
         )
         files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.name not in written.files}
-        files |= {name: FileRecord(w.size, w.sha256) for name, w in written.files.items()}
+        files |= {name: FileRecord(w.size, w.header_sha256, covers="header") for name, w in written.files.items()}
         tensors = {}
         for entry in entries:
             file = written.weight_map[entry.name]

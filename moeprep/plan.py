@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +26,8 @@ PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
 MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton}
 BACKENDS = ("none", *MXFP4_BACKENDS)
+# Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
+# OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
 CHUNK_BYTES = 64 * 1024 * 1024
 
 
@@ -94,22 +97,29 @@ def check_inventory(source: CheckpointSource, family: Family) -> list[str]:
     return sorted(present - set(expected))
 
 
+def dim0_chunks(
+    source: CheckpointSource, name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[torch.Tensor]:
+    """``name`` read in slices along dim 0 of at most CHUNK_BYTES, each passed through ``transform``."""
+    dtype, shape = source.tensor_meta(name)
+    if not shape or shape[0] == 0:
+        yield source.read(name)
+        return
+    per_row = max(1, TensorEntry(name, dtype, shape).nbytes // shape[0])
+    step = max(1, CHUNK_BYTES // per_row)
+    for start in range(0, shape[0], step):
+        rows = source.read_rows(name, start, min(shape[0], start + step))
+        yield transform(rows) if transform else rows
+
+
 def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
     dtype, shape = source.tensor_meta(name)
-    return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, lambda src, n=name: src.read(n))
+    return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, partial(dim0_chunks, name=name))
 
 
-def _expert_chunks(
-    source: CheckpointSource, name: str, recipe: PreparedExpertTensor, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Apply ``recipe`` on ``device`` to slices of experts of ``name`` of at most CHUNK_BYTES each."""
-    dtype, shape = source.tensor_meta(name)
-    experts = shape[0]
-    per_expert = max(1, TensorEntry(name, dtype, shape).nbytes // max(1, experts))
-    step = max(1, CHUNK_BYTES // per_expert)
-    for start in range(0, experts, step):
-        rows = source.read_rows(name, start, min(experts, start + step))
-        yield recipe.transform(rows.to(device, non_blocking=True)).to("cpu")
+def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Run ``recipe.transform`` on ``device`` and bring the result back to the CPU for writing."""
+    return lambda rows: recipe.transform(rows.to(device, non_blocking=True)).to("cpu")
 
 
 def _mxfp4_jobs(
@@ -124,7 +134,7 @@ def _mxfp4_jobs(
         for recipe in backend.prepared_expert_tensors(dims):
             src = f"{source_prefix}.{recipe.source}"
             entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
-            run = lambda s, n=src, r=recipe: _expert_chunks(s, n, r, device)  # noqa: E731
+            run = partial(dim0_chunks, name=src, transform=_on_device(recipe, device))
             jobs.append(TensorJob(entry, (src,), recipe.recipe, run, recipe.view_shape, recipe.view_strides))
             consumed.add(src)
     return jobs, consumed

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, TensorRecord, check_file_sizes, load_manifest
-from moeprep.checkpoint.safetensors_io import read_header, sha256_file_and_ranges
+from moeprep.checkpoint.manifest import MANIFEST_NAME, FileRecord, TensorRecord, check_file_sizes, load_manifest
+from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_header, sha256_file, sha256_ranges
 from moeprep.errors import VerificationError
+
+HEADER = "__metadata__"  # key for the header's byte range: reserved by safetensors, never a tensor name
 
 
 @dataclass(frozen=True)
@@ -34,29 +36,48 @@ def verify_folder(folder: Path) -> VerifyReport:
             )
         by_file.setdefault(record.file, {})[name] = (record.begin, record.end)
     for file, record in manifest.files.items():
-        path = folder / file
-        ranges = by_file.get(file, {})
-        file_sha, tensor_sha = sha256_file_and_ranges(path, ranges)
-        for name in sorted(ranges, key=lambda n: ranges[n]):
-            if tensor_sha[name] != manifest.tensors[name].sha256:
-                raise VerificationError(
-                    f"{path}: tensor {name!r} bytes differ from {MANIFEST_NAME} (sha256 mismatch); convert again"
-                )
-        if file_sha != record.sha256:
-            raise VerificationError(
-                f"{path}: sha256 differs from {MANIFEST_NAME}; the file was modified, convert again"
-            )
-        if ranges:
-            _check_header(path, manifest.tensors, ranges)
+        _verify_file(folder / file, record, manifest.tensors, by_file.get(file, {}))
     return VerifyReport(len(manifest.files), len(manifest.tensors), sum(r.size for r in manifest.files.values()))
 
 
-def _check_header(path: Path, tensors: dict[str, TensorRecord], ranges: dict[str, tuple[int, int]]) -> None:
+def _verify_file(
+    path: Path, record: FileRecord, tensors: dict[str, TensorRecord], ranges: dict[str, tuple[int, int]]
+) -> None:
+    """A whole-file hash, or for a shard: its header hash, its tensors' hashes, and that they cover
+    the data region exactly, so every byte is checked once."""
+    if record.covers == "file":
+        if sha256_file(path) != record.sha256:
+            raise VerificationError(
+                f"{path}: sha256 differs from {MANIFEST_NAME}; the file was modified, convert again"
+            )
+        return
     header = read_header(path)
-    for name in ranges:
-        info, record = header.tensors.get(name), tensors[name]
+    _check_header(path, header, tensors, ranges)
+    hashes = sha256_ranges(path, {**ranges, HEADER: (0, header.data_start)})
+    for name in sorted(ranges, key=lambda n: ranges[n]):
+        if hashes[name] != tensors[name].sha256:
+            raise VerificationError(
+                f"{path}: tensor {name!r} bytes differ from {MANIFEST_NAME} (sha256 mismatch); convert again"
+            )
+    if hashes[HEADER] != record.sha256:
+        raise VerificationError(f"{path}: header differs from {MANIFEST_NAME}; the file was modified, convert again")
+
+
+def _check_header(
+    path: Path, header: SafetensorsFile, tensors: dict[str, TensorRecord], ranges: dict[str, tuple[int, int]]
+) -> None:
+    """The shard holds exactly the manifest's tensors, where the manifest says, back to back to its end."""
+    if set(header.tensors) != set(ranges):
+        odd = sorted(set(header.tensors) ^ set(ranges))[0]
+        raise VerificationError(f"{path}: tensor {odd!r} is in the file or the manifest but not both; convert again")
+    position = header.data_start
+    for name in sorted(ranges, key=lambda n: ranges[n]):
+        info, record = header.tensors[name], tensors[name]
         stored = (record.begin, record.end, record.dtype, record.stored_shape)
-        if info is None or (info.begin, info.end, info.dtype, list(info.shape)) != stored:
+        if (info.begin, info.end, info.dtype, list(info.shape)) != stored or info.begin != position:
             raise VerificationError(
                 f"{path}: header entry of tensor {name!r} differs from {MANIFEST_NAME}; convert again"
             )
+        position = info.end
+    if position != path.stat().st_size:
+        raise VerificationError(f"{path}: {path.stat().st_size - position} bytes after the last tensor; convert again")

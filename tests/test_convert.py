@@ -140,3 +140,13 @@ def test_missing_expert_is_refused_and_leaves_no_output(tiny, tmp_path: Path) ->
     result = run_cli("convert", src, tmp_path / "out")
     assert result.returncode == 2 and victim in result.stderr and "missing" in result.stderr
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_verify_fails_on_bytes_appended_to_a_shard(prepared: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(prepared, tmp_path / "copy")
+    shard = copy / "model-00002-of-00003.safetensors"
+    size = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(b"\x00" * 8)
+    result = run_cli("verify", copy)
+    assert result.returncode == 2 and shard.name in result.stderr and str(size + 8) in result.stderr

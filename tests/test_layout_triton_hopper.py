@@ -17,6 +17,8 @@ from moeprep.layouts.triton_hopper import (
     hopper_value_storage_shape,
     swizzle_hopper_scale,
     swizzle_hopper_value,
+    swizzle_hopper_value_fused,
+    swizzle_hopper_value_torch,
 )
 from tests.golden_inputs import TRITON_HOPPER_CASES, mxfp4_inputs
 from tests.reference import reference_hopper_scale, reference_hopper_value
@@ -36,8 +38,9 @@ def test_golden_cases_cover_the_declared_inputs() -> None:
 def test_matches_golden_reference_hashes(case: dict) -> None:
     blocks, scales = mxfp4_inputs(case["seed"], case["experts"], case["rows"], case["k"])
     assert (sha(blocks), sha(scales)) == (case["blocks"], case["scales"]), "seeded inputs changed; regenerate golden"
-    value, scale = swizzle_hopper_value(blocks), swizzle_hopper_scale(scales)
-    assert list(value.shape) == case["value_shape"] and sha(value) == case["value"]
+    scale = swizzle_hopper_scale(scales)
+    for value in (swizzle_hopper_value_fused(blocks), swizzle_hopper_value_torch(blocks)):
+        assert list(value.shape) == case["value_shape"] and sha(value) == case["value"]
     assert list(scale.shape) == case["scale_shape"] and sha(scale) == case["scale"]
 
 
@@ -49,9 +52,18 @@ def test_matches_live_reference_on_fresh_random_inputs(experts: int, rows: int, 
     seed = int.from_bytes(os.urandom(4), "little")
     blocks, scales = mxfp4_inputs(seed, experts, rows, k)
     expected_value, expected_scale = reference_hopper_value(blocks), reference_hopper_scale(scales)
-    value, scale = swizzle_hopper_value(blocks), swizzle_hopper_scale(scales)
-    assert value.shape == expected_value.shape and torch.equal(value, expected_value), f"seed {seed}"
+    for value in (swizzle_hopper_value_fused(blocks), swizzle_hopper_value_torch(blocks)):
+        assert value.shape == expected_value.shape and torch.equal(value, expected_value), f"seed {seed}"
+    scale = swizzle_hopper_scale(scales)
     assert scale.shape == expected_scale.shape and torch.equal(scale, expected_scale), f"seed {seed}"
+
+
+def test_cpu_dispatch_uses_the_fused_kernel_and_agrees_with_torch() -> None:
+    blocks, _ = mxfp4_inputs(int.from_bytes(os.urandom(4), "little"), 3, 77, 160)  # neither dim padded evenly
+    assert torch.equal(swizzle_hopper_value(blocks), swizzle_hopper_value_torch(blocks))
+    assert torch.equal(
+        swizzle_hopper_value(blocks[:, :, :40]), swizzle_hopper_value_torch(blocks[:, :, :40].contiguous())
+    )
 
 
 @pytest.mark.parametrize("num_warps", [4, 8, 16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -15,7 +16,8 @@ from moeprep.checkpoint.safetensors_io import (
     TensorEntry,
     read_header,
     read_tensor,
-    sha256_file_and_ranges,
+    sha256_file,
+    sha256_ranges,
     write_safetensors,
 )
 from moeprep.errors import CheckpointError
@@ -53,8 +55,10 @@ def test_written_files_load_in_safetensors_and_hashes_match(tmp_path: Path) -> N
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name].float(), tensor.float())
-    file_sha, ranges = sha256_file_and_ranges(path, written.tensor_offsets)
-    assert file_sha == written.sha256 and ranges == written.tensor_sha256
+    assert sha256_ranges(path, written.tensor_offsets) == written.tensor_sha256
+    data_start = min(b for b, _ in written.tensor_offsets.values())
+    assert sha256_ranges(path, {"h": (0, data_start)})["h"] == written.header_sha256
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_chunked_producer_writes_the_concatenation(tmp_path: Path) -> None:

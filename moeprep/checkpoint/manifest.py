@@ -20,8 +20,12 @@ QUANT_METHOD = "moeprep"
 
 @dataclass
 class FileRecord:
+    """``sha256`` of the whole file, or with ``covers="header"`` (safetensors shards) of the bytes before
+    the data region only; the shard's tensor records then cover the rest, contiguously."""
+
     size: int
     sha256: str
+    covers: str = "file"
 
 
 @dataclass

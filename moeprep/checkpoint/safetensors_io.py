@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from moeprep.checkpoint.pipeline import background_iter
 from moeprep.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -160,6 +163,20 @@ def read_bytes(path: Path, begin: int, length: int) -> bytearray:
     return buf
 
 
+def map_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """``info``'s bytes as a tensor over a private (copy-on-write) memory map of just that range: no
+    read copy and no fresh zeroed buffer; the mapping goes away with the last reference to it."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+    with Path(path).open("rb") as f:
+        if os.fstat(f.fileno()).st_size < info.end:
+            raise _fail(Path(path), f"tensor {info.name!r} ends past the end of the file (it was truncated)")
+        mapped = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=info.begin - start, count=info.nbytes)
+    return flat.view(info.torch_dtype).view(info.shape)
+
+
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """Load one tensor into memory (a fresh, writable CPU tensor)."""
     if info.nbytes == 0:
@@ -191,9 +208,11 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class WrittenFile:
+    """A written shard: ``header_sha256`` covers bytes before the data region, the tensor hashes the rest."""
+
     path: Path
     size: int
-    sha256: str
+    header_sha256: str
     tensor_sha256: dict[str, str]
     tensor_offsets: dict[str, tuple[int, int]]
 
@@ -219,6 +238,15 @@ def encode_header(
 TensorProducer = Callable[[TensorEntry], "torch.Tensor | Iterable[torch.Tensor]"]
 
 
+def _tensor_chunks(entries: list[TensorEntry], produce: TensorProducer) -> Iterator[tuple[str, memoryview | None]]:
+    """(tensor name, bytes) for every chunk of every entry, then (name, None) closing each tensor."""
+    for entry in entries:
+        produced = produce(entry)
+        for chunk in [produced] if isinstance(produced, torch.Tensor) else produced:
+            yield entry.name, tensor_bytes(chunk)
+        yield entry.name, None
+
+
 def write_safetensors(
     path: Path,
     entries: list[TensorEntry],
@@ -228,51 +256,55 @@ def write_safetensors(
 ) -> WrittenFile:
     """Stream ``entries`` into ``path``: ``produce(entry)`` returns the tensor, or an iterable of
     chunks whose bytes concatenate to it (so huge tensors never sit in memory whole).
-    Hashes the file and every tensor while writing."""
+
+    Three stages overlap: chunks are produced in a background thread, written here, and hashed
+    (per-tensor sha256) on a second thread, with a couple of chunks in flight at most. The header
+    hash and the tensor hashes together cover every byte of the file, once."""
     header, rel_offsets = encode_header(entries, metadata)
-    file_hash = hashlib.sha256(header)
+    sizes = {e.name: e.nbytes for e in entries}
+    tensor_hash, written = hashlib.sha256(), 0
     tensor_hashes: dict[str, str] = {}
-    with Path(path).open("wb") as f:
+    pending: Future[None] | None = None
+    with Path(path).open("wb") as f, ThreadPoolExecutor(1, thread_name_prefix="moeprep-hash") as hasher:
         f.write(header)
-        for entry in entries:
-            produced = produce(entry)
-            chunks = [produced] if isinstance(produced, torch.Tensor) else produced
-            t_hash, written = hashlib.sha256(), 0
-            for chunk in chunks:
-                data = tensor_bytes(chunk)
-                f.write(data)
-                file_hash.update(data)
-                t_hash.update(data)
-                written += len(data)
-                if on_bytes:
-                    on_bytes(len(data))
-            if written != entry.nbytes:
-                raise CheckpointError(
-                    f"{path}: tensor {entry.name!r} produced {written} bytes, expected {entry.nbytes}"
-                )
-            tensor_hashes[entry.name] = t_hash.hexdigest()
+        for name, data in background_iter(_tensor_chunks(entries, produce)):
+            if data is None:
+                if written != sizes[name]:
+                    raise CheckpointError(f"{path}: tensor {name!r} produced {written} bytes, expected {sizes[name]}")
+                if pending:
+                    pending.result()
+                tensor_hashes[name] = tensor_hash.hexdigest()
+                tensor_hash, written = hashlib.sha256(), 0
+                continue
+            f.write(data)
+            written += len(data)
+            if pending:
+                pending.result()
+            pending = hasher.submit(tensor_hash.update, data)
+            if on_bytes:
+                on_bytes(len(data))
+        if pending:
+            pending.result()
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()
     abs_offsets = {n: (len(header) + b, len(header) + e) for n, (b, e) in rel_offsets.items()}
-    return WrittenFile(Path(path), size, file_hash.hexdigest(), tensor_hashes, abs_offsets)
+    return WrittenFile(Path(path), size, hashlib.sha256(header).hexdigest(), tensor_hashes, abs_offsets)
 
 
 def sha256_file(path: Path) -> str:
     """sha256 of a whole file, read in bounded chunks."""
-    return sha256_file_and_ranges(path, {})[0]
+    return sha256_ranges(path, {"file": (0, Path(path).stat().st_size)})["file"]
 
 
-def sha256_file_and_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> tuple[str, dict[str, str]]:
-    """One sequential pass: the file's sha256 and the sha256 of each named ``[begin, end)`` range.
-    Ranges must not overlap; a range past the end of the file hashes what exists (and so mismatches)."""
-    file_hash = hashlib.sha256()
+def sha256_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """One sequential pass over ``path``: the sha256 of each named, non-overlapping ``[begin, end)``
+    range. A range past the end of the file hashes what exists (and so mismatches)."""
     pending = sorted(ranges.items(), key=lambda item: item[1])
     hashes = {name: hashlib.sha256() for name in ranges}
     pos = 0
     with Path(path).open("rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            file_hash.update(chunk)
+        while pending and (chunk := f.read(_CHUNK)):
             end = pos + len(chunk)
             view = memoryview(chunk)
             for name, (b, e) in pending:
@@ -282,4 +314,4 @@ def sha256_file_and_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> tu
                     hashes[name].update(view[max(b, pos) - pos : min(e, end) - pos])
             pending = [(n, r) for n, r in pending if r[1] > end]
             pos = end
-    return file_hash.hexdigest(), {name: h.hexdigest() for name, h in hashes.items()}
+    return {name: h.hexdigest() for name, h in hashes.items()}

@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from moeprep.checkpoint.safetensors_io import DTYPE_NAMES, SafetensorsFile, TensorInfo, read_header, read_tensor
+from moeprep.checkpoint.safetensors_io import (
+    DTYPE_NAMES,
+    SafetensorsFile,
+    TensorInfo,
+    map_tensor,
+    read_header,
+    read_tensor,
+)
 from moeprep.errors import CheckpointError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -76,7 +83,7 @@ class CheckpointSource:
         return file.path, info
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of dim 0 (for safetensors, only those bytes are read)."""
+        """Rows ``start:stop`` of dim 0 (for safetensors, a copy-on-write map of only those bytes)."""
         if self._bin_state is not None:
             return self.read(name)[start:stop].contiguous()
         file, info = self._safetensors[name]
@@ -92,7 +99,7 @@ class CheckpointSource:
             info.begin + start * row_bytes,
             info.begin + stop * row_bytes,
         )
-        return read_tensor(file.path, rows)
+        return map_tensor(file.path, rows)
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._safetensors and (self._bin_state is None or name not in self._bin_state):

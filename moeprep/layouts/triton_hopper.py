@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from moeprep.layouts.padding import pad_to, round_up
@@ -54,6 +55,7 @@ def _as_int32(bits: torch.Tensor) -> torch.Tensor:
 
 
 _TWIDDLE_LO, _TWIDDLE_HI = _build_twiddle_tables()
+_TWIDDLE_LO_U32, _TWIDDLE_HI_U32 = (t.numpy().view(np.uint32) for t in (_TWIDDLE_LO, _TWIDDLE_HI))
 
 
 def hopper_value_storage_shape(experts: int, rows: int, k_bytes: int) -> tuple[int, int, int]:
@@ -67,7 +69,26 @@ def swizzle_hopper_value(blocks: torch.Tensor) -> torch.Tensor:
     Output row ``r0*4 + t0`` and 4-byte group ``r1*32 + s0*16 + t1*4 + k1`` gather, for
     ``(w1, w0)`` in (0,0), (0,1), (1,0), (1,1), the input byte at row ``r0*16 + w0*8 + t0*2 + s0``,
     column ``r1*32 + k1*8 + w1*4 + t1``; each group's bits are then twiddled for fast bf16 upcast.
+    On CPU a fused single-pass kernel computes the same bytes (``cpu_kernels.hopper_value_words``).
     """
+    if blocks.device.type == "cpu":
+        return swizzle_hopper_value_fused(blocks)
+    return swizzle_hopper_value_torch(blocks)
+
+
+def swizzle_hopper_value_fused(blocks: torch.Tensor) -> torch.Tensor:
+    """``swizzle_hopper_value`` on CPU in one pass (padding, gather and twiddle fused)."""
+    from moeprep.layouts.cpu_kernels import hopper_value_words
+
+    shape = hopper_value_storage_shape(*blocks.shape)
+    out = torch.empty(shape, dtype=torch.uint8)
+    words = out.view(torch.int32).numpy().view(np.uint32)
+    hopper_value_words(blocks.contiguous().numpy(), words, _TWIDDLE_LO_U32, _TWIDDLE_HI_U32)
+    return out
+
+
+def swizzle_hopper_value_torch(blocks: torch.Tensor) -> torch.Tensor:
+    """``swizzle_hopper_value`` as torch ops on any device (several passes; used on GPU)."""
     experts, rows, k_bytes = blocks.shape
     shape = hopper_value_storage_shape(experts, rows, k_bytes)
     padded = pad_to(blocks, (experts, shape[1] * 4, shape[2] // 4))

@@ -29,6 +29,7 @@ from moeprep.checkpoint.manifest import (
 )
 from moeprep.errors import MoeprepError
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.tracking import PreparedTensorTracker
 
 RUNTIME_BACKENDS = ("none", "triton")
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
@@ -78,7 +79,7 @@ class MoeprepConfig(QuantizationConfig):
         if original is not None:
             self.original = get_quantization_config(original["quant_method"]).from_config(original)
         self.manifest: Manifest | None = None
-        self.consumed: set[str] = set()
+        self.tracker = PreparedTensorTracker(set())
 
     @classmethod
     def get_name(cls) -> str:
@@ -125,18 +126,20 @@ class MoeprepConfig(QuantizationConfig):
             raise PreparedCheckpointMismatch(f"moeprep: {exc}") from exc
         check_manifest_against_runtime(manifest, self.backend, vllm_config.parallel_config.tensor_parallel_size)
         self.manifest = manifest
+        self.tracker = PreparedTensorTracker(
+            {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
+        )
 
     def prepared_records(self, prefix: str) -> dict[str, TensorRecord]:
-        """Manifest records of the prepared parameters of the experts module at ``prefix``."""
+        """Manifest records (by full tensor name) of the prepared parameters of the experts module at ``prefix``."""
         assert self.manifest is not None
         layer = prefix.removesuffix(".routed_experts")
         modules = {layer, f"{layer}.routed_experts"}
-        records = {}
-        for name, record in self.manifest.tensors.items():
-            module, _, param = name.rpartition(".")
-            if module in modules and param.startswith(PREPARED_PARAM_PREFIX):
-                records[param] = record
-        return records
+        return {
+            name: record
+            for name, record in self.manifest.tensors.items()
+            if name.rpartition(".")[0] in modules and name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
+        }
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
@@ -145,8 +148,9 @@ class MoeprepConfig(QuantizationConfig):
             from moeprep.runtime.triton_mxfp4 import PreparedTritonMxfp4MoEMethod
 
             assert self.manifest is not None
+            self.tracker.layer_built(prefix)
             return PreparedTritonMxfp4MoEMethod(
-                layer.moe_config, prefix, self.prepared_records(prefix), self.manifest.target.knobs, self.consumed.add
+                layer.moe_config, prefix, self.prepared_records(prefix), self.manifest.target.knobs, self.tracker
             )
         if self.original is not None:
             self.original.packed_modules_mapping = self.packed_modules_mapping

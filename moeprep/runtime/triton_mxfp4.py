@@ -14,6 +14,7 @@ from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.tracking import PreparedTensorTracker
 
 PARAMS = (
     "moeprep_w13_value",
@@ -29,9 +30,8 @@ STORAGE_DTYPES = {"U8": torch.uint8, "F32": torch.float32}
 class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
     """vLLM's gpt-oss mxfp4 MoE method with the load-time swizzle replaced by prepared bytes."""
 
-    def __init__(
-        self, moe, prefix: str, records: dict[str, TensorRecord], knobs: dict, on_loaded: Callable[[str], None]
-    ):  # type: ignore[no-untyped-def]
+    def __init__(self, moe, prefix: str, records: dict[str, TensorRecord], knobs: dict, tracker: PreparedTensorTracker):  # type: ignore[no-untyped-def]
+        """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
         super().__init__(moe)
         from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import TRITON_BACKENDS
 
@@ -40,10 +40,12 @@ class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
                 f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
                 "folder holds triton (matmul_ogs) layouts; serve with the Triton mxfp4 backend or convert again"
             )
-        missing = [p for p in PARAMS if p not in records]
+        self.names = {name.rpartition(".")[2]: name for name in records}
+        self.records = {param: records[name] for param, name in self.names.items()}
+        missing = [p for p in PARAMS if p not in self.records]
         if missing:
             raise PreparedCheckpointMismatch(f"moeprep: manifest has no {prefix}.{missing[0]}; convert again")
-        self.prefix, self.records, self.knobs, self.on_loaded = prefix, records, knobs, on_loaded
+        self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
         self.loaded: set[str] = set()
 
     def create_weights(
@@ -89,7 +91,7 @@ class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
                 )
             param.data.copy_(loaded)
             self.loaded.add(name)
-            self.on_loaded(f"{self.prefix}.{name}")
+            self.tracker.tensor_loaded(self.names[name])
 
         return load
 
@@ -103,7 +105,7 @@ class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
 
         missing = [p for p in PARAMS if p not in self.loaded]
         if missing:
-            raise PreparedCheckpointMismatch(f"moeprep: {self.prefix}.{missing[0]} was never loaded; convert again")
+            raise PreparedCheckpointMismatch(f"moeprep: {self.names[missing[0]]} was never loaded; convert again")
         opt_flags.update_opt_flags_constraints({"split_k": 1})  # what vLLM's _swizzle_mxfp4 sets on sm90
         num_warps = int(self.knobs.get("num_warps", 8))
 
@@ -139,6 +141,7 @@ class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
                 routing_tables=layer._expert_routing_tables(),
                 layer=layer,
             )
+        self.tracker.layer_ready(self.prefix)
 
     def _unpadded_value_shape(self, name: str) -> tuple[int, int, int]:
         """[E, K bytes, N] of the tensor vLLM swizzled (before the layout's own padding)."""

@@ -1,0 +1,96 @@
+"""Runtime checks that run without a GPU: load accounting, manifest-vs-vLLM refusals, record lookup."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moeprep.checkpoint.manifest import FileRecord, Manifest, Source, Target, TensorRecord
+from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.tracking import PreparedTensorTracker
+
+pytest.importorskip("vllm")
+from moeprep.runtime.quant_config import MoeprepConfig, check_manifest_against_runtime, running_vllm_version  # noqa: E402
+
+
+def record(name: str) -> TensorRecord:
+    return TensorRecord(
+        file="model-00001-of-00001.safetensors",
+        dtype="U8",
+        stored_shape=[1],
+        shape=[1],
+        strides=[1],
+        begin=0,
+        end=1,
+        sha256="0" * 64,
+        recipe="r",
+        sources=[name],
+    )
+
+
+def manifest(backend: str = "triton", versions: list[str] | None = None, tp: int = 1) -> Manifest:
+    names = [
+        "model.layers.0.mlp.experts.routed_experts.moeprep_w13_value",
+        "model.layers.0.mlp.experts.routed_experts.moeprep_w2_bias",
+        "model.layers.1.mlp.experts.routed_experts.moeprep_w13_value",
+        "model.layers.0.mlp.router.weight",
+    ]
+    return Manifest(
+        moeprep_version="0",
+        model_type="gpt_oss",
+        architectures=["GptOssForCausalLM"],
+        source=Source("local", "/src", None, {"config.json": FileRecord(1, "0" * 64)}),
+        target=Target(backend, backend, 1, versions or [running_vllm_version()], tp_size=tp),
+        files={},
+        tensors={n: record(n) for n in names},
+    )
+
+
+def test_tracker_reports_prepared_tensors_no_layer_loaded() -> None:
+    tracker = PreparedTensorTracker({"a.moeprep_x", "b.moeprep_x"})
+    tracker.layer_built("a")
+    tracker.layer_built("b")
+    tracker.tensor_loaded("a.moeprep_x")
+    tracker.layer_ready("a")  # b still open: no verdict yet
+    with pytest.raises(PreparedCheckpointMismatch, match="b.moeprep_x"):
+        tracker.layer_ready("b")
+
+
+def test_tracker_accepts_complete_loads() -> None:
+    tracker = PreparedTensorTracker({"a.moeprep_x"})
+    tracker.layer_built("a")
+    tracker.tensor_loaded("a.moeprep_x")
+    tracker.layer_ready("a")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"backend": "none"}, "config.json says backend 'triton'"),
+        ({"vllm_versions": ["0.1.0"]}, "verified against vLLM 0.1.0"),
+        ({"tp_size": 4}, "tensor parallel size 4"),
+    ],
+)
+def test_manifest_mismatches_are_refused(changes: dict, message: str) -> None:
+    m = manifest()
+    m.target = dataclasses.replace(m.target, **changes)
+    with pytest.raises(PreparedCheckpointMismatch, match=message):
+        check_manifest_against_runtime(m, "triton", tp_size=2)
+
+
+def test_prepared_records_of_one_experts_module() -> None:
+    config = MoeprepConfig("triton", None)
+    config.manifest = manifest()
+    for prefix in ("model.layers.0.mlp.experts", "model.layers.0.mlp.experts.routed_experts"):
+        assert set(config.prepared_records(prefix)) == {
+            "model.layers.0.mlp.experts.routed_experts.moeprep_w13_value",
+            "model.layers.0.mlp.experts.routed_experts.moeprep_w2_bias",
+        }
+
+
+def test_unknown_backend_and_schema_are_refused() -> None:
+    with pytest.raises(PreparedCheckpointMismatch, match="upgrade moeprep"):
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "warp9"})
+    with pytest.raises(PreparedCheckpointMismatch, match="schema 7"):
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 7, "backend": "none"})
