@@ -150,3 +150,12 @@ def test_verify_fails_on_bytes_appended_to_a_shard(prepared: Path, tmp_path: Pat
         f.write(b"\x00" * 8)
     result = run_cli("verify", copy)
     assert result.returncode == 2 and shard.name in result.stderr and str(size + 8) in result.stderr
+
+
+def test_manifest_with_a_wrongly_typed_field_is_refused(prepared: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(prepared, tmp_path / "copy")
+    manifest = json.loads((copy / "moeprep.json").read_text())
+    manifest["target"]["vllm_versions"] = "0.26.0"
+    (copy / "moeprep.json").write_text(json.dumps(manifest))
+    result = run_cli("inspect", copy)
+    assert result.returncode == 2 and "target.vllm_versions has the wrong type" in result.stderr

@@ -105,7 +105,7 @@ class Manifest:
                     revision=src["revision"],
                     files=_records(src["files"], FileRecord),
                 ),
-                target=Target(**_typed(data["target"], dict)),
+                target=_checked(Target, data["target"], "target"),
                 files=_records(data["files"], FileRecord),
                 tensors=_records(data["tensors"], TensorRecord),
                 routing=data.get("routing"),
@@ -121,18 +121,28 @@ def _typed(value: Any, kind: type) -> Any:
     return value
 
 
+_FIELD_CHECKS = {
+    "int": lambda v: type(v) is int,
+    "str": lambda v: isinstance(v, str),
+    "str | None": lambda v: v is None or isinstance(v, str),
+    "list[int]": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "dict[str, int]": lambda v: isinstance(v, dict) and all(type(x) is int for x in v.values()),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+}
+
+
+def _checked(kind: type, fields: Any, where: str) -> Any:
+    """``kind(**fields)`` with every annotated field type checked."""
+    record = kind(**_typed(fields, dict))
+    for key, value in asdict(record).items():
+        if not _FIELD_CHECKS[kind.__annotations__[key]](value):
+            raise TypeError(f"{where}.{key} has the wrong type")
+    return record
+
+
 def _records(data: Any, kind: type) -> dict[str, Any]:
-    records = {}
-    for name, fields in _typed(data, dict).items():
-        record = kind(**_typed(fields, dict))
-        for key, value in asdict(record).items():
-            expected = kind.__annotations__[key]
-            if expected == "int" and type(value) is not int:
-                raise TypeError(f"{name}.{key} must be an integer")
-            if expected == "str" and not isinstance(value, str):
-                raise TypeError(f"{name}.{key} must be a string")
-        records[name] = record
-    return records
+    return {name: _checked(kind, fields, name) for name, fields in _typed(data, dict).items()}
 
 
 def load_manifest(folder: Path) -> Manifest:

@@ -119,7 +119,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor {name!r} has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")

@@ -40,6 +40,13 @@ class PreparedTritonMxfp4MoEMethod(GptOssMxfp4MoEMethod):
                 f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
                 "folder holds triton (matmul_ogs) layouts; serve with the Triton mxfp4 backend or convert again"
             )
+        arch = knobs.get("arch")
+        running = "sm{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no GPU"
+        if arch != running:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: this folder holds triton layouts for {arch}, but the GPU is {running}; "
+                f"convert again with --backend triton --arch {running}"
+            )
         self.names = {name.rpartition(".")[2]: name for name in records}
         self.records = {param: records[name] for param, name in self.names.items()}
         missing = [p for p in PARAMS if p not in self.records]

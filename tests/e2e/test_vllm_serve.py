@@ -53,3 +53,13 @@ def test_runtime_refuses_folder_verified_for_other_vllm(converted, tmp_path: Pat
     code, output = run_until_exit(folder, tmp_path / "mismatch.log")
     assert code != 0
     assert "verified against vLLM 0.1.0" in output
+
+
+def test_runtime_refuses_folder_whose_files_do_not_match_the_manifest(converted, tmp_path: Path) -> None:
+    folder = shutil.copytree(converted("glm4-moe"), tmp_path / "tampered")
+    shard = next(folder.glob("model-*.safetensors"))
+    with shard.open("ab") as f:
+        f.write(b"\x00" * 16)
+    code, output = run_until_exit(folder, tmp_path / "tampered.log")
+    assert code != 0
+    assert f"{shard.name} has {shard.stat().st_size} bytes, the manifest records {shard.stat().st_size - 16}" in output
