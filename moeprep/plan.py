@@ -19,12 +19,12 @@ from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
-from moeprep.layouts import triton
+from moeprep.layouts import marlin, triton
 from moeprep.layouts.mxfp4_experts import PreparedExpertTensor, contiguous_strides
 
 PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
-MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton}
+MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton, marlin.NAME: marlin}
 BACKENDS = ("none", *MXFP4_BACKENDS)
 # Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
 # OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
@@ -163,7 +163,7 @@ def backend_target(backend: str, arch: str | None) -> Target:
         recipe_version=module.RECIPE_VERSION,
         vllm_versions=list(module.VERIFIED_VLLM),
         padding={"hidden": module.HIDDEN_MULTIPLE, "intermediate": module.INTERMEDIATE_MULTIPLE},
-        knobs={"arch": arch, "num_warps": module.NUM_WARPS},
+        knobs={"arch": arch, **module.KNOBS},
     )
 
 

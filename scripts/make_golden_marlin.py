@@ -13,24 +13,11 @@ from pathlib import Path
 
 import torch
 
-CASES = [  # (seed, experts, intermediate n, hidden k)
-    (11, 2, 128, 256),
-    (12, 3, 192, 192),
-    (13, 2, 2880, 2880),
-]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def seeded_inputs(seed: int, e: int, n: int, k: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    u8 = lambda *shape, lo=0, hi=256: torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)  # noqa: E731
-    return {
-        "w13": u8(e, 2 * n, k // 2),
-        "w2": u8(e, k, n // 2),
-        "w13_scale": u8(e, 2 * n, k // 32, lo=110, hi=135),
-        "w2_scale": u8(e, k, n // 32, lo=110, hi=135),
-        "w13_bias": torch.randn(e, 2 * n, generator=gen).to(torch.bfloat16),
-        "w2_bias": torch.randn(e, k, generator=gen).to(torch.bfloat16),
-    }
+from tests.golden_inputs import MARLIN_CASES as CASES  # noqa: E402
+from tests.golden_inputs import marlin_inputs as seeded_inputs  # noqa: E402
 
 
 def main() -> None:

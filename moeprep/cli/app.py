@@ -31,6 +31,7 @@ out = Console()
 class Backend(str, Enum):
     none = "none"
     triton = "triton"
+    marlin = "marlin"
 
 
 def main() -> None:
@@ -99,7 +100,9 @@ def convert(
     src: Annotated[str, typer.Argument(help="model folder or Hub repo id (org/name)")],
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
     backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
-    arch: Annotated[str | None, typer.Option(help="GPU architecture for mxfp4 layouts (triton: sm90)")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="GPU architecture for mxfp4 layouts (triton: sm90; marlin: any)")
+    ] = None,
     device: Annotated[str, typer.Option(help="where layouts are computed: cpu or cuda")] = "cpu",
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,

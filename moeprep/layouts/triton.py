@@ -30,6 +30,7 @@ ARCHES = ("sm90",)
 INTERMEDIATE_MULTIPLE = 64
 HIDDEN_MULTIPLE = 1
 NUM_WARPS = 8
+KNOBS = {"num_warps": NUM_WARPS}
 RECIPE_VERSION = 1
 VERIFIED_VLLM = ["0.26.0"]
 # vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors

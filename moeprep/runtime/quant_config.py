@@ -31,7 +31,7 @@ from moeprep.errors import MoeprepError
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
 
-RUNTIME_BACKENDS = ("none", "triton")
+RUNTIME_BACKENDS = ("none", "triton", "marlin")
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 
 
@@ -144,12 +144,12 @@ class MoeprepConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
             self._load_and_check_manifest()
-        if self.backend == "triton" and isinstance(layer, RoutedExperts):
-            from moeprep.runtime.triton_mxfp4 import PreparedTritonMxfp4MoEMethod
+        if self.backend != "none" and isinstance(layer, RoutedExperts):
+            from moeprep.runtime.mxfp4 import PREPARED_METHODS
 
             assert self.manifest is not None
             self.tracker.layer_built(prefix)
-            return PreparedTritonMxfp4MoEMethod(
+            return PREPARED_METHODS[self.backend](
                 layer.moe_config, prefix, self.prepared_records(prefix), self.manifest.target.knobs, self.tracker
             )
         if self.original is not None:

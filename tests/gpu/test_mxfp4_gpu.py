@@ -50,41 +50,45 @@ def generate(model: Path, name: str, *extra: str) -> list[list[int]]:
     return json.loads(out.read_text())["tokens"]
 
 
+# backend -> vLLM moe_backend that selects its kernel ("auto" picks TRITON on an H100)
+VLLM_MOE_BACKEND = {"triton": [], "marlin": ["--moe-backend", "marlin"]}
+
+
 @pytest.fixture(scope="module")
-def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("gpt-oss")
-    src = build_fixture("gpt-oss", root / "src")
-    source, plan = load_plan(str(src), "triton", arch="sm90")
-    convert(source, plan, root / "triton")
-    return src, root / "triton"
+    folders = {"original": build_fixture("gpt-oss", root / "src")}
+    for backend in VLLM_MOE_BACKEND:
+        source, plan = load_plan(str(folders["original"]), backend, arch="sm90" if backend == "triton" else None)
+        convert(source, plan, root / backend)
+        folders[backend] = root / backend
+    return folders
 
 
-def test_prepared_triton_generates_original_tokens(tiny_gpt_oss: tuple[Path, Path]) -> None:
-    src, prepared = tiny_gpt_oss
-    original = generate(src, "gpt-oss-original")
-    converted = generate(prepared, "gpt-oss-triton")
-    log = (OUT / "gpt-oss-triton.log").read_text()
-    assert "quantization=moeprep" in log
+@pytest.mark.parametrize("backend", list(VLLM_MOE_BACKEND))
+def test_prepared_generates_original_tokens(tiny_gpt_oss: dict[str, Path], backend: str) -> None:
+    original = generate(tiny_gpt_oss["original"], f"gpt-oss-original-{backend}", *VLLM_MOE_BACKEND[backend])
+    converted = generate(tiny_gpt_oss[backend], f"gpt-oss-{backend}", *VLLM_MOE_BACKEND[backend])
+    log = (OUT / f"gpt-oss-{backend}.log").read_text()
+    assert "quantization=moeprep" in log and f"Using '{backend.upper()}' Mxfp4 MoE backend" in log
     assert converted == original
     assert all(len(set(t)) > 4 for t in original)
 
 
-def test_runtime_refuses_when_vllm_selects_another_backend(tiny_gpt_oss: tuple[Path, Path]) -> None:
-    _, prepared = tiny_gpt_oss
-    log = OUT / "gpt-oss-triton-on-marlin.log"
+@pytest.mark.parametrize(
+    ("backend", "served_with", "layout"),
+    [
+        ("triton", ["--moe-backend", "marlin"], "triton (matmul_ogs)"),
+        ("marlin", [], "Marlin"),
+    ],
+)
+def test_runtime_refuses_when_vllm_selects_another_backend(
+    tiny_gpt_oss: dict[str, Path], backend: str, served_with: list[str], layout: str
+) -> None:
+    log = OUT / f"gpt-oss-{backend}-refused.log"
     with log.open("w") as f:
-        code = subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "generate.py"),
-                str(prepared),
-                str(OUT / "never.json"),
-                "--moe-backend",
-                "marlin",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        ).returncode
+        command = [sys.executable, str(HERE / "generate.py"), str(tiny_gpt_oss[backend]), str(OUT / "never.json")]
+        code = subprocess.run([*command, *served_with], stdout=f, stderr=subprocess.STDOUT).returncode
     assert code != 0
-    assert "holds triton (matmul_ogs) layouts" in log.read_text()
+    assert f"holds {layout} layouts" in log.read_text()

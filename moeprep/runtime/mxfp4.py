@@ -1,0 +1,201 @@
+"""Prepared gpt-oss mxfp4 experts for vLLM 0.26: the experts module gets the prepared parameters
+(``moeprep_w13_*`` ...) in their stored shapes, vLLM's loader copies the bytes in, and post-processing
+only hands them to vLLM's kernel as the tensors vLLM would have built. Nothing is re-laid-out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
+
+from moeprep.checkpoint.manifest import TensorRecord
+from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.tracking import PreparedTensorTracker
+
+STORAGE_DTYPES = {
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+
+def running_arch() -> str:
+    return "sm{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no GPU"
+
+
+class PreparedMxfp4MoEMethod(GptOssMxfp4MoEMethod):
+    """vLLM's gpt-oss mxfp4 MoE method with the load-time transform replaced by prepared bytes."""
+
+    PARAMS: ClassVar[tuple[str, ...]]
+    BACKENDS: ClassVar[frozenset[str]]  # vLLM Mxfp4MoeBackend names this layout is for
+    LAYOUT: ClassVar[str]
+
+    def __init__(
+        self, moe: Any, prefix: str, records: dict[str, TensorRecord], knobs: dict, tracker: PreparedTensorTracker
+    ) -> None:
+        """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
+        super().__init__(moe)
+        if self.mxfp4_backend.name not in self.BACKENDS:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
+                f"folder holds {self.LAYOUT} layouts; serve with that backend or convert again"
+            )
+        arch = knobs.get("arch", "any")
+        if arch != "any" and arch != running_arch():
+            raise PreparedCheckpointMismatch(
+                f"moeprep: this folder holds {self.LAYOUT} layouts for {arch}, but the GPU is {running_arch()}; "
+                f"convert again with --arch {running_arch()}"
+            )
+        self.names = {name.rpartition(".")[2]: name for name in records}
+        self.records = {param: records[name] for param, name in self.names.items()}
+        missing = [p for p in self.PARAMS if p not in self.records]
+        if missing:
+            raise PreparedCheckpointMismatch(f"moeprep: manifest has no {prefix}.{missing[0]}; convert again")
+        self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
+        self.loaded: set[str] = set()
+
+    def create_weights(  # type: ignore[override]
+        self,
+        layer: Any,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size = intermediate_size_per_partition
+        layer.params_dtype, layer.num_experts = params_dtype, num_experts
+        w13_bias, w2_bias = self.records["moeprep_w13_bias"], self.records["moeprep_w2_bias"]
+        prepared = (w13_bias.shape[0], w13_bias.shape[1] // 2, w2_bias.shape[1])
+        if prepared != (num_experts, intermediate_size_per_partition, hidden_size):
+            raise PreparedCheckpointMismatch(
+                f"moeprep: {self.prefix} was prepared for (experts, intermediate, hidden) = {prepared}; vLLM built "
+                f"{(num_experts, intermediate_size_per_partition, hidden_size)} (another TP/EP size or backend "
+                "padding); convert again for this configuration"
+            )
+        for name in self.PARAMS:
+            record = self.records[name]
+            param = torch.nn.Parameter(
+                torch.empty(record.stored_shape, dtype=STORAGE_DTYPES[record.dtype]), requires_grad=False
+            )
+            param.weight_loader = self._loader(name)  # type: ignore[attr-defined]
+            layer.register_parameter(name, param)
+
+    def _loader(self, name: str) -> Callable[..., None]:
+        def load(param: torch.nn.Parameter, loaded: torch.Tensor, *args: object, **kwargs: object) -> None:
+            if tuple(loaded.shape) != tuple(param.shape) or loaded.dtype != param.dtype:
+                raise PreparedCheckpointMismatch(
+                    f"moeprep: {self.names[name]} is {loaded.dtype}{list(loaded.shape)} in the checkpoint, "
+                    f"expected {param.dtype}{list(param.shape)}; the folder does not match its manifest"
+                )
+            param.data.copy_(loaded)
+            self.loaded.add(name)
+            self.tracker.tensor_loaded(self.names[name])
+
+        return load
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel
+
+        missing = [p for p in self.PARAMS if p not in self.loaded]
+        if missing:
+            raise PreparedCheckpointMismatch(f"moeprep: {self.names[missing[0]]} was never loaded; convert again")
+        layer.register_parameter("w13_bias", layer.moeprep_w13_bias)
+        layer.register_parameter("w2_bias", layer.moeprep_w2_bias)
+        self.install(layer)
+        for name in self.PARAMS:
+            delattr(layer, name)  # the installed tensors keep the storage alive
+        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+        if self.moe_quant_config is not None and self.experts_cls is not None:
+            self.moe_kernel = make_mxfp4_moe_kernel(
+                moe_quant_config=self.moe_quant_config,
+                moe_config=self.moe,
+                mxfp4_backend=self.mxfp4_backend,
+                experts_cls=self.experts_cls,
+                routing_tables=layer._expert_routing_tables(),
+                layer=layer,
+            )
+        self.tracker.layer_ready(self.prefix)
+
+    def install(self, layer: Any) -> None:
+        """Give vLLM's kernel the prepared weights and scales in the objects it expects."""
+        raise NotImplementedError
+
+
+class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
+    """``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``) on sm90."""
+
+    PARAMS = (
+        "moeprep_w13_value",
+        "moeprep_w13_scale",
+        "moeprep_w13_bias",
+        "moeprep_w2_value",
+        "moeprep_w2_scale",
+        "moeprep_w2_bias",
+    )
+    BACKENDS = frozenset({"TRITON", "TRITON_UNFUSED"})
+    LAYOUT = "triton (matmul_ogs)"
+
+    def install(self, layer: Any) -> None:
+        import triton_kernels.matmul_ogs_details.opt_flags as opt_flags
+        from triton_kernels.matmul_ogs import FlexCtx, PrecisionConfig
+        from triton_kernels.numerics import InFlexData
+        from triton_kernels.tensor import FP4, Storage, Tensor
+        from triton_kernels.tensor_details.layout import HopperMXScaleLayout, HopperMXValueLayout
+
+        opt_flags.update_opt_flags_constraints({"split_k": 1})  # what vLLM's _swizzle_mxfp4 sets on sm90
+        num_warps = int(self.knobs.get("num_warps", 8))
+
+        def value(name: str, k: int, n: int) -> Tensor:
+            """As ``convert_layout(wrap_torch_tensor(w.mT, FP4), HopperMXValueLayout)`` left it."""
+            layout = HopperMXValueLayout([self.num_experts, k // 2, n], mx_axis=1)
+            return Tensor(Storage(getattr(layer, name).data.mT, layout), dtype=FP4, shape=[self.num_experts, k, n])
+
+        def scale(name: str, k: int, n: int) -> Tensor:
+            groups = (k // 32 + 3) // 4 * 4  # vLLM pads scale groups to 0 mod 4 on sm90
+            layout = HopperMXScaleLayout([self.num_experts, groups, n], mx_axis=1, num_warps=num_warps)
+            data = getattr(layer, name).data.mT
+            return Tensor(Storage(data, layout), dtype=torch.uint8, shape=[self.num_experts, groups, n])
+
+        w13_rows, w2_rows = 2 * self.intermediate_size, self.hidden_size
+        layer.w13_weight = value("moeprep_w13_value", self.hidden_size, w13_rows)
+        layer.w2_weight = value("moeprep_w2_value", self.intermediate_size, w2_rows)
+        w13_scale = scale("moeprep_w13_scale", self.hidden_size, w13_rows)
+        w2_scale = scale("moeprep_w2_scale", self.intermediate_size, w2_rows)
+        self.w13_precision_config = PrecisionConfig(weight_scale=w13_scale, flex_ctx=FlexCtx(rhs_data=InFlexData()))
+        self.w2_precision_config = PrecisionConfig(weight_scale=w2_scale, flex_ctx=FlexCtx(rhs_data=InFlexData()))
+
+
+class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
+    """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain parameters."""
+
+    PARAMS = (
+        "moeprep_w13_weight",
+        "moeprep_w13_scale",
+        "moeprep_w13_bias",
+        "moeprep_w2_weight",
+        "moeprep_w2_scale",
+        "moeprep_w2_bias",
+    )
+    BACKENDS = frozenset({"MARLIN", "BATCHED_MARLIN"})
+    LAYOUT = "Marlin"
+
+    def install(self, layer: Any) -> None:
+        for vllm_name, name in (
+            ("w13_weight", "moeprep_w13_weight"),
+            ("w2_weight", "moeprep_w2_weight"),
+            ("w13_weight_scale", "moeprep_w13_scale"),
+            ("w2_weight_scale", "moeprep_w2_scale"),
+        ):
+            layer.register_parameter(vllm_name, getattr(layer, name))
+
+
+PREPARED_METHODS: dict[str, type[PreparedMxfp4MoEMethod]] = {
+    "triton": PreparedTritonMxfp4MoEMethod,
+    "marlin": PreparedMarlinMxfp4MoEMethod,
+}
