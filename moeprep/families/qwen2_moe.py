@@ -38,6 +38,20 @@ def qwen_moe_tensor_specs(config: dict[str, Any], qwen3: bool) -> dict[str, Tens
     return specs
 
 
+def qwen_moe_spec(config: dict[str, Any], qwen3: bool) -> MoeSpec:
+    """Qwen2-MoE: sigmoid-gated shared expert, no top-k renormalisation by default; Qwen3-MoE: none, renormalised."""
+    return MoeSpec(
+        num_experts=config["num_experts"],
+        top_k=config["num_experts_per_tok"],
+        moe_layers=sparse_layers(config),
+        expert_intermediate=config["moe_intermediate_size"],
+        expert_format="per-expert",
+        shared_intermediate=0 if qwen3 else config["shared_expert_intermediate_size"],
+        shared_gate=not qwen3,
+        renormalize=config.get("norm_topk_prob", qwen3),
+    )
+
+
 @register_family
 class Qwen2Moe(Family):
     name = "qwen2-moe"
@@ -71,13 +85,4 @@ class Qwen2Moe(Family):
         return qwen_moe_tensor_specs(config, qwen3=False)
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
-        return MoeSpec(
-            num_experts=config["num_experts"],
-            top_k=config["num_experts_per_tok"],
-            moe_layers=sparse_layers(config),
-            expert_intermediate=config["moe_intermediate_size"],
-            expert_format="per-expert",
-            shared_intermediate=config["shared_expert_intermediate_size"],
-            shared_gate=True,
-            renormalize=config.get("norm_topk_prob", False),
-        )
+        return qwen_moe_spec(config, qwen3=False)

@@ -6,7 +6,7 @@ from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
-from moeprep.families.qwen2_moe import qwen_moe_tensor_specs, sparse_layers
+from moeprep.families.qwen2_moe import qwen_moe_spec, qwen_moe_tensor_specs
 
 
 @register_family
@@ -55,11 +55,4 @@ class Qwen3Moe(Family):
         return qwen_moe_tensor_specs(config, qwen3=True)
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
-        return MoeSpec(
-            num_experts=config["num_experts"],
-            top_k=config["num_experts_per_tok"],
-            moe_layers=sparse_layers(config),
-            expert_intermediate=config["moe_intermediate_size"],
-            expert_format="per-expert",
-            renormalize=config.get("norm_topk_prob", True),
-        )
+        return qwen_moe_spec(config, qwen3=True)
