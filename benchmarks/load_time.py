@@ -24,12 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PROMPTS = [
-    "hello world the model is",
-    "once upon a time there was a river",
-    "the expert layer will route each token",
-    "people who work with memory and kernel",
-]
+
+from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS as PROMPTS  # noqa: E402
+
 LOG_PATTERNS = {
     "loading_weights_s": r"Loading weights took ([\d.]+) seconds",
     "model_loading_s": r"Model loading took [\d.]+ GiB memory and ([\d.]+) seconds",

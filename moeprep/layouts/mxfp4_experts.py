@@ -29,7 +29,9 @@ class Mxfp4ExpertDims:
     intermediate_padded: int
 
     @classmethod
-    def padded(cls, experts: int, hidden: int, intermediate: int, hidden_multiple: int, inter_multiple: int):  # type: ignore[no-untyped-def]
+    def padded(
+        cls, experts: int, hidden: int, intermediate: int, hidden_multiple: int, inter_multiple: int
+    ) -> Mxfp4ExpertDims:
         return cls(
             experts, hidden, intermediate, round_up(hidden, hidden_multiple), round_up(intermediate, inter_multiple)
         )

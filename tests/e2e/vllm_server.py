@@ -15,14 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS as PROMPTS
+
 VLLM = str(Path(sys.executable).parent / "vllm")
 SERVE_ARGS = ("--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0")
-PROMPTS = (
-    "hello world the model is",
-    "once upon a time there was a river",
-    "the expert layer will route each token",
-    "people who work with memory and kernel",
-)
 
 
 def free_port() -> int:

@@ -12,12 +12,7 @@ import time
 
 import torch
 
-PROMPTS = [
-    "hello world the model is",
-    "once upon a time there was a river",
-    "the expert layer will route each token",
-    "people who work with memory and kernel",
-]
+from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS as PROMPTS
 
 
 def main() -> None:
