@@ -123,7 +123,7 @@ def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[
 
 
 def _mxfp4_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, device: torch.device
+    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device
 ) -> tuple[list[TensorJob], set[str]]:
     config = source.config
     dims = backend.expert_dims(moe.num_experts, config["hidden_size"], moe.expert_intermediate)
@@ -131,7 +131,7 @@ def _mxfp4_jobs(
     for layer in moe.moe_layers:
         source_prefix = f"model.layers.{layer}.mlp.experts"
         param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
-        for recipe in backend.prepared_expert_tensors(dims):
+        for recipe in backend.prepared_expert_tensors(dims, arch):
             src = f"{source_prefix}.{recipe.source}"
             entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
             run = partial(dim0_chunks, name=src, transform=_on_device(recipe, device))
@@ -183,6 +183,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None
                 f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
                 "use --backend none"
             )
-        jobs, consumed = _mxfp4_jobs(source, moe, MXFP4_BACKENDS[backend], transform_device(device))
+        module = MXFP4_BACKENDS[backend]
+        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(device))
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     return Plan(family, moe, target, jobs, unknown)

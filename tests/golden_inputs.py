@@ -6,7 +6,7 @@ import torch
 
 # (experts, rows N, reduction K) incl. gpt-oss-20b/120b expert dims (2I=5760 x H=2880, H x I) and
 # sizes that are not multiples of any padding.
-TRITON_HOPPER_CASES = [
+TRITON_CASES = [
     {"seed": 1, "experts": 2, "rows": 5760, "k": 2880},
     {"seed": 2, "experts": 2, "rows": 2880, "k": 2880},
     {"seed": 3, "experts": 3, "rows": 200, "k": 192},

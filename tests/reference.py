@@ -38,3 +38,14 @@ def reference_hopper_scale(scales: torch.Tensor, num_warps: int = 8) -> torch.Te
     padded = torch.nn.functional.pad(scales, (0, -scales.shape[-1] % 4)).transpose(-2, -1)
     swizzled = convert_layout(wrap_torch_tensor(padded), HopperMXScaleLayout, mx_axis=1, num_warps=num_warps)
     return swizzled.storage.data.mT.contiguous()
+
+
+def reference_blackwell(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM 0.26 ``_swizzle_mxfp4`` on sm100: storage of the value and scale tensors."""
+    triton_kernels_or_skip()
+    from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
+    from triton_kernels.tensor_details.layout import BlackwellMXScaleLayout, BlackwellMXValueLayout
+
+    value = convert_layout(wrap_torch_tensor(blocks.transpose(-2, -1), dtype=FP4), BlackwellMXValueLayout)
+    scale = convert_layout(wrap_torch_tensor(scales.transpose(-2, -1)), BlackwellMXScaleLayout)
+    return value.storage.data.mT.contiguous(), scale.storage.data.contiguous()

@@ -128,7 +128,7 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
     ]
 
 
-def prepared_expert_tensors(dims: Mxfp4ExpertDims) -> list[PreparedExpertTensor]:
+def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:
     """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
     return [
         *_projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),

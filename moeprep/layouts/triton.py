@@ -1,8 +1,9 @@
-"""Backend ``triton``: vLLM 0.26's ``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``) on sm90.
+"""Backend ``triton``: vLLM 0.26's ``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``).
 
 What vLLM does at load (vllm/model_executor/layers/fused_moe/oracle/mxfp4.py): intermediate size
 rounded up to 64 (hidden unchanged), checkpoint tensors copied into the top-left corner of the
-zero-padded parameters, biases cast to float32, then ``_swizzle_mxfp4`` (see ``triton_hopper``).
+zero-padded parameters, biases cast to float32, then ``_swizzle_mxfp4``: ``triton_hopper`` on sm90,
+``triton_blackwell`` on sm100.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from moeprep.layouts.mxfp4_experts import (
     transposed_view,
 )
 from moeprep.layouts.padding import pad_to
+from moeprep.layouts.triton_blackwell import (
+    blackwell_scale_storage_shape,
+    blackwell_value_storage_shape,
+    swizzle_blackwell_scale,
+    swizzle_blackwell_value,
+)
 from moeprep.layouts.triton_hopper import (
     hopper_scale_storage_shape,
     hopper_value_storage_shape,
@@ -26,7 +33,7 @@ from moeprep.layouts.triton_hopper import (
 )
 
 NAME = "triton"
-ARCHES = ("sm90",)
+ARCHES = ("sm90", "sm100")
 INTERMEDIATE_MULTIPLE = 64
 HIDDEN_MULTIPLE = 1
 NUM_WARPS = 8
@@ -42,24 +49,41 @@ def expert_dims(experts: int, hidden: int, intermediate: int) -> Mxfp4ExpertDims
     return Mxfp4ExpertDims.padded(experts, hidden, intermediate, HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)
 
 
-def _value(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
-    storage = hopper_value_storage_shape(dims.experts, rows, k // 2)
+def _value(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims, arch: str) -> PreparedExpertTensor:
+    """Values: vLLM holds the transposed view (``.mT``) of the stored bytes on both arches."""
+    storage_shape, swizzle = (
+        (hopper_value_storage_shape, swizzle_hopper_value)
+        if arch == "sm90"
+        else (blackwell_value_storage_shape, swizzle_blackwell_value)
+    )
+    storage = storage_shape(dims.experts, rows, k // 2)
     view_shape, view_strides = transposed_view(storage)
 
     def transform(blocks: torch.Tensor) -> torch.Tensor:
-        return swizzle_hopper_value(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
+        return swizzle(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
 
-    return PreparedExpertTensor(param, source, "U8", storage, view_shape, view_strides, "triton-sm90-value", transform)
+    return PreparedExpertTensor(
+        param, source, "U8", storage, view_shape, view_strides, f"triton-{arch}-value", transform
+    )
 
 
-def _scale(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
-    storage = hopper_scale_storage_shape(dims.experts, rows, k // MXFP4_BLOCK, NUM_WARPS)
-    view_shape, view_strides = transposed_view(storage)
+def _scale(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims, arch: str) -> PreparedExpertTensor:
+    """Scales: transposed view on sm90; the 5-D tiled storage itself on sm100."""
+    groups = k // MXFP4_BLOCK
+    if arch == "sm90":
+        storage = hopper_scale_storage_shape(dims.experts, rows, groups, NUM_WARPS)
+        view_shape, view_strides = transposed_view(storage)
+        swizzle = lambda scales: swizzle_hopper_scale(scales, NUM_WARPS)  # noqa: E731
+    else:
+        storage = blackwell_scale_storage_shape(dims.experts, rows, groups)
+        view_shape, view_strides, swizzle = storage, contiguous_strides(storage), swizzle_blackwell_scale
 
     def transform(scales: torch.Tensor) -> torch.Tensor:
-        return swizzle_hopper_scale(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)), NUM_WARPS)
+        return swizzle(pad_to(scales, (scales.shape[0], rows, groups)))
 
-    return PreparedExpertTensor(param, source, "U8", storage, view_shape, view_strides, "triton-sm90-scale", transform)
+    return PreparedExpertTensor(
+        param, source, "U8", storage, view_shape, view_strides, f"triton-{arch}-scale", transform
+    )
 
 
 def _bias(param: str, source: str, rows: int, dims: Mxfp4ExpertDims) -> PreparedExpertTensor:
@@ -71,14 +95,14 @@ def _bias(param: str, source: str, rows: int, dims: Mxfp4ExpertDims) -> Prepared
     return PreparedExpertTensor(param, source, "F32", shape, shape, contiguous_strides(shape), "pad-float32", transform)
 
 
-def prepared_expert_tensors(dims: Mxfp4ExpertDims) -> list[PreparedExpertTensor]:
+def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
     """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
     w13_rows, w2_rows = 2 * dims.intermediate_padded, dims.hidden_padded
     return [
-        _value("moeprep_w13_value", "gate_up_proj_blocks", w13_rows, dims.hidden_padded, dims),
-        _scale("moeprep_w13_scale", "gate_up_proj_scales", w13_rows, dims.hidden_padded, dims),
+        _value("moeprep_w13_value", "gate_up_proj_blocks", w13_rows, dims.hidden_padded, dims, arch),
+        _scale("moeprep_w13_scale", "gate_up_proj_scales", w13_rows, dims.hidden_padded, dims, arch),
         _bias("moeprep_w13_bias", "gate_up_proj_bias", w13_rows, dims),
-        _value("moeprep_w2_value", "down_proj_blocks", w2_rows, dims.intermediate_padded, dims),
-        _scale("moeprep_w2_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims),
+        _value("moeprep_w2_value", "down_proj_blocks", w2_rows, dims.intermediate_padded, dims, arch),
+        _scale("moeprep_w2_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims, arch),
         _bias("moeprep_w2_bias", "down_proj_bias", w2_rows, dims),
     ]

@@ -141,6 +141,14 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     BACKENDS = frozenset({"TRITON", "TRITON_UNFUSED"})
     LAYOUT = "triton (matmul_ogs)"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.knobs.get("arch") != "sm90":
+            raise PreparedCheckpointMismatch(
+                f"moeprep: serving triton layouts for {self.knobs.get('arch')} is not verified on such a GPU yet "
+                "(only sm90 is); convert with --backend marlin, or serve the original checkpoint"
+            )
+
     def install(self, layer: Any) -> None:
         import triton_kernels.matmul_ogs_details.opt_flags as opt_flags
         from triton_kernels.matmul_ogs import FlexCtx, PrecisionConfig

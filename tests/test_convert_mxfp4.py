@@ -1,0 +1,74 @@
+"""``convert --backend triton|marlin`` on a gpt-oss fixture: every prepared tensor equals its layout
+function applied to the whole (padded) source tensor, although conversion streams expert chunks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeprep.checkpoint.source import open_local
+from moeprep.layouts import marlin, triton_blackwell, triton_hopper
+from moeprep.layouts.padding import pad_to, round_up
+from moeprep.plan import CHUNK_BYTES
+from tests.conftest import run_cli
+
+EXPERTS = "model.layers.1.mlp.experts"
+
+
+def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tensor]:
+    """Independent composition of padding + layout for layer 1 of the fixture."""
+    source = open_local(src)
+    hidden, inter = source.config["hidden_size"], source.config["intermediate_size"]
+    h_mult, i_mult = (256, 128) if backend == "marlin" else (1, 64)
+    h, i = round_up(hidden, h_mult), round_up(inter, i_mult)
+    out = {}
+    for proj, rows, k in (("w13", 2 * i, h), ("w2", h, i)):
+        name = "gate_up_proj" if proj == "w13" else "down_proj"
+        blocks = source.read(f"{EXPERTS}.{name}_blocks")
+        blocks = pad_to(blocks.reshape(blocks.shape[0], blocks.shape[1], -1), (blocks.shape[0], rows, k // 2))
+        scales = pad_to(source.read(f"{EXPERTS}.{name}_scales"), (blocks.shape[0], rows, k // 32))
+        bias = pad_to(source.read(f"{EXPERTS}.{name}_bias"), (blocks.shape[0], rows))
+        if backend == "marlin":
+            out[f"moeprep_{proj}_weight"] = marlin.repack_marlin_weight(blocks)
+            out[f"moeprep_{proj}_scale"] = marlin.permute_marlin_scales(scales)
+            out[f"moeprep_{proj}_bias"] = marlin.permute_marlin_bias(bias)
+            continue
+        layout = triton_hopper if arch == "sm90" else triton_blackwell
+        kind = "hopper" if arch == "sm90" else "blackwell"
+        out[f"moeprep_{proj}_value"] = getattr(layout, f"swizzle_{kind}_value")(blocks)
+        out[f"moeprep_{proj}_scale"] = getattr(layout, f"swizzle_{kind}_scale")(scales)
+        out[f"moeprep_{proj}_bias"] = bias.float()
+    return out
+
+
+@pytest.mark.parametrize(("backend", "arch"), [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any")])
+def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, arch: str
+) -> None:
+    src = tiny("gpt-oss")
+    monkeypatch.setattr("moeprep.plan.CHUNK_BYTES", 64 * 1024)  # several expert chunks per tensor
+    assert CHUNK_BYTES > 64 * 1024
+    from moeprep.convert import convert, load_plan
+
+    source, plan = load_plan(str(src), backend, arch=None if arch == "any" else arch)
+    convert(source, plan, tmp_path / "out")
+    stored = {}
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+        stored.update(load_file(shard))
+    for param, expected in expected_tensors(src, backend, arch).items():
+        got = stored[f"model.layers.1.mlp.experts.routed_experts.{param}"]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, param
+        assert torch.equal(got.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), param
+    manifest = json.loads((tmp_path / "out" / "moeprep.json").read_text())
+    assert manifest["target"]["backend"] == backend and manifest["target"]["knobs"]["arch"] == arch
+    assert not any(name.endswith("_blocks") for name in stored)  # every mxfp4 source tensor was consumed
+    assert run_cli("verify", tmp_path / "out").returncode == 0
+
+
+def test_backend_for_mxfp4_refuses_bf16_experts(tiny, tmp_path: Path) -> None:
+    result = run_cli("convert", tiny("glm4-moe"), tmp_path / "out", "--backend", "marlin")
+    assert result.returncode == 2 and "use --backend none" in result.stderr
