@@ -78,10 +78,6 @@ class CheckpointSource:
         info = self._safetensors[name][1]
         return info.dtype, info.shape
 
-    def tensor_location(self, name: str) -> tuple[Path, TensorInfo]:
-        file, info = self._safetensors[name]
-        return file.path, info
-
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of dim 0 (for safetensors, a copy-on-write map of only those bytes)."""
         if self._bin_state is not None:
