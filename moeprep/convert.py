@@ -20,7 +20,7 @@ from moeprep.checkpoint.manifest import (
     TensorRecord,
 )
 from moeprep.checkpoint.safetensors_io import TensorEntry, sha256_file
-from moeprep.checkpoint.source import CheckpointSource, open_source
+from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_json, write_sharded
 from moeprep.modelcard import render_model_card
 from moeprep.plan import Plan, build_plan
@@ -41,9 +41,9 @@ def prepared_config(config: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 def source_record(source: CheckpointSource) -> Source:
-    files = {
-        name: _file_record(source.folder / name) for name in ["config.json", *source.aux_files, *source.weight_files]
-    }
+    indexes = [name for name in (SAFE_INDEX, BIN_INDEX) if (source.folder / name).is_file()]
+    names = ["config.json", *source.aux_files, *indexes, *source.weight_files]
+    files = {name: _file_record(source.folder / name) for name in names}
     return Source(source.kind, source.location, source.revision, files)
 
 
@@ -65,8 +65,10 @@ def convert(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    served_as: str | None = None,
 ) -> Manifest:
-    """Write the prepared folder for ``plan`` to ``out``; the manifest is written last."""
+    """Write the prepared folder for ``plan`` to ``out``; the manifest is written last. ``served_as``:
+    the Hub repo it will be uploaded to, for the model card's serve command."""
     jobs = {job.entry.name: job for job in plan.jobs}
     with (
         ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash") as background,
@@ -81,7 +83,7 @@ def convert(
         model_type = str(source.config["model_type"])
         src_record = src_future.result()
         (tmp / "README.md").write_text(
-            render_model_card(src_record, plan.target, model_type, plan.summary()), encoding="utf-8"
+            render_model_card(src_record, plan.target, model_type, plan.summary(), served_as), encoding="utf-8"
         )
         files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.name not in written.files}
         files |= {name: FileRecord(w.size, w.header_sha256, covers="header") for name, w in written.files.items()}

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from moeprep import __version__
-from moeprep.checkpoint.manifest import Source, Target
+from moeprep.checkpoint.manifest import MANIFEST_NAME, Source, Target
 
 
-def render_model_card(source: Source, target: Target, model_type: str, summary: dict[str, object]) -> str:
-    base = source.location if source.kind == "hub" else None
+def card_tags(target: Target, model_type: str, summary: dict[str, Any]) -> list[str]:
+    """Hub tags: moeprep, the backend, the model type, and what was done (mxfp4, fused shared experts, LoRA)."""
     tags = ["moeprep", f"backend-{target.backend}", model_type]
+    if summary.get("expert_format") == "mxfp4":
+        tags.append("mxfp4")
+    if summary.get("fused_shared_experts"):
+        tags.append("fused-shared-experts")
+    if summary.get("lora"):
+        tags.append("lora")
+    return tags
+
+
+def serve_command(model: str, target: Target, summary: dict[str, Any]) -> str:
+    """The ``vllm serve`` command line for a prepared folder or repo."""
+    flags = [*summary.get("serve_flags", [])]
+    if target.tp_size > 1:
+        flags += ["--tensor-parallel-size", str(target.tp_size)]
+    return " ".join(["vllm serve", model, *flags])
+
+
+def render_model_card(
+    source: Source, target: Target, model_type: str, summary: dict[str, Any], served_as: str | None = None
+) -> str:
+    """``served_as``: the Hub repo the folder will be uploaded to, when known."""
+    base = source.location if source.kind == "hub" else None
     front = ["---", "library_name: vllm"]
     if base:
         front += [f"base_model: {base}", "base_model_relation: quantized"]
-    front += ["tags:", *[f"- {t}" for t in tags], "---"]
+    front += ["tags:", *[f"- {t}" for t in card_tags(target, model_type, summary)], "---"]
     revision = f" at revision `{source.revision}`" if source.revision else ""
-    recipes = ", ".join(f"{name} ×{count}" for name, count in dict(summary["recipes"]).items())  # type: ignore[call-overload]
+    recipes = ", ".join(f"{name} ×{count}" for name, count in dict(summary["recipes"]).items())
+    source_bytes = sum(record.size for record in source.files.values())
     return "\n".join(
         [
             *front,
@@ -27,7 +52,8 @@ def render_model_card(source: Source, target: Target, model_type: str, summary: 
             "## What was done",
             "",
             f"- {summary['tensors']} tensors written ({recipes}); "
-            f"{summary['moe_layers']} MoE layers with {summary['experts']} experts, top-{summary['top_k']}.",
+            f"{summary['moe_layers']} MoE layers with {summary['experts']} experts "
+            f"({summary.get('expert_format', 'unknown')} format), top-{summary['top_k']}.",
             '- `config.json` carries `quantization_config.quant_method = "moeprep"`: vLLM without the moeprep '
             "plugin refuses this folder instead of mis-loading it.",
             "",
@@ -35,15 +61,16 @@ def render_model_card(source: Source, target: Target, model_type: str, summary: 
             "",
             "```bash",
             "pip install moeprep  # registers the vLLM plugin",
-            f"vllm serve {base or '<this folder>'}",
+            serve_command(served_as or "<this repo id or folder>", target, summary),
             "```",
             "",
             "## Verification",
             "",
             f"- Layouts verified against vLLM {', '.join(target.vllm_versions)}; tensor parallel {target.tp_size}, "
             f"expert parallel {target.ep_size}.",
-            "- Every file and tensor is recorded with its sha256 in `moeprep.json`; "
-            "`moeprep verify <folder>` re-checks them.",
+            f"- Source: {len(source.files)} files ({source_bytes} bytes), each recorded with its sha256.",
+            f"- Every prepared file and tensor is recorded with its sha256 in `{MANIFEST_NAME}`; "
+            "`moeprep verify <folder>` re-checks them, and the plugin refuses a folder whose files do not match.",
             "",
         ]
     )

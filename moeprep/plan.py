@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from moeprep.checkpoint.manifest import Target
+from moeprep.checkpoint.manifest import QUANT_METHOD, Target
 from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
-from moeprep.layouts import marlin, triton
+from moeprep.layouts import dequant, marlin, triton
 from moeprep.layouts.mxfp4_experts import PreparedExpertTensor, contiguous_strides
 
 PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
-MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton, marlin.NAME: marlin}
+MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton, marlin.NAME: marlin, dequant.NAME: dequant}
 BACKENDS = ("none", *MXFP4_BACKENDS)
 # Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
 # OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
@@ -73,6 +73,10 @@ class Plan:
             "moe_layers": len(self.moe.moe_layers),
             "experts": self.moe.num_experts,
             "top_k": self.moe.top_k,
+            "expert_format": self.moe.expert_format,
+            "serve_flags": list(MXFP4_BACKENDS[self.target.backend].SERVE_FLAGS)
+            if self.target.backend in MXFP4_BACKENDS
+            else [],
             "not_in_family_inventory": len(self.unknown_tensors),
         }
 
@@ -171,12 +175,22 @@ def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None
     """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
+    original_quant = source.config.get("quantization_config")
+    if isinstance(original_quant, dict) and original_quant.get("quant_method") == QUANT_METHOD:
+        raise UnsupportedModelError(
+            f"{source.location} was already prepared by moeprep; convert the original checkpoint instead"
+        )
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
     moe = family.moe_spec(source.config)
     target = backend_target(backend, arch)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
+    if backend == "none" and moe.expert_format == "mxfp4":
+        raise UnsupportedModelError(
+            f"{family.name} mxfp4 experts need a layout backend: --backend triton or marlin (GPU), "
+            "or --backend dequant (CPU without AMX)"
+        )
     if backend in MXFP4_BACKENDS:
         if moe.expert_format != "mxfp4":
             raise UnsupportedModelError(

@@ -1,4 +1,4 @@
-"""``convert --backend triton|marlin`` on a gpt-oss fixture: every prepared tensor equals its layout
+"""``convert --backend triton|marlin|dequant`` on a gpt-oss fixture: every prepared tensor equals its layout
 function applied to the whole (padded) source tensor, although conversion streams expert chunks."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
     """Independent composition of padding + layout for layer 1 of the fixture."""
     source = open_local(src)
     hidden, inter = source.config["hidden_size"], source.config["intermediate_size"]
-    h_mult, i_mult = (256, 128) if backend == "marlin" else (1, 64)
+    h_mult, i_mult = {"marlin": (256, 128), "triton": (1, 64), "dequant": (1, 1)}[backend]
     h, i = round_up(hidden, h_mult), round_up(inter, i_mult)
     out = {}
     for proj, rows, k in (("w13", 2 * i, h), ("w2", h, i)):
@@ -32,6 +32,11 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
         blocks = pad_to(blocks.reshape(blocks.shape[0], blocks.shape[1], -1), (blocks.shape[0], rows, k // 2))
         scales = pad_to(source.read(f"{EXPERTS}.{name}_scales"), (blocks.shape[0], rows, k // 32))
         bias = pad_to(source.read(f"{EXPERTS}.{name}_bias"), (blocks.shape[0], rows))
+        if backend == "dequant":  # the checkpoint's bytes in vLLM's mxfp4 parameter shapes
+            out.update(
+                {f"moeprep_{proj}_weight": blocks, f"moeprep_{proj}_scale": scales, f"moeprep_{proj}_bias": bias}
+            )
+            continue
         if backend == "marlin":
             out[f"moeprep_{proj}_weight"] = marlin.repack_marlin_weight(blocks)
             out[f"moeprep_{proj}_scale"] = marlin.permute_marlin_scales(scales)
@@ -45,7 +50,9 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
     return out
 
 
-@pytest.mark.parametrize(("backend", "arch"), [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any")])
+@pytest.mark.parametrize(
+    ("backend", "arch"), [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any"), ("dequant", "any")]
+)
 def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, arch: str
 ) -> None:
@@ -67,6 +74,12 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     assert manifest["target"]["backend"] == backend and manifest["target"]["knobs"]["arch"] == arch
     assert not any(name.endswith("_blocks") for name in stored)  # every mxfp4 source tensor was consumed
     assert run_cli("verify", tmp_path / "out").returncode == 0
+
+
+def test_backend_none_refuses_mxfp4_experts(tiny, tmp_path: Path) -> None:
+    result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out")
+    assert result.returncode == 2 and "--backend dequant" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_backend_for_mxfp4_refuses_bf16_experts(tiny, tmp_path: Path) -> None:

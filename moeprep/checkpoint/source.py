@@ -46,8 +46,9 @@ AUX_PATTERNS = (
     "processor_config.json",
     "*.tiktoken",
 )
-WEIGHT_PATTERNS = ("*.safetensors", SAFE_INDEX)
-HUB_PATTERNS = ("config.json", *AUX_PATTERNS, *WEIGHT_PATTERNS)
+# What a Hub download fetches first; the shards come second, named by the index (glob patterns would also
+# match copies in sub-folders such as gpt-oss's original/*.safetensors).
+HUB_PATTERNS = ("config.json", *AUX_PATTERNS, SAFE_INDEX, SAFE_SINGLE)
 
 
 @dataclass
@@ -204,9 +205,13 @@ def open_source(src: str, revision: str | None = None) -> CheckpointSource:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(src, revision=revision, allow_patterns=list(HUB_PATTERNS))
+        folder = Path(snapshot_download(src, revision=revision, allow_patterns=list(HUB_PATTERNS)))
+        commit = folder.name  # snapshots/<commit sha>: the shards come from the same commit
+        if (folder / SAFE_INDEX).is_file():
+            shards = sorted(set(_weight_map(folder, SAFE_INDEX).values()))
+            snapshot_download(src, revision=commit, allow_patterns=shards)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise CheckpointError(f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {exc}") from exc
-    commit = Path(folder).name  # snapshots/<commit sha>
-    return open_local(Path(folder), "hub", src, commit)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {first_line}") from exc
+    return open_local(folder, "hub", src, commit)

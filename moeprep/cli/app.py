@@ -1,4 +1,4 @@
-"""``moeprep`` commands: fixture, convert, verify, inspect.
+"""``moeprep`` commands: fixture, convert, upload, verify, inspect.
 
 Every ``MoeprepError`` becomes one line on stderr and exit code 2, never a traceback."""
 
@@ -32,6 +32,7 @@ class Backend(str, Enum):
     none = "none"
     triton = "triton"
     marlin = "marlin"
+    dequant = "dequant"
 
 
 def main() -> None:
@@ -109,22 +110,66 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
     max_shard_size: Annotated[str, typer.Option(help="cap per output shard, e.g. 5GB")] = "5GB",
     overwrite: bool = False,
+    upload_repo: Annotated[
+        str | None, typer.Option(help="after converting, upload DEST to this Hub repo (org/name)")
+    ] = None,
+    private: Annotated[bool, typer.Option(help="with --upload-repo: create the repo private")] = False,
+    upload_revision: Annotated[str | None, typer.Option(help="with --upload-repo: branch to upload to")] = None,
 ) -> None:
-    """Prepare SRC for vLLM into DEST."""
+    """Prepare SRC for vLLM into DEST (and upload it with --upload-repo)."""
     from moeprep.convert import convert as run_convert
     from moeprep.convert import load_plan
+    from moeprep.modelcard import serve_command
 
     with user_errors():
+        check_upload_options(upload_repo, private, upload_revision, dry_run)
         source, plan = load_plan(src, backend.value, revision, arch, device)
         if dry_run:
             print_plan(plan, as_json)
             return
         with byte_progress(plan.total_bytes, "convert") as advance:
-            manifest = run_convert(source, plan, dest, overwrite, parse_size(max_shard_size), advance)
+            manifest = run_convert(
+                source, plan, dest, overwrite, parse_size(max_shard_size), advance, served_as=upload_repo
+            )
+        out.print(
+            f"wrote {len(manifest.tensors)} tensors in {len(manifest.files)} files to {dest} "
+            f"(backend {manifest.target.backend}); serve with: {serve_command(str(dest), plan.target, plan.summary())}"
+        )
+        if upload_repo:
+            run_upload(dest, upload_repo, private, upload_revision)
+
+
+def check_upload_options(upload_repo: str | None, private: bool, upload_revision: str | None, dry_run: bool) -> None:
+    from moeprep.errors import UnsupportedModelError
+
+    if upload_repo is None and (private or upload_revision):
+        raise UnsupportedModelError("--private and --upload-revision need --upload-repo org/name")
+    if upload_repo is not None and dry_run:
+        raise UnsupportedModelError("--dry-run writes nothing, so there is nothing to upload: drop --upload-repo")
+
+
+def run_upload(folder: Path, repo_id: str, private: bool, revision: str | None) -> None:
+    from moeprep.hub import upload_prepared
+
+    def committed(group: list[str]) -> None:
+        console.print(f"uploaded {group[0]}" + (f" and {len(group) - 1} more files" if len(group) > 1 else ""))
+
+    report = upload_prepared(folder, repo_id, private, revision, on_commit=committed)
     out.print(
-        f"wrote {len(manifest.tensors)} tensors in {len(manifest.files)} files to {dest} "
-        f"(backend {manifest.target.backend}); serve with: vllm serve {dest}"
+        f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {report.commits} new commits"
     )
+
+
+@app.command()
+def upload(
+    folder: Annotated[Path, typer.Argument(help="prepared folder (must pass moeprep verify)")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, org/name (created if missing)")],
+    private: Annotated[bool, typer.Option(help="create the repo private")] = False,
+    revision: Annotated[str | None, typer.Option(help="branch to upload to (created if missing)")] = None,
+) -> None:
+    """Verify FOLDER, then upload it to the Hub; run it again to resume an interrupted upload."""
+    with user_errors():
+        run_upload(folder, repo_id, private, revision)
 
 
 def print_plan(plan: Plan, as_json: bool) -> None:

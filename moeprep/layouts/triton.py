@@ -39,6 +39,7 @@ HIDDEN_MULTIPLE = 1
 NUM_WARPS = 8
 KNOBS = {"num_warps": NUM_WARPS}
 RECIPE_VERSION = 1
+SERVE_FLAGS: tuple[str, ...] = ()  # vLLM 0.26 picks this kernel by default on Hopper
 VERIFIED_VLLM = ["0.26.0"]
 # vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors
 # are stored under the full name of the parameter they fill.

@@ -4,7 +4,6 @@ only hands them to vLLM's kernel as the tensors vLLM would have built. Nothing i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -12,15 +11,8 @@ from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.prepared_params import PreparedExpertParams
 from moeprep.runtime.tracking import PreparedTensorTracker
-
-STORAGE_DTYPES = {
-    "U8": torch.uint8,
-    "I32": torch.int32,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
 
 
 def running_arch() -> str:
@@ -50,13 +42,8 @@ class PreparedMxfp4MoEMethod(GptOssMxfp4MoEMethod):
                 f"moeprep: this folder holds {self.LAYOUT} layouts for {arch}, but the GPU is {running_arch()}; "
                 f"convert again with --arch {running_arch()}"
             )
-        self.names = {name.rpartition(".")[2]: name for name in records}
-        self.records = {param: records[name] for param, name in self.names.items()}
-        missing = [p for p in self.PARAMS if p not in self.records]
-        if missing:
-            raise PreparedCheckpointMismatch(f"moeprep: manifest has no {prefix}.{missing[0]}; convert again")
+        self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
-        self.loaded: set[str] = set()
 
     def create_weights(  # type: ignore[override]
         self,
@@ -70,41 +57,13 @@ class PreparedMxfp4MoEMethod(GptOssMxfp4MoEMethod):
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.intermediate_size = intermediate_size_per_partition
         layer.params_dtype, layer.num_experts = params_dtype, num_experts
-        w13_bias, w2_bias = self.records["moeprep_w13_bias"], self.records["moeprep_w2_bias"]
-        prepared = (w13_bias.shape[0], w13_bias.shape[1] // 2, w2_bias.shape[1])
-        if prepared != (num_experts, intermediate_size_per_partition, hidden_size):
-            raise PreparedCheckpointMismatch(
-                f"moeprep: {self.prefix} was prepared for (experts, intermediate, hidden) = {prepared}; vLLM built "
-                f"{(num_experts, intermediate_size_per_partition, hidden_size)} (another TP/EP size or backend "
-                "padding); convert again for this configuration"
-            )
-        for name in self.PARAMS:
-            record = self.records[name]
-            param = torch.nn.Parameter(
-                torch.empty(record.stored_shape, dtype=STORAGE_DTYPES[record.dtype]), requires_grad=False
-            )
-            param.weight_loader = self._loader(name)  # type: ignore[attr-defined]
-            layer.register_parameter(name, param)
-
-    def _loader(self, name: str) -> Callable[..., None]:
-        def load(param: torch.nn.Parameter, loaded: torch.Tensor, *args: object, **kwargs: object) -> None:
-            if tuple(loaded.shape) != tuple(param.shape) or loaded.dtype != param.dtype:
-                raise PreparedCheckpointMismatch(
-                    f"moeprep: {self.names[name]} is {loaded.dtype}{list(loaded.shape)} in the checkpoint, "
-                    f"expected {param.dtype}{list(param.shape)}; the folder does not match its manifest"
-                )
-            param.data.copy_(loaded)
-            self.loaded.add(name)
-            self.tracker.tensor_loaded(self.names[name])
-
-        return load
+        self.params.check_dims(num_experts, intermediate_size_per_partition, hidden_size)
+        self.params.register(layer)
 
     def process_weights_after_loading(self, layer: Any) -> None:
         from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel
 
-        missing = [p for p in self.PARAMS if p not in self.loaded]
-        if missing:
-            raise PreparedCheckpointMismatch(f"moeprep: {self.names[missing[0]]} was never loaded; convert again")
+        self.params.check_all_loaded()
         layer.register_parameter("w13_bias", layer.moeprep_w13_bias)
         layer.register_parameter("w2_bias", layer.moeprep_w2_bias)
         self.install(layer)

@@ -31,7 +31,7 @@ from moeprep.errors import MoeprepError
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
 
-RUNTIME_BACKENDS = ("none", "triton", "marlin")
+RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 
 
@@ -144,6 +144,11 @@ class MoeprepConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
             self._load_and_check_manifest()
+        if self.backend == "dequant" and isinstance(layer, RoutedExperts):
+            from moeprep.runtime.cpu_mxfp4 import DequantMxfp4MoEMethod
+
+            self.tracker.layer_built(prefix)
+            return DequantMxfp4MoEMethod(layer.moe_config, prefix, self.prepared_records(prefix), self.tracker)
         if self.backend != "none" and isinstance(layer, RoutedExperts):
             from moeprep.runtime.mxfp4 import PREPARED_METHODS
 
