@@ -70,13 +70,31 @@ def test_tracker_accepts_complete_loads() -> None:
         ({"backend": "none"}, "config.json says backend 'triton'"),
         ({"vllm_versions": ["0.1.0"]}, "verified against vLLM 0.1.0"),
         ({"tp_size": 4}, "tensor parallel size 4"),
+        ({"ep_size": 4}, "expert parallel size 4, running with 2"),
     ],
 )
 def test_manifest_mismatches_are_refused(changes: dict, message: str) -> None:
     m = manifest()
     m.target = dataclasses.replace(m.target, **changes)
     with pytest.raises(PreparedCheckpointMismatch, match=message):
-        check_manifest_against_runtime(m, "triton", tp_size=2)
+        check_manifest_against_runtime(m, "triton", tp_size=2, ep_size=2)
+
+
+def test_matching_parallel_sizes_are_accepted() -> None:
+    m = manifest()
+    m.target = dataclasses.replace(m.target, tp_size=2, ep_size=2)
+    check_manifest_against_runtime(m, "triton", tp_size=2, ep_size=2)
+
+
+def test_running_ep_size_spans_tp_and_dp_when_enabled() -> None:
+    from types import SimpleNamespace
+
+    from moeprep.runtime.quant_config import running_ep_size
+
+    config = SimpleNamespace(enable_expert_parallel=True, tensor_parallel_size=2, data_parallel_size=2)
+    assert running_ep_size(config) == 4
+    config.enable_expert_parallel = False
+    assert running_ep_size(config) == 1
 
 
 def test_prepared_records_of_one_experts_module() -> None:

@@ -48,7 +48,14 @@ def prepared_folder(model: str, revision: str | None) -> Path:
     return Path(hf_hub_download(model, MANIFEST_NAME, revision=revision)).parent
 
 
-def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: int) -> None:
+def running_ep_size(parallel_config: Any) -> int:
+    """vLLM's expert-parallel group spans TP x DP ranks when expert parallelism is on, else 1."""
+    if not parallel_config.enable_expert_parallel:
+        return 1
+    return parallel_config.tensor_parallel_size * parallel_config.data_parallel_size
+
+
+def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: int, ep_size: int = 1) -> None:
     version = running_vllm_version()
     target = manifest.target
     if target.backend != backend:
@@ -64,6 +71,11 @@ def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: in
         raise PreparedCheckpointMismatch(
             f"moeprep: prepared for tensor parallel size {target.tp_size}, running with {tp_size}; "
             f"serve with --tensor-parallel-size {target.tp_size} or convert again with --tp {tp_size}"
+        )
+    if target.ep_size != 1 and target.ep_size != ep_size:
+        raise PreparedCheckpointMismatch(
+            f"moeprep: prepared for expert parallel size {target.ep_size}, running with {ep_size}; serve with "
+            f"--enable-expert-parallel over {target.ep_size} ranks (TP x DP) or convert again with --ep {ep_size}"
         )
 
 
@@ -124,7 +136,8 @@ class MoeprepConfig(QuantizationConfig):
             check_file_sizes(folder, manifest)
         except MoeprepError as exc:
             raise PreparedCheckpointMismatch(f"moeprep: {exc}") from exc
-        check_manifest_against_runtime(manifest, self.backend, vllm_config.parallel_config.tensor_parallel_size)
+        parallel = vllm_config.parallel_config
+        check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         self.manifest = manifest
         self.tracker = PreparedTensorTracker(
             {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
