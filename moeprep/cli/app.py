@@ -1,4 +1,4 @@
-"""``moeprep`` commands: fixture, convert, upload, verify, inspect.
+"""``moeprep`` commands: fixture, convert, upload, lora split, verify, inspect.
 
 Every ``MoeprepError`` becomes one line on stderr and exit code 2, never a traceback."""
 
@@ -193,6 +193,29 @@ def print_plan(plan: Plan, as_json: bool) -> None:
         table.add_row(job.entry.name, job.entry.dtype, str(list(job.entry.shape)), job.recipe)
     out.print(table)
     out.print(plan.summary())
+
+
+lora_app = typer.Typer(no_args_is_help=True, help="MoE LoRA adapters for prepared bases.")
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("split")
+def lora_split(
+    adapter: Annotated[Path, typer.Argument(help="PEFT LoRA adapter folder")],
+    base: Annotated[Path, typer.Option("--base", help="the prepared folder the adapter will be served with")],
+    dest: Annotated[Path, typer.Option("--out", help="output adapter folder (written atomically)")],
+    overwrite: bool = False,
+) -> None:
+    """Split fused / 3-D MoE LoRA into the per-expert adapter vLLM loads, padded like BASE."""
+    from moeprep.lora import split_adapter
+
+    with user_errors():
+        report = split_adapter(adapter, base, dest, overwrite)
+    out.print(
+        f"wrote {dest}: {report.expert_modules} expert modules, {report.passthrough_modules} other modules from "
+        f"{report.input_tensors} input tensors (rank {report.rank}, scaling {report.scaling:g}); serve with: "
+        f"vllm serve {base} --enable-lora --lora-modules NAME={dest}"
+    )
 
 
 @app.command()

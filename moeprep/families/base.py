@@ -51,6 +51,10 @@ class Family:
     model_types: ClassVar[tuple[str, ...]]
     architecture: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Per-expert LoRA modules vLLM loads, as (gate, up, down) names under ``mlp.experts.{e}``, and whether a
+    # fused gate_up projection interleaves gate and up rows (else: all gate rows, then all up rows).
+    expert_lora_modules: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    gate_up_interleaved: ClassVar[bool] = False
 
     def tiny_config(self) -> dict[str, Any]:
         """A complete config.json for a CPU-sized model in the family's exact format."""

@@ -43,6 +43,8 @@ class GptOss(Family):
     name = "gpt-oss"
     model_types = ("gpt_oss",)
     architecture = "GptOssForCausalLM"
+    expert_lora_modules = ("w1", "w3", "w2")  # vLLM's expert mapping for gpt-oss
+    gate_up_interleaved = True
     presets = {"20b": {**_REAL_DIMS, "num_local_experts": 32}, "120b": {**_REAL_DIMS, "num_local_experts": 128}}
 
     def tiny_config(self) -> dict[str, Any]:

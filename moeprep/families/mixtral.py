@@ -15,6 +15,7 @@ class Mixtral(Family):
     name = "mixtral"
     model_types = ("mixtral",)
     architecture = "MixtralForCausalLM"
+    expert_lora_modules = ("w1", "w3", "w2")
 
     def tiny_config(self) -> dict[str, Any]:
         return {

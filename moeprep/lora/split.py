@@ -1,0 +1,256 @@
+"""MoE LoRA adapters in -> the per-expert adapter vLLM loads, matched to a prepared base.
+
+Inputs (all PEFT-style ``lora_A`` [r, in] / ``lora_B`` [out, r] pairs):
+- ``target_parameters`` adapters on fused 3-D experts (PEFT >= 0.18, transformers v5): one pair per
+  parameter of ``...experts``, A [r*E, in] expert-major, B [out, r*E] expert-minor (PEFT's ParamWrapper),
+  the first targeted parameter under ``...experts.base_layer``;
+- per-expert module adapters ``...experts.{e}.{gate_proj,up_proj,down_proj}`` (or ``w1``, ``w3``, ``w2``);
+- per-expert fused ``...experts.{e}.gate_up_proj`` adapters.
+Fused gate_up LoRAs are split into gate and up (rows interleaved for gpt-oss, else halves) sharing A.
+Output: ``...experts.{e}.{gate,up,down}`` modules under the names the family's vLLM model loads, padded
+to the prepared base's hidden/intermediate sizes, one rank and one scaling for the whole adapter (vLLM
+ignores ``rank_pattern``/``alpha_pattern``); every other module passes through. Every input tensor is
+consumed or named in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moeprep.checkpoint.manifest import MANIFEST_NAME, load_manifest
+from moeprep.checkpoint.writer import AtomicFolder, write_json
+from moeprep.families import Family, family_for_config
+from moeprep.layouts.padding import pad_to, round_up
+from moeprep.lora.adapter import (
+    CONFIG_NAME,
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    LoraError,
+    LoraPair,
+    load_adapter_config,
+    load_adapter_tensors,
+)
+
+LORA_RECORD = "moeprep_lora.json"
+PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)")
+FUSED_3D = re.compile(r"(?P<prefix>.*\.experts)(?P<nested>\.base_layer)?")
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+PROJECTIONS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+@dataclass(frozen=True)
+class BaseExperts:
+    """What the adapter must fit: the prepared base's experts, as vLLM holds them (padded)."""
+
+    family: Family
+    hidden: int
+    intermediate: int
+    experts: int
+    moe_layers: tuple[int, ...]
+    hidden_padded: int
+    intermediate_padded: int
+    location: str
+    backend: str
+    manifest_sha256: str
+
+    @classmethod
+    def of(cls, prepared: Path) -> BaseExperts:
+        manifest = load_manifest(prepared)
+        config = json.loads((Path(prepared) / "config.json").read_text(encoding="utf-8"))
+        family = family_for_config(config)
+        moe = family.moe_spec(config)
+        target = manifest.target
+        if target.tp_size != 1 or target.ep_size != 1:
+            raise LoraError(
+                f"{prepared} is prepared for TP {target.tp_size} / EP {target.ep_size}; LoRA split supports "
+                "single-partition bases so far"
+            )
+        hidden, inter = int(config["hidden_size"]), moe.expert_intermediate
+        return cls(
+            family,
+            hidden,
+            inter,
+            moe.num_experts,
+            moe.moe_layers,
+            round_up(hidden, target.padding.get("hidden", 1)),
+            round_up(inter, target.padding.get("intermediate", 1)),
+            manifest.source.location,
+            target.backend,
+            hashlib.sha256((Path(prepared) / MANIFEST_NAME).read_bytes()).hexdigest(),
+        )
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    input_tensors: int
+    expert_modules: int
+    passthrough_modules: int
+    rank: int
+    scaling: float
+
+
+class ExpertLoras:
+    """Per-expert LoRAs collected from any input form, checked against the base as they come in."""
+
+    def __init__(self, base: BaseExperts, where: str) -> None:
+        self.base, self.where = base, where
+        self.pairs: dict[tuple[str, int, str], LoraPair] = {}
+
+    def add(self, prefix: str, expert: int, proj: str, pair: LoraPair, module: str) -> None:
+        base = self.base
+        layer = LAYER.search(prefix + ".")
+        if layer is None or int(layer.group(1)) not in base.moe_layers:
+            raise LoraError(f"{self.where}: {module!r} is not in a MoE layer of the base ({base.location})")
+        if not 0 <= expert < base.experts:
+            raise LoraError(f"{self.where}: {module!r} names expert {expert}; the base has {base.experts}")
+        rows, cols = (base.hidden, base.intermediate) if proj == "down" else (base.intermediate, base.hidden)
+        if proj == "gate_up":
+            rows *= 2
+        if (pair.b.shape[0], pair.a.shape[1]) != (rows, cols):
+            raise LoraError(
+                f"{self.where}: {module!r} maps {pair.a.shape[1]} -> {pair.b.shape[0]} features; the base's {proj} "
+                f"projection maps {cols} -> {rows}: this adapter was trained for another base model"
+            )
+        if proj == "gate_up":
+            b = pair.b
+            gate, up = (b[0::2], b[1::2]) if base.family.gate_up_interleaved else (b[: rows // 2], b[rows // 2 :])
+            self.add(prefix, expert, "gate", LoraPair(pair.a, gate.contiguous(), pair.scaling), module)
+            self.add(prefix, expert, "up", LoraPair(pair.a, up.contiguous(), pair.scaling), module)
+            return
+        key = (prefix, expert, proj)
+        if key in self.pairs:
+            raise LoraError(f"{self.where}: expert {expert} {proj} of {prefix!r} is given twice ({module!r})")
+        self.pairs[key] = pair
+
+    def padded(self) -> dict[str, LoraPair]:
+        """Output modules: gate/up/down of every expert under vLLM's names, zero-padded to the base."""
+        base = self.base
+        h, i = base.hidden_padded, base.intermediate_padded
+        names = dict(zip(("gate", "up", "down"), base.family.expert_lora_modules, strict=True))
+        out = {}
+        for (prefix, expert, proj), pair in sorted(self.pairs.items()):
+            rows, cols = (h, i) if proj == "down" else (i, h)
+            a = pad_to(pair.a, (pair.a.shape[0], cols))
+            b = pad_to(pair.b, (rows, pair.b.shape[1]))
+            out[f"{prefix}.{expert}.{names[proj]}"] = LoraPair(a, b, pair.scaling)
+        return out
+
+
+def collect(
+    adapter: Path, config: AdapterConfig, base: BaseExperts
+) -> tuple[dict[str, LoraPair], dict[str, LoraPair], int]:
+    """(expert modules, other modules, input tensor count) of the adapter, every tensor accounted for."""
+    where = str(Path(adapter) / WEIGHTS_NAME)
+    experts, others = ExpertLoras(base, where), {}
+    tensors_by_module = load_adapter_tensors(adapter)
+    for module, tensors in sorted(tensors_by_module.items()):
+        a, b = tensors["A"], tensors["B"]
+        if match := PER_EXPERT.fullmatch(module):
+            proj = PROJECTIONS.get(match["proj"], "gate_up" if match["proj"] == "gate_up_proj" else None)
+            if proj is None:
+                raise LoraError(f"{where}: expert module {module!r} is not a gate/up/down projection")
+            _check_rank(config, module, a.shape[0], 1, where)
+            pair = LoraPair(a, b, config.scaling(module))
+            experts.add(match["prefix"], int(match["expert"]), proj, pair, module)
+        elif match := FUSED_3D.fullmatch(module):
+            if not config.target_parameters:
+                raise LoraError(f"{where}: {module!r} looks like a 3-D experts LoRA but target_parameters is empty")
+            _add_fused_3d(experts, match["prefix"], module, a, b, config, where)
+        elif ".experts." in f"{module}.":
+            raise LoraError(f"{where}: expert LoRA module {module!r} has a layout moeprep does not know")
+        else:
+            _check_rank(config, module, a.shape[0], 1, where)
+            others[module] = LoraPair(a, b, config.scaling(module))
+    return experts.padded(), others, 2 * len(tensors_by_module)
+
+
+def _check_rank(config: AdapterConfig, key: str, rows: int, experts: int, where: str) -> None:
+    rank = config.rank_for(key)
+    if rows != rank * experts:
+        raise LoraError(
+            f"{where}: {key!r} has {rows} lora_A rows; adapter_config.json implies rank {rank} x {experts} expert(s): "
+            "the config does not describe these tensors"
+        )
+
+
+def _add_fused_3d(
+    experts: ExpertLoras, prefix: str, module: str, a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, where: str
+) -> None:
+    """PEFT ParamWrapper: A [r*E, in] (expert-major), B [out, r*E] (expert-minor); the parameter is told by
+    its shape (gate_up: H -> 2I, down: I -> H)."""
+    base = experts.base
+    n = base.experts
+    shape = (b.shape[0], a.shape[1])
+    param = {(2 * base.intermediate, base.hidden): "gate_up", (base.hidden, base.intermediate): "down"}.get(shape)
+    if param is None or a.shape[0] % n:
+        raise LoraError(
+            f"{where}: {module!r} maps {a.shape[1]} -> {b.shape[0]} features over {a.shape[0]} rows; the base's "
+            f"{n} experts take gate_up {base.hidden} -> {2 * base.intermediate} and down {base.intermediate} -> "
+            f"{base.hidden}: this adapter was trained for another base model"
+        )
+    key = f"{prefix}.{param}_proj"
+    _check_rank(config, key, a.shape[0], n, where)
+    rank, scaling = config.rank_for(key), config.scaling(key)
+    per_a = a.reshape(n, rank, a.shape[1])
+    per_b = b.reshape(b.shape[0], rank, n)
+    for e in range(n):
+        pair = LoraPair(per_a[e].contiguous(), per_b[:, :, e].contiguous(), scaling)
+        experts.add(prefix, e, param, pair, module)
+
+
+def unify(modules: dict[str, LoraPair]) -> tuple[int, float, dict[str, LoraPair]]:
+    """One rank (the largest; smaller ones zero-padded) and one scaling (the most common; other modules'
+    scaling folded into B) for the whole adapter, since vLLM applies a single ``lora_alpha / r``."""
+    rank = max(p.a.shape[0] for p in modules.values())
+    scaling = Counter(p.scaling for p in modules.values()).most_common(1)[0][0]
+    out = {}
+    for name, p in modules.items():
+        b = p.b if p.scaling == scaling else (p.b.float() * (p.scaling / scaling)).to(p.b.dtype)
+        out[name] = LoraPair(pad_to(p.a, (rank, p.a.shape[1])), pad_to(b, (b.shape[0], rank)), scaling)
+    return rank, scaling, out
+
+
+def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = False) -> SplitReport:
+    """Write the per-expert adapter for the prepared base at ``prepared`` into ``out`` (atomically)."""
+    config = load_adapter_config(adapter)
+    base = BaseExperts.of(prepared)
+    experts, others, inputs = collect(adapter, config, base)
+    if not experts:
+        raise LoraError(f"{adapter}: no expert LoRA found; use the adapter with vLLM as it is")
+    rank, scaling, modules = unify({**experts, **others})
+    tensors = {}
+    for name, pair in sorted(modules.items()):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = pair.a.clone()  # gate and up share A: own copies
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = pair.b.clone()
+    new_config = {
+        **config.raw,
+        "r": rank,
+        "lora_alpha": scaling * rank,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_parameters": None,
+        "target_modules": sorted({name.rpartition(".")[2] for name in modules}),
+        "base_model_name_or_path": base.location,
+    }
+    record = {
+        "base_manifest_sha256": base.manifest_sha256,
+        "base": base.location,
+        "backend": base.backend,
+        "padded_to": {"hidden": base.hidden_padded, "intermediate": base.intermediate_padded},
+        "source_adapter": str(Path(adapter).absolute()),
+    }
+    with AtomicFolder(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_NAME, new_config)
+        write_json(tmp / LORA_RECORD, record)
+    return SplitReport(inputs, len(experts), len(others), rank, scaling)

@@ -1,0 +1,286 @@
+"""``moeprep lora split``: every input form and family gives per-expert LoRAs whose merge equals the
+merge of the original adapter (PEFT's own ``merge_and_unload`` for 3-D adapters), padded like the base;
+bad adapters are refused with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprep.families import get_family
+from moeprep.lora.adapter import AdapterConfig, parse_adapter_config
+from tests.conftest import run_cli
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+PREFIX = "base_model.model."
+
+
+def prepared(tiny, root: Path, family: str, backend: str) -> Path:
+    dest = root / f"{family}-{backend}"
+    if not dest.exists():
+        result = run_cli("convert", tiny(family), dest, "--backend", backend)
+        assert result.returncode == 0, result.stderr
+    return dest
+
+
+def split(adapter: Path, base: Path, out: Path) -> dict[str, torch.Tensor]:
+    result = run_cli("lora", "split", adapter, "--base", base, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return load_file(out / "adapter_model.safetensors")
+
+
+def split_scaling(out: Path) -> float:
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config["rank_pattern"] and not config["alpha_pattern"] and not config["use_rslora"]
+    return config["lora_alpha"] / config["r"]
+
+
+def peft_adapter(model_dir: Path, out: Path, **lora: object) -> tuple[torch.nn.Module, Path]:
+    """A real PEFT adapter with random (non-zero) A and B, and the PEFT model it came from (float32)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).float()
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
+    peft_model.save_pretrained(out)
+    return peft_model, out
+
+
+def expert_delta(tensors: dict[str, torch.Tensor], module: str, scaling: float) -> torch.Tensor:
+    return scaling * tensors[f"{PREFIX}{module}.lora_B.weight"] @ tensors[f"{PREFIX}{module}.lora_A.weight"]
+
+
+# PEFT turns gate/up/down target_modules on fused 3-D experts into target_parameters, with a rank_pattern
+# for gate_up (rank 2r) that vLLM would ignore; or target the parameters directly.
+BY_MODULES = {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}
+BY_PARAMETERS = {
+    "target_modules": ["q_proj"],
+    "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "backend", "targets", "names", "interleaved"),
+    [
+        ("qwen3-moe", "none", BY_MODULES, ("gate_proj", "up_proj", "down_proj"), False),
+        ("qwen3-moe", "none", BY_PARAMETERS, ("gate_proj", "up_proj", "down_proj"), False),
+        ("gpt-oss", "triton", BY_PARAMETERS, ("w1", "w3", "w2"), True),
+        ("gpt-oss", "marlin", BY_PARAMETERS, ("w1", "w3", "w2"), True),
+    ],
+    ids=["qwen3-moe-modules", "qwen3-moe-parameters", "gpt-oss-triton", "gpt-oss-marlin"],
+)
+def test_3d_target_parameters_adapter_merges_like_peft(
+    tiny, tmp_path: Path, family: str, backend: str, targets: dict, names: tuple[str, str, str], interleaved: bool
+) -> None:
+    """PEFT >= 0.18 adapters on fused 3-D experts (transformers v5), merged by PEFT itself as the reference."""
+    base = prepared(tiny, tmp_path, family, backend)
+    peft_model, adapter = peft_adapter(tiny(family), tmp_path / "adapter", r=4, lora_alpha=8, **targets)
+    out = tmp_path / "split"
+    tensors = split(adapter, base, out)
+    scaling = split_scaling(out)
+    config = peft_model.base_model.model.config
+    moe = get_family(family).moe_spec(json.loads((base / "config.json").read_text()))
+    hidden, inter, experts = config.hidden_size, moe.expert_intermediate, moe.num_experts
+    record = json.loads((out / "moeprep_lora.json").read_text())
+    h_pad, i_pad = record["padded_to"]["hidden"], record["padded_to"]["intermediate"]
+    base_weights = {n: p.detach().clone() for n, p in peft_model.base_model.model.named_parameters() if "lora" not in n}
+    merged = peft_model.merge_and_unload()
+    for layer in range(config.num_hidden_layers):
+        experts_module = merged.model.layers[layer].mlp.experts
+        for e in range(experts):
+            prefix = f"model.layers.{layer}.mlp.experts.{e}"
+            gate, up, down = (expert_delta(tensors, f"{prefix}.{name}", scaling) for name in names)
+            for delta, rows, cols in ((gate, i_pad, h_pad), (up, i_pad, h_pad), (down, h_pad, i_pad)):
+                assert delta.shape == (rows, cols)
+            padding_is_zero = [
+                gate[inter:],
+                gate[:, hidden:],
+                up[inter:],
+                up[:, hidden:],
+                down[hidden:],
+                down[:, inter:],
+            ]
+            assert all(not t.any() for t in padding_is_zero)
+            gate, up, down = gate[:inter, :hidden], up[:inter, :hidden], down[:hidden, :inter]
+            original_gate_up = base_weights[_peft_param(layer, "gate_up_proj", base_weights)][e]
+            original_down = base_weights[_peft_param(layer, "down_proj", base_weights)][e]
+            if interleaved:  # gpt-oss: gate_up_proj [E, H, 2I] used as x @ W, gate/up interleaved
+                ours = original_gate_up.clone()
+                ours[:, 0::2] += gate.T
+                ours[:, 1::2] += up.T
+                ours_down = original_down + down.T
+            else:  # transformers v5 fused experts: gate_up_proj [E, 2I, H] = [gate; up]
+                ours = original_gate_up + torch.cat([gate, up])
+                ours_down = original_down + down
+            torch.testing.assert_close(ours, experts_module.gate_up_proj[e], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(ours_down, experts_module.down_proj[e], rtol=1e-6, atol=1e-6)
+            assert (ours - original_gate_up).abs().max() > 1e-3  # the adapter changes the experts
+    q_name = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert q_name in tensors  # attention LoRA passed through
+
+
+def _peft_param(layer: int, name: str, weights: dict[str, torch.Tensor]) -> str:
+    return next(n for n in weights if n.startswith(f"model.layers.{layer}.mlp.experts") and n.endswith(f".{name}"))
+
+
+def per_expert_adapter(
+    folder: Path, names: dict[str, tuple[int, int]], experts: int, layers: tuple[int, ...] = (0, 1), rank: int = 3
+) -> dict:
+    """A hand-made bf16 adapter with ``experts.{e}.{name}`` modules ([out, in] given per name) in ``layers``."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for layer in layers:
+        for e in range(experts):
+            for name, (rows, cols) in names.items():
+                module = f"{PREFIX}model.layers.{layer}.mlp.experts.{e}.{name}"
+                tensors[f"{module}.lora_A.weight"] = torch.randn(rank, cols, generator=generator).to(torch.bfloat16)
+                tensors[f"{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator).to(torch.bfloat16)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(names)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def test_per_expert_module_adapter_passes_through_bitwise(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "qwen2-moe", "none")
+    config = json.loads((base / "config.json").read_text())
+    h, i, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    original = per_expert_adapter(tmp_path / "adapter", shapes, experts)
+    out = split(tmp_path / "adapter", base, tmp_path / "out")
+    assert set(out) == set(original)
+    for name, tensor in original.items():
+        assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], tensor), name
+    assert split_scaling(tmp_path / "out") == 2.0
+
+
+def test_fused_w13_per_expert_adapter_splits_gate_and_up_bitwise(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "glm4-moe", "none")
+    config = json.loads((base / "config.json").read_text())
+    h, i, experts = config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"]
+    layer = config["first_k_dense_replace"]  # layers before it are dense
+    shapes = {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}
+    original = per_expert_adapter(tmp_path / "adapter", shapes, experts, layers=(layer, layer + 1))
+    out = split(tmp_path / "adapter", base, tmp_path / "out")
+    for e in range(experts):
+        source = f"{PREFIX}model.layers.{layer}.mlp.experts.{e}"
+        b = original[f"{source}.gate_up_proj.lora_B.weight"]
+        assert torch.equal(out[f"{source}.gate_proj.lora_B.weight"], b[:i])
+        assert torch.equal(out[f"{source}.up_proj.lora_B.weight"], b[i:])
+        a = original[f"{source}.gate_up_proj.lora_A.weight"]
+        assert torch.equal(out[f"{source}.gate_proj.lora_A.weight"], a)
+        assert torch.equal(out[f"{source}.up_proj.lora_A.weight"], a)
+
+
+def test_vllm_lora_loader_keeps_every_tensor(tiny, tmp_path: Path) -> None:
+    """vLLM's own adapter loader reads the split adapter and drops nothing (count check)."""
+    pytest.importorskip("vllm")
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    base = prepared(tiny, tmp_path, "qwen3-moe", "none")
+    _, adapter = peft_adapter(
+        tiny("qwen3-moe"),
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    out = tmp_path / "split"
+    tensors = split(adapter, base, out)
+    experts = json.loads((base / "config.json").read_text())["num_experts"]
+    expected = {"q_proj", "o_proj"} | {
+        f"experts.{e}.{n}" for e in range(experts) for n in ("gate_proj", "up_proj", "down_proj")
+    }
+    helper = PEFTHelper.from_local_dir(str(out), max_position_embeddings=512)
+    lora = LoRAModel.from_local_checkpoint(str(out), expected, helper, device="cpu", lora_model_id=1)
+    assert len(lora.loras) == len(tensors) // 2
+    assert helper.vllm_lora_scaling_factor == split_scaling(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(use_dora=True), "use_dora"),
+        (lambda d: d.update(r=0), "positive rank"),
+        (lambda d: d.update(rank_pattern={"(": 4}), "regular expression"),
+        (lambda d: d.update(target_modules=[1]), "list of strings"),
+        (lambda d: d.update(peft_type="IA3"), "not LORA"),
+    ],
+)
+def test_bad_adapter_configs_are_refused(change, message: str) -> None:
+    from moeprep.lora import LoraError
+
+    data = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    change(data)
+    with pytest.raises(LoraError, match=message):
+        parse_adapter_config(data, "adapter_config.json")
+
+
+def test_pattern_overrides_follow_peft() -> None:
+    config = parse_adapter_config(
+        {"r": 4, "lora_alpha": 8, "rank_pattern": {r".*\.gate_up_proj": 8}, "alpha_pattern": {"q_proj": 2}}, "c"
+    )
+    assert isinstance(config, AdapterConfig)
+    assert config.rank_for("model.layers.0.mlp.experts.gate_up_proj") == 8
+    assert config.rank_for("model.layers.0.mlp.experts.down_proj") == 4
+    assert config.scaling("model.layers.0.self_attn.q_proj") == 0.5
+    assert config.scaling("model.layers.0.self_attn.k_proj") == 2.0
+
+
+def test_expert_lora_outside_the_moe_layers_is_refused(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "glm4-moe", "none")
+    config = json.loads((base / "config.json").read_text())
+    h, i = config["hidden_size"], config["moe_intermediate_size"]
+    per_expert_adapter(tmp_path / "adapter", {"down_proj": (h, i)}, config["n_routed_experts"], layers=(0,))
+    result = run_cli("lora", "split", tmp_path / "adapter", "--base", base, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "is not in a MoE layer" in result.stderr
+
+
+def test_adapter_for_another_base_is_refused(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "gpt-oss", "triton")
+    _, adapter = peft_adapter(
+        tiny("qwen3-moe"),
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "trained for another base" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"model.embed_tokens.lora_embedding_A": torch.ones(4, 8)}, "lora_embedding_A"),
+        ({"model.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(4, 8)}, "not its partner"),
+        (
+            {
+                "model.layers.0.mlp.experts.0.gate_proj.lora_A.weight": torch.ones(5, 8),
+                "model.layers.0.mlp.experts.0.gate_proj.lora_B.weight": torch.ones(8, 5),
+            },
+            "rank 3",
+        ),
+    ],
+    ids=["embedding", "missing-partner", "rank-mismatch"],
+)
+def test_unknown_or_inconsistent_tensors_are_named(tiny, tmp_path: Path, extra: dict, message: str) -> None:
+    base = prepared(tiny, tmp_path, "qwen2-moe", "none")
+    config = json.loads((base / "config.json").read_text())
+    h, i = config["hidden_size"], config["moe_intermediate_size"]
+    tensors = per_expert_adapter(tmp_path / "adapter", {"down_proj": (h, i)}, config["num_experts"])
+    tensors.update({PREFIX + name: t for name, t in extra.items()})
+    save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    result = run_cli("lora", "split", tmp_path / "adapter", "--base", base, "--out", tmp_path / "out")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
