@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from moeprep.checkpoint.manifest import (
 from moeprep.checkpoint.safetensors_io import TensorEntry, sha256_file
 from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_json, write_sharded
+from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
 from moeprep.plan import Plan, build_plan
+
+LORA_FOLDER = "lora"
 
 
 def prepared_config(config: dict[str, Any], target: Target) -> dict[str, Any]:
@@ -51,6 +55,25 @@ def _file_record(path: Path) -> FileRecord:
     return FileRecord(path.stat().st_size, sha256_file(path))
 
 
+def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, folder: Path) -> list[dict]:
+    """Split each adapter for the base being prepared into ``folder/lora/<adapter folder name>/``."""
+    from moeprep.lora.split import BaseExperts, write_split
+
+    names = [Path(a).name for a in adapters]
+    if len(set(names)) != len(names):
+        raise UnsupportedModelError(f"--lora adapters need distinct folder names; got {', '.join(names)}")
+    if not adapters:
+        return []
+    base = BaseExperts.from_parts(source.config, plan.target, source.location, None)
+    records = []
+    for adapter, name in zip(adapters, names, strict=True):
+        report = write_split(Path(adapter), base, folder / LORA_FOLDER / name)
+        records.append(
+            {"name": name, "path": f"{LORA_FOLDER}/{name}", "source": str(Path(adapter).absolute()), **asdict(report)}
+        )
+    return records
+
+
 def load_plan(
     src: str, backend: str, revision: str | None = None, arch: str | None = None, device: str = "cpu"
 ) -> tuple[CheckpointSource, Plan]:
@@ -66,15 +89,18 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
     served_as: str | None = None,
+    loras: Sequence[Path] = (),
 ) -> Manifest:
     """Write the prepared folder for ``plan`` to ``out``; the manifest is written last. ``served_as``:
-    the Hub repo it will be uploaded to, for the model card's serve command."""
+    the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
+    for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
     jobs = {job.entry.name: job for job in plan.jobs}
     with (
         ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash") as background,
         AtomicFolder(out, overwrite) as tmp,
     ):
         src_future = background.submit(source_record, source)  # hashes the source while converting
+        lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)
         write_json(tmp / "config.json", prepared_config(source.config, plan.target))
@@ -83,9 +109,13 @@ def convert(
         model_type = str(source.config["model_type"])
         src_record = src_future.result()
         (tmp / "README.md").write_text(
-            render_model_card(src_record, plan.target, model_type, plan.summary(), served_as), encoding="utf-8"
+            render_model_card(
+                src_record, plan.target, model_type, {**plan.summary(), "lora": len(lora_records)}, served_as
+            ),
+            encoding="utf-8",
         )
-        files = {p.name: _file_record(p) for p in sorted(tmp.iterdir()) if p.name not in written.files}
+        every_file = (p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file())
+        files = {name: _file_record(tmp / name) for name in every_file if name not in written.files}
         files |= {name: FileRecord(w.size, w.header_sha256, covers="header") for name, w in written.files.items()}
         tensors = {}
         for entry in entries:
@@ -112,6 +142,7 @@ def convert(
             target=plan.target,
             files=dict(sorted(files.items())),
             tensors=tensors,
+            lora=lora_records,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest

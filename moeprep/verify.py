@@ -25,7 +25,8 @@ def verify_folder(folder: Path) -> VerifyReport:
     folder = Path(folder)
     manifest = load_manifest(folder)
     check_file_sizes(folder, manifest)
-    extra = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME and p.name not in manifest.files)
+    present = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    extra = sorted(name for name in present if name != MANIFEST_NAME and name not in manifest.files)
     if extra:
         raise VerificationError(f"{folder / extra[0]} is not recorded in {MANIFEST_NAME}; remove it or convert again")
     by_file: dict[str, dict[str, tuple[int, int]]] = {}

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from moeprep.checkpoint.manifest import Manifest
 from moeprep.checkpoint.safetensors_io import read_header
 from moeprep.errors import CheckpointError, ManifestError
+from moeprep.lora.adapter import LoraError, parse_adapter_config
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
@@ -90,3 +91,33 @@ def test_manifest_parsing_raises_only_manifest_errors(data: object) -> None:
         Manifest.from_dict(data)
     except ManifestError:
         pass
+
+
+adapter_config_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "peft_type": st.sampled_from(["LORA", "IA3"]) | json_values,
+        "r": st.integers(-2, 64) | json_values,
+        "lora_alpha": st.integers(-2, 64) | st.floats() | json_values,
+        "use_rslora": st.booleans() | json_values,
+        "use_dora": st.booleans() | json_values,
+        "bias": st.sampled_from(["none", "all"]) | json_values,
+        "target_modules": st.lists(st.text(max_size=8), max_size=3) | json_values,
+        "target_parameters": st.lists(st.text(max_size=8), max_size=3) | json_values,
+        "rank_pattern": st.dictionaries(st.text(max_size=6), st.integers(-2, 16) | json_values, max_size=3)
+        | json_values,
+        "alpha_pattern": st.dictionaries(st.text(max_size=6), st.floats() | json_values, max_size=3) | json_values,
+    },
+)
+
+
+@FUZZ
+@given(adapter_config_like | json_values, st.text(max_size=30))
+def test_adapter_config_parsing_raises_only_lora_errors(data: object, key: str) -> None:
+    try:
+        config = parse_adapter_config(data, "adapter_config.json")
+    except LoraError:
+        return
+    assert config.r > 0
+    scaling = config.scaling(key)  # patterns that parsed also apply to any module name
+    assert isinstance(scaling, float)

@@ -284,3 +284,34 @@ def test_unknown_or_inconsistent_tensors_are_named(tiny, tmp_path: Path, extra: 
     result = run_cli("lora", "split", tmp_path / "adapter", "--base", base, "--out", tmp_path / "out")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_convert_with_lora_writes_the_split_adapter_into_the_verified_folder(tiny, tmp_path: Path) -> None:
+    _, adapter = peft_adapter(tiny("gpt-oss"), tmp_path / "my-adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    dest = tmp_path / "prepared"
+    result = run_cli("convert", tiny("gpt-oss"), dest, "--backend", "triton", "--lora", adapter)
+    assert result.returncode == 0, result.stderr
+    standalone = split(adapter, dest, tmp_path / "standalone")
+    inside = load_file(dest / "lora" / "my-adapter" / "adapter_model.safetensors")
+    assert inside.keys() == standalone.keys() and all(torch.equal(inside[k], standalone[k]) for k in inside)
+    manifest = json.loads((dest / "moeprep.json").read_text())
+    assert [entry["path"] for entry in manifest["lora"]] == ["lora/my-adapter"]
+    assert "lora/my-adapter/adapter_model.safetensors" in manifest["files"]
+    assert run_cli("verify", dest).returncode == 0
+    (dest / "lora" / "my-adapter" / "stray.txt").write_text("x")
+    stray = run_cli("verify", dest)
+    assert stray.returncode == 2 and "stray.txt" in stray.stderr
+    (dest / "lora" / "my-adapter" / "stray.txt").unlink()
+    weights = dest / "lora" / "my-adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1
+    weights.write_bytes(bytes(data))
+    flipped = run_cli("verify", dest)
+    assert flipped.returncode == 2 and "adapter_model.safetensors" in flipped.stderr
+
+
+def test_convert_with_a_bad_lora_writes_nothing(tiny, tmp_path: Path) -> None:
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", "--backend", "triton", "--lora", adapter)
+    assert result.returncode == 2 and "trained for another base" in result.stderr
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

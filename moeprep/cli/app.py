@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from moeprep.errors import MoeprepError
+from moeprep.errors import MoeprepError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from moeprep.plan import Plan
@@ -115,6 +115,9 @@ def convert(
     ] = None,
     private: Annotated[bool, typer.Option(help="with --upload-repo: create the repo private")] = False,
     upload_revision: Annotated[str | None, typer.Option(help="with --upload-repo: branch to upload to")] = None,
+    lora: Annotated[
+        list[Path] | None, typer.Option(help="PEFT LoRA adapter to split for this base into DEST/lora/ (repeatable)")
+    ] = None,
 ) -> None:
     """Prepare SRC for vLLM into DEST (and upload it with --upload-repo)."""
     from moeprep.convert import convert as run_convert
@@ -123,13 +126,15 @@ def convert(
 
     with user_errors():
         check_upload_options(upload_repo, private, upload_revision, dry_run)
+        if lora and dry_run:
+            raise UnsupportedModelError("--dry-run writes nothing, so no adapter is split: drop --lora")
         source, plan = load_plan(src, backend.value, revision, arch, device)
         if dry_run:
             print_plan(plan, as_json)
             return
         with byte_progress(plan.total_bytes, "convert") as advance:
             manifest = run_convert(
-                source, plan, dest, overwrite, parse_size(max_shard_size), advance, served_as=upload_repo
+                source, plan, dest, overwrite, parse_size(max_shard_size), advance, upload_repo, lora or []
             )
         out.print(
             f"wrote {len(manifest.tensors)} tensors in {len(manifest.files)} files to {dest} "
@@ -140,8 +145,6 @@ def convert(
 
 
 def check_upload_options(upload_repo: str | None, private: bool, upload_revision: str | None, dry_run: bool) -> None:
-    from moeprep.errors import UnsupportedModelError
-
     if upload_repo is None and (private or upload_revision):
         raise UnsupportedModelError("--private and --upload-revision need --upload-repo org/name")
     if upload_repo is not None and dry_run:

@@ -90,9 +90,9 @@ def parse_adapter_config(data: Any, where: str) -> AdapterConfig:
     for name, values, kind in (("target_modules", targets, str), ("target_parameters", parameters, str)):
         if not all(isinstance(v, kind) for v in values):
             raise LoraError(f"{where}: {name} must be a list of strings")
-    for name, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+    for name, pattern, kind in (("rank_pattern", ranks, int), ("alpha_pattern", alphas, (int, float))):
         for key, value in pattern.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < math.inf:
                 raise LoraError(f"{where}: {name}[{key!r}] = {value!r} is not a positive number")
             try:
                 re.compile(key)

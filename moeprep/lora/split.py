@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, load_manifest
+from moeprep.checkpoint.manifest import MANIFEST_NAME, Target, load_manifest
 from moeprep.checkpoint.writer import AtomicFolder, write_json
 from moeprep.families import Family, family_for_config
 from moeprep.layouts.padding import pad_to, round_up
@@ -60,18 +60,25 @@ class BaseExperts:
     intermediate_padded: int
     location: str
     backend: str
-    manifest_sha256: str
+    manifest_sha256: str | None
 
     @classmethod
     def of(cls, prepared: Path) -> BaseExperts:
+        """The base of a prepared folder, bound to its manifest by sha256."""
         manifest = load_manifest(prepared)
         config = json.loads((Path(prepared) / "config.json").read_text(encoding="utf-8"))
+        digest = hashlib.sha256((Path(prepared) / MANIFEST_NAME).read_bytes()).hexdigest()
+        return cls.from_parts(config, manifest.target, manifest.source.location, digest)
+
+    @classmethod
+    def from_parts(cls, config: dict, target: Target, location: str, manifest_sha256: str | None) -> BaseExperts:
+        """``manifest_sha256`` is None for adapters written into the prepared folder itself (its manifest
+        records their files instead)."""
         family = family_for_config(config)
         moe = family.moe_spec(config)
-        target = manifest.target
         if target.tp_size != 1 or target.ep_size != 1:
             raise LoraError(
-                f"{prepared} is prepared for TP {target.tp_size} / EP {target.ep_size}; LoRA split supports "
+                f"the base is prepared for TP {target.tp_size} / EP {target.ep_size}; LoRA split supports "
                 "single-partition bases so far"
             )
         hidden, inter = int(config["hidden_size"]), moe.expert_intermediate
@@ -83,9 +90,9 @@ class BaseExperts:
             moe.moe_layers,
             round_up(hidden, target.padding.get("hidden", 1)),
             round_up(inter, target.padding.get("intermediate", 1)),
-            manifest.source.location,
+            location,
             target.backend,
-            hashlib.sha256((Path(prepared) / MANIFEST_NAME).read_bytes()).hexdigest(),
+            manifest_sha256,
         )
 
 
@@ -221,8 +228,14 @@ def unify(modules: dict[str, LoraPair]) -> tuple[int, float, dict[str, LoraPair]
 
 def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = False) -> SplitReport:
     """Write the per-expert adapter for the prepared base at ``prepared`` into ``out`` (atomically)."""
-    config = load_adapter_config(adapter)
     base = BaseExperts.of(prepared)
+    with AtomicFolder(out, overwrite) as tmp:
+        return write_split(adapter, base, tmp)
+
+
+def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
+    """Write the per-expert adapter for ``base`` into the (new or empty) ``folder``."""
+    config = load_adapter_config(adapter)
     experts, others, inputs = collect(adapter, config, base)
     if not experts:
         raise LoraError(f"{adapter}: no expert LoRA found; use the adapter with vLLM as it is")
@@ -249,8 +262,8 @@ def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = Fa
         "padded_to": {"hidden": base.hidden_padded, "intermediate": base.intermediate_padded},
         "source_adapter": str(Path(adapter).absolute()),
     }
-    with AtomicFolder(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, new_config)
-        write_json(tmp / LORA_RECORD, record)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_json(folder / CONFIG_NAME, new_config)
+    write_json(folder / LORA_RECORD, record)
     return SplitReport(inputs, len(experts), len(others), rank, scaling)
