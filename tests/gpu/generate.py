@@ -1,7 +1,10 @@
 """Greedy generation with vLLM's ``LLM`` on one checkpoint; writes token ids and load facts as JSON.
 
 Usage: python tests/gpu/generate.py MODEL OUT.json [--max-tokens N] [--moe-backend B]
-Run one checkpoint per process so each engine starts on a clean GPU.
+           [--lora ADAPTER [--mixed-moe-lora-format]] [--score SEQUENCES.json]
+With --score, no generation: the log-probability of every token after the first of each given sequence
+(teacher forcing, through prompt_logprobs). Run one checkpoint per process so each engine starts on a
+clean GPU.
 """
 
 from __future__ import annotations
@@ -22,21 +25,44 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--moe-backend", default=None)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--lora", default=None)
+    parser.add_argument("--mixed-moe-lora-format", action="store_true")
+    parser.add_argument("--lora-target-modules", nargs="+", default=None)
+    parser.add_argument("--score", default=None)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
-    kwargs = {"moe_backend": args.moe_backend} if args.moe_backend else {}
+    kwargs: dict = {"moe_backend": args.moe_backend} if args.moe_backend else {}
+    lora = None
+    if args.lora:
+        rank = json.load(open(f"{args.lora}/adapter_config.json"))["r"]
+        kwargs |= {"enable_lora": True, "max_lora_rank": max(8, rank), "max_loras": 1}
+        kwargs |= {"enable_mixed_moe_lora_format": True} if args.mixed_moe_lora_format else {}
+        kwargs |= {"lora_target_modules": args.lora_target_modules} if args.lora_target_modules else {}
+        lora = LoRARequest("adapter", 1, args.lora)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(
         args.model, max_model_len=args.max_model_len, gpu_memory_utilization=0.5, enforce_eager=True, seed=0, **kwargs
     )
     ready = time.perf_counter() - start
+    if args.score:
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        scores = []
+        for ids in json.load(open(args.score)):
+            out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False, lora_request=lora)[0]
+            scores.append([entry[token].logprob for token, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)])
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "scores": scores, "engine_ready_s": ready}, f)
+        return
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    tokens = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+    outputs = [llm.generate([p], params, use_tqdm=False, lora_request=lora)[0] for p in PROMPTS]
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    prompts = [list(o.prompt_token_ids) for o in outputs]
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "tokens": tokens, "engine_ready_s": ready}, f)
+        json.dump({"model": args.model, "tokens": tokens, "prompt_ids": prompts, "engine_ready_s": ready}, f)
 
 
 if __name__ == "__main__":
