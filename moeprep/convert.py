@@ -19,6 +19,7 @@ from moeprep.checkpoint.manifest import (
     Source,
     Target,
     TensorRecord,
+    write_manifest,
 )
 from moeprep.checkpoint.safetensors_io import TensorEntry, sha256_file
 from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
@@ -144,5 +145,5 @@ def convert(
             tensors=tensors,
             lora=lora_records,
         )
-        (tmp / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        write_manifest(tmp, manifest)
     return manifest

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, load_manifest
+from moeprep.checkpoint.manifest import MANIFEST_NAME, SEAL_NAME, load_manifest
 from moeprep.errors import MoeprepError
 from moeprep.verify import verify_folder
 
@@ -34,7 +34,7 @@ def upload_groups(folder: Path) -> list[list[str]]:
     manifest = load_manifest(folder)
     shards = sorted(name for name in manifest.files if name.endswith(".safetensors"))
     rest = sorted(name for name in manifest.files if name not in shards)
-    return [[shard] for shard in shards] + [[*rest, MANIFEST_NAME]]
+    return [[shard] for shard in shards] + [[*rest, MANIFEST_NAME, SEAL_NAME]]
 
 
 def upload_prepared(

@@ -19,12 +19,12 @@ from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
-from moeprep.layouts import dequant, marlin, triton
-from moeprep.layouts.mxfp4_experts import PreparedExpertTensor, contiguous_strides
+from moeprep.layouts import cpu_amx, dequant, marlin, triton
+from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, PreparedExpertTensor, contiguous_strides
 
 PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
-MXFP4_BACKENDS: dict[str, ModuleType] = {triton.NAME: triton, marlin.NAME: marlin, dequant.NAME: dequant}
+MXFP4_BACKENDS: dict[str, ModuleType] = {module.NAME: module for module in (triton, marlin, cpu_amx, dequant)}
 BACKENDS = ("none", *MXFP4_BACKENDS)
 # Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
 # OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
@@ -130,7 +130,13 @@ def _mxfp4_jobs(
     source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device
 ) -> tuple[list[TensorJob], set[str]]:
     config = source.config
-    dims = backend.expert_dims(moe.num_experts, config["hidden_size"], moe.expert_intermediate)
+    dims = Mxfp4ExpertDims.padded(
+        moe.num_experts,
+        config["hidden_size"],
+        moe.expert_intermediate,
+        backend.HIDDEN_MULTIPLE,
+        backend.INTERMEDIATE_MULTIPLE,
+    )
     jobs, consumed = [], set()
     for layer in moe.moe_layers:
         source_prefix = f"model.layers.{layer}.mlp.experts"

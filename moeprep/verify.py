@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, FileRecord, TensorRecord, check_file_sizes, load_manifest
+from moeprep.checkpoint.manifest import (
+    MANIFEST_NAME,
+    SEAL_NAME,
+    FileRecord,
+    TensorRecord,
+    check_file_sizes,
+    load_manifest,
+)
 from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_header, sha256_file, sha256_ranges
 from moeprep.errors import VerificationError
 
@@ -26,7 +33,7 @@ def verify_folder(folder: Path) -> VerifyReport:
     manifest = load_manifest(folder)
     check_file_sizes(folder, manifest)
     present = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    extra = sorted(name for name in present if name != MANIFEST_NAME and name not in manifest.files)
+    extra = sorted(name for name in present if name not in (MANIFEST_NAME, SEAL_NAME, *manifest.files))
     if extra:
         raise VerificationError(f"{folder / extra[0]} is not recorded in {MANIFEST_NAME}; remove it or convert again")
     by_file: dict[str, dict[str, tuple[int, int]]] = {}

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from moeprep.checkpoint.manifest import MANIFEST_NAME, seal_manifest
 from moeprep.fixtures import build_fixture
+
+
+def rewrite_manifest(folder: Path, change: Callable[[dict], None]) -> None:
+    """Edit a prepared folder's moeprep.json as a producer would (seal updated): a legitimately
+    different folder, not a tampered one."""
+    path = folder / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    seal_manifest(folder)
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -155,25 +155,28 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # -- read API ----------------------------------------------------------------------------
 
-    def repo_info(self, repo: str, revision: str, query: dict) -> None:
+    def commit_of(self, repo: str, revision: str) -> tuple[Repo, str] | None:
+        """The readable repo and the commit ``revision`` names, or None after replying with the error."""
         found = self.repo(repo)
         if found is None:
-            return
+            return None
         sha = found.resolve(revision)
         if sha is None:
             self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return found, sha
+
+    def repo_info(self, repo: str, revision: str, query: dict) -> None:
+        if (resolved := self.commit_of(repo, revision)) is None:
             return
+        found, sha = resolved
         siblings = [{"rfilename": p} for p in sorted(found.commits[sha])]
         self.reply(200, {"id": repo, "sha": sha, "private": found.private, "siblings": siblings})
 
     def tree(self, repo: str, revision: str, query: dict) -> None:
-        found = self.repo(repo)
-        if found is None:
+        if (resolved := self.commit_of(repo, revision)) is None:
             return
-        sha = found.resolve(revision)
-        if sha is None:
-            self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-            return
+        found, sha = resolved
         entries = []
         for path, data in sorted(found.commits[sha].items()):
             entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data)}
@@ -187,13 +190,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self.reply(200, entries)
 
     def resolve(self, repo: str, revision: str, file: str, query: dict) -> None:
-        found = self.repo(repo)
-        if found is None:
+        if (resolved := self.commit_of(repo, revision)) is None:
             return
-        sha = found.resolve(revision)
-        if sha is None:
-            self.error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-            return
+        found, sha = resolved
         data = found.commits[sha].get(file)
         if data is None:
             self.error(404, f"{file} not found", "EntryNotFound")

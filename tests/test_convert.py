@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
-from tests.conftest import run_cli
+from tests.conftest import rewrite_manifest, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_manifest_records_source_target_and_tensors(tiny, prepared: Path) -> Non
     manifest = load_manifest(prepared)
     assert manifest.model_type == "qwen2_moe" and manifest.target.backend == "none"
     assert set(manifest.source.files) >= {"config.json", "tokenizer.json", "model-00001-of-00003.safetensors"}
-    assert set(manifest.files) == {p.name for p in prepared.iterdir()} - {"moeprep.json"}
+    assert set(manifest.files) == {p.name for p in prepared.iterdir()} - {"moeprep.json", "moeprep.seal.json"}
     record = manifest.tensors["model.layers.1.mlp.experts.7.down_proj.weight"]
     assert (record.dtype, record.shape, record.strides, record.recipe) == ("BF16", [128, 64], [64, 1], "passthrough")
 
@@ -154,8 +156,24 @@ def test_verify_fails_on_bytes_appended_to_a_shard(prepared: Path, tmp_path: Pat
 
 def test_manifest_with_a_wrongly_typed_field_is_refused(prepared: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(prepared, tmp_path / "copy")
-    manifest = json.loads((copy / "moeprep.json").read_text())
-    manifest["target"]["vllm_versions"] = "0.26.0"
-    (copy / "moeprep.json").write_text(json.dumps(manifest))
+    rewrite_manifest(copy, lambda manifest: manifest["target"].update(vllm_versions="0.26.0"))
     result = run_cli("inspect", copy)
     assert result.returncode == 2 and "target.vllm_versions has the wrong type" in result.stderr
+
+
+def test_verify_detects_one_flipped_byte_anywhere_in_any_file(prepared: Path, tmp_path: Path) -> None:
+    """Every file of the folder, the manifest and its seal included, at a fresh random offset."""
+    from moeprep.errors import MoeprepError
+    from moeprep.verify import verify_folder
+
+    rng = random.Random(os.urandom(8))
+    names = sorted(p.relative_to(prepared).as_posix() for p in prepared.rglob("*") if p.is_file())
+    assert {"moeprep.json", "moeprep.seal.json", "config.json", "README.md"} <= set(names)
+    for name in names:
+        copy = shutil.copytree(prepared, tmp_path / name.replace("/", "_"))
+        size = (copy / name).stat().st_size
+        offset = rng.randrange(size)
+        flip_byte(copy / name, offset)
+        with pytest.raises(MoeprepError):
+            verify_folder(copy)
+        shutil.rmtree(copy)

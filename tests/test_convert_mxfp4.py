@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from moeprep.checkpoint.source import open_local
-from moeprep.layouts import marlin, triton_blackwell, triton_hopper
+from moeprep.layouts import cpu_amx, marlin, triton_blackwell, triton_hopper
 from moeprep.layouts.padding import pad_to, round_up
 from moeprep.plan import CHUNK_BYTES
 from tests.conftest import run_cli
@@ -23,7 +23,7 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
     """Independent composition of padding + layout for layer 1 of the fixture."""
     source = open_local(src)
     hidden, inter = source.config["hidden_size"], source.config["intermediate_size"]
-    h_mult, i_mult = {"marlin": (256, 128), "triton": (1, 64), "dequant": (1, 1)}[backend]
+    h_mult, i_mult = {"marlin": (256, 128), "triton": (1, 64), "dequant": (1, 1), "cpu": (32, 32)}[backend]
     h, i = round_up(hidden, h_mult), round_up(inter, i_mult)
     out = {}
     for proj, rows, k in (("w13", 2 * i, h), ("w2", h, i)):
@@ -35,6 +35,15 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
         if backend == "dequant":  # the checkpoint's bytes in vLLM's mxfp4 parameter shapes
             out.update(
                 {f"moeprep_{proj}_weight": blocks, f"moeprep_{proj}_scale": scales, f"moeprep_{proj}_bias": bias}
+            )
+            continue
+        if backend == "cpu":
+            out.update(
+                {
+                    f"moeprep_{proj}_weight": cpu_amx.pack_cpu_weight(blocks),
+                    f"moeprep_{proj}_scale": cpu_amx.pack_cpu_scale(scales),
+                    f"moeprep_{proj}_bias": bias.float(),
+                }
             )
             continue
         if backend == "marlin":
@@ -51,7 +60,8 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
 
 
 @pytest.mark.parametrize(
-    ("backend", "arch"), [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any"), ("dequant", "any")]
+    ("backend", "arch"),
+    [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any"), ("dequant", "any"), ("cpu", "any")],
 )
 def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, arch: str
@@ -74,6 +84,23 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     assert manifest["target"]["backend"] == backend and manifest["target"]["knobs"]["arch"] == arch
     assert not any(name.endswith("_blocks") for name in stored)  # every mxfp4 source tensor was consumed
     assert run_cli("verify", tmp_path / "out").returncode == 0
+
+
+def test_mxfp4_scales_of_the_wrong_length_are_refused(tiny, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = shutil.copytree(tiny("gpt-oss"), tmp_path / "src")
+    victim = f"{EXPERTS}.down_proj_scales"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][victim]
+    tensors = load_file(shard)
+    tensors[victim] = tensors[victim][..., :-1].contiguous()  # one 32-element group short
+    save_file(tensors, shard)
+    result = run_cli("convert", src, tmp_path / "out", "--backend", "triton")
+    assert result.returncode == 2 and victim in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_backend_none_refuses_mxfp4_experts(tiny, tmp_path: Path) -> None:

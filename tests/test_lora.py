@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft  # the test extra installs it: PEFT writes the reference adapters
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from moeprep.families import get_family
 from moeprep.lora.adapter import AdapterConfig, parse_adapter_config
 from tests.conftest import run_cli
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
 
 PREFIX = "base_model.model."
 
@@ -185,14 +183,8 @@ def test_vllm_lora_loader_keeps_every_tensor(tiny, tmp_path: Path) -> None:
     from vllm.lora.peft_helper import PEFTHelper
 
     base = prepared(tiny, tmp_path, "qwen3-moe", "none")
-    _, adapter = peft_adapter(
-        tiny("qwen3-moe"),
-        tmp_path / "adapter",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )
+    targets = {**BY_PARAMETERS, "target_modules": ["q_proj", "o_proj"]}
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **targets)
     out = tmp_path / "split"
     tensors = split(adapter, base, out)
     experts = json.loads((base / "config.json").read_text())["num_experts"]
@@ -246,14 +238,7 @@ def test_expert_lora_outside_the_moe_layers_is_refused(tiny, tmp_path: Path) -> 
 
 def test_adapter_for_another_base_is_refused(tiny, tmp_path: Path) -> None:
     base = prepared(tiny, tmp_path, "gpt-oss", "triton")
-    _, adapter = peft_adapter(
-        tiny("qwen3-moe"),
-        tmp_path / "adapter",
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
     result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
     assert result.returncode == 2 and "trained for another base" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
@@ -315,3 +300,19 @@ def test_convert_with_a_bad_lora_writes_nothing(tiny, tmp_path: Path) -> None:
     result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", "--backend", "triton", "--lora", adapter)
     assert result.returncode == 2 and "trained for another base" in result.stderr
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_already_split_adapter_is_not_split_again(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "qwen3-moe", "none")
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    split(adapter, base, tmp_path / "once")
+    result = run_cli("lora", "split", tmp_path / "once", "--base", base, "--out", tmp_path / "twice")
+    assert result.returncode == 2 and "already split" in result.stderr and not (tmp_path / "twice").exists()
+
+
+def test_serve_hint_names_the_flags_vllm_needs(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "gpt-oss", "marlin")
+    _, adapter = peft_adapter(tiny("gpt-oss"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
+    hint = " ".join(result.stdout.split())
+    assert "--enable-lora" in hint and "--enable-mixed-moe-lora-format" in hint  # vLLM's gpt-oss LoRA is 3-D

@@ -107,6 +107,11 @@ def test_prepared_records_of_one_experts_module() -> None:
         }
 
 
+def test_layouts_not_served_yet_say_why() -> None:
+    with pytest.raises(PreparedCheckpointMismatch, match="cannot serve backend 'cpu' yet: .*AMX"):
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "cpu"})
+
+
 def test_unknown_backend_and_schema_are_refused() -> None:
     with pytest.raises(PreparedCheckpointMismatch, match="upgrade moeprep"):
         MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "warp9"})

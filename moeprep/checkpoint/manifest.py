@@ -14,6 +14,7 @@ from typing import Any
 from moeprep.errors import ManifestError
 
 MANIFEST_NAME = "moeprep.json"
+SEAL_NAME = "moeprep.seal.json"  # {"moeprep.json": sha256}: the manifest records every file but itself
 SCHEMA_VERSION = 1
 QUANT_METHOD = "moeprep"
 
@@ -145,14 +146,37 @@ def _records(data: Any, kind: type) -> dict[str, Any]:
     return {name: _checked(kind, fields, name) for name, fields in _typed(data, dict).items()}
 
 
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write ``moeprep.json`` and then its seal (the last files of a prepared folder)."""
+    text = manifest.to_json().encode("utf-8")
+    (Path(folder) / MANIFEST_NAME).write_bytes(text)
+    seal_manifest(folder)
+
+
+def seal_manifest(folder: Path) -> None:
+    """Record the sha256 of ``moeprep.json`` as it is now in ``moeprep.seal.json``."""
+    digest = sha256_bytes((Path(folder) / MANIFEST_NAME).read_bytes())
+    (Path(folder) / SEAL_NAME).write_text(json.dumps({MANIFEST_NAME: digest}) + "\n", encoding="utf-8")
+
+
 def load_manifest(folder: Path) -> Manifest:
-    """Read and validate ``folder/moeprep.json``."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{path} not found: {folder} is not a complete moeprep output; run moeprep convert again")
+    """Read ``folder/moeprep.json``, check it against its seal, and validate it."""
+    path, seal_path = Path(folder) / MANIFEST_NAME, Path(folder) / SEAL_NAME
+    if not path.is_file() or not seal_path.is_file():
+        missing = path if not path.is_file() else seal_path
+        raise ManifestError(
+            f"{missing} not found: {folder} is not a complete moeprep output; run moeprep convert again"
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        seal = json.loads(seal_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{seal_path}: unreadable ({exc}); run moeprep convert again") from exc
+    if not isinstance(seal, dict) or seal.get(MANIFEST_NAME) != sha256_bytes(raw):
+        raise ManifestError(f"{path} does not match {SEAL_NAME}: the manifest was modified; convert again")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path}: unreadable ({exc}); run moeprep convert again") from exc
     return Manifest.from_dict(data, str(path))
 

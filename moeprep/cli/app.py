@@ -32,6 +32,7 @@ class Backend(str, Enum):
     none = "none"
     triton = "triton"
     marlin = "marlin"
+    cpu = "cpu"
     dequant = "dequant"
 
 
@@ -217,7 +218,8 @@ def lora_split(
     out.print(
         f"wrote {dest}: {report.expert_modules} expert modules, {report.passthrough_modules} other modules from "
         f"{report.input_tensors} input tensors (rank {report.rank}, scaling {report.scaling:g}); serve with: "
-        f"vllm serve {base} --enable-lora --lora-modules NAME={dest}"
+        f"vllm serve {base} --enable-lora --max-lora-rank {max(8, report.rank)} {' '.join(report.serve_flags)} "
+        f"--lora-modules NAME={dest}"
     )
 
 

@@ -55,6 +55,9 @@ class Family:
     # fused gate_up projection interleaves gate and up rows (else: all gate rows, then all up rows).
     expert_lora_modules: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     gate_up_interleaved: ClassVar[bool] = False
+    # vLLM builds this model's experts as 3-D LoRA modules: per-expert adapters need
+    # --enable-mixed-moe-lora-format there.
+    vllm_3d_expert_lora: ClassVar[bool] = False
 
     def tiny_config(self) -> dict[str, Any]:
         """A complete config.json for a CPU-sized model in the family's exact format."""

@@ -45,6 +45,7 @@ class GptOss(Family):
     architecture = "GptOssForCausalLM"
     expert_lora_modules = ("w1", "w3", "w2")  # vLLM's expert mapping for gpt-oss
     gate_up_interleaved = True
+    vllm_3d_expert_lora = True
     presets = {"20b": {**_REAL_DIMS, "num_local_experts": 32}, "120b": {**_REAL_DIMS, "num_local_experts": 128}}
 
     def tiny_config(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_strides,
+    contiguous_projection,
     packed_blocks,
 )
 
@@ -29,25 +29,24 @@ VERIFIED_VLLM = ["0.32.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
-def expert_dims(experts: int, hidden: int, intermediate: int) -> Mxfp4ExpertDims:
-    return Mxfp4ExpertDims.padded(experts, hidden, intermediate, HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)
-
-
-def _unchanged(param: str, source: str, dtype: str, shape: tuple[int, ...], recipe: str, transform):
-    return PreparedExpertTensor(param, source, dtype, shape, shape, contiguous_strides(shape), recipe, transform)
+def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
+    """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k``: the checkpoint's bytes."""
+    keep = torch.Tensor.contiguous
+    return contiguous_projection(
+        prefix,
+        source,
+        "dequant",
+        [
+            ("weight", "blocks", "U8", (experts, rows, k // 2), packed_blocks),
+            ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), keep),
+            ("bias", "bias", "BF16", (experts, rows), keep),
+        ],
+    )
 
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
     """w13 = gate_up (rows 2I, reduction H), w2 = down (rows H, reduction I)."""
-    e, h, i = dims.experts, dims.hidden, dims.intermediate
-    keep = torch.Tensor.contiguous
     return [
-        _unchanged(
-            "moeprep_w13_weight", "gate_up_proj_blocks", "U8", (e, 2 * i, h // 2), "mxfp4-packed", packed_blocks
-        ),
-        _unchanged("moeprep_w13_scale", "gate_up_proj_scales", "U8", (e, 2 * i, h // MXFP4_BLOCK), "copy", keep),
-        _unchanged("moeprep_w13_bias", "gate_up_proj_bias", "BF16", (e, 2 * i), "copy", keep),
-        _unchanged("moeprep_w2_weight", "down_proj_blocks", "U8", (e, h, i // 2), "mxfp4-packed", packed_blocks),
-        _unchanged("moeprep_w2_scale", "down_proj_scales", "U8", (e, h, i // MXFP4_BLOCK), "copy", keep),
-        _unchanged("moeprep_w2_bias", "down_proj_bias", "BF16", (e, h), "copy", keep),
+        *_projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate, dims.hidden, dims.experts),
+        *_projection("moeprep_w2", "down_proj", dims.hidden, dims.intermediate, dims.experts),
     ]

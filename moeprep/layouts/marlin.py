@@ -15,7 +15,7 @@ from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_strides,
+    contiguous_projection,
     packed_blocks,
 )
 from moeprep.layouts.padding import pad_to
@@ -92,10 +92,6 @@ VERIFIED_VLLM = ["0.26.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
-def expert_dims(experts: int, hidden: int, intermediate: int) -> Mxfp4ExpertDims:
-    return Mxfp4ExpertDims.padded(experts, hidden, intermediate, HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)
-
-
 def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
     """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k`` (padded)."""
 
@@ -108,25 +104,16 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
     def bias(values: torch.Tensor) -> torch.Tensor:
         return permute_marlin_bias(pad_to(values, (values.shape[0], rows)))
 
-    shapes = {
-        "weight": (experts, k // TILE, 2 * rows),
-        "scale": (experts, k // MXFP4_BLOCK, rows),
-        "bias": (experts, rows),
-    }
-    parts = [("weight", "blocks", "I32", weight), ("scale", "scales", "F8_E8M0", scale), ("bias", "bias", "BF16", bias)]
-    return [
-        PreparedExpertTensor(
-            f"{prefix}_{part}",
-            f"{source}_{suffix}",
-            dtype,
-            shapes[part],
-            shapes[part],
-            contiguous_strides(shapes[part]),
-            f"marlin-{part}",
-            fn,
-        )
-        for part, suffix, dtype, fn in parts
-    ]
+    return contiguous_projection(
+        prefix,
+        source,
+        "marlin",
+        [
+            ("weight", "blocks", "I32", (experts, k // TILE, 2 * rows), weight),
+            ("scale", "scales", "F8_E8M0", (experts, k // MXFP4_BLOCK, rows), scale),
+            ("bias", "bias", "BF16", (experts, rows), bias),
+        ],
+    )
 
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:

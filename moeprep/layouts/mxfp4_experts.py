@@ -69,3 +69,26 @@ def transposed_view(storage_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tu
 def packed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """[E, N, K/32, 16] checkpoint blocks -> [E, N, K/2] bytes (the view vLLM's loader takes)."""
     return blocks.reshape(blocks.shape[0], blocks.shape[1], -1)
+
+
+ProjectionPart = tuple[str, str, str, tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def contiguous_projection(
+    prefix: str, source: str, recipe: str, parts: list[ProjectionPart]
+) -> list[PreparedExpertTensor]:
+    """Prepared tensors held by vLLM as they are stored: ``(part, source suffix, dtype, shape, transform)``
+    -> ``{prefix}_{part}`` from ``{source}_{suffix}``, recipe ``{recipe}-{part}``."""
+    return [
+        PreparedExpertTensor(
+            f"{prefix}_{part}",
+            f"{source}_{suffix}",
+            dtype,
+            shape,
+            shape,
+            contiguous_strides(shape),
+            f"{recipe}-{part}",
+            fn,
+        )
+        for part, suffix, dtype, shape, fn in parts
+    ]

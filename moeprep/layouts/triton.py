@@ -46,10 +46,6 @@ VERIFIED_VLLM = ["0.26.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
-def expert_dims(experts: int, hidden: int, intermediate: int) -> Mxfp4ExpertDims:
-    return Mxfp4ExpertDims.padded(experts, hidden, intermediate, HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)
-
-
 def _value(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims, arch: str) -> PreparedExpertTensor:
     """Values: vLLM holds the transposed view (``.mT``) of the stored bytes on both arches."""
     storage_shape, swizzle = (

@@ -103,6 +103,7 @@ class SplitReport:
     passthrough_modules: int
     rank: int
     scaling: float
+    serve_flags: tuple[str, ...]  # what vLLM needs besides --enable-lora to load it
 
 
 class ExpertLoras:
@@ -235,6 +236,10 @@ def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = Fa
 
 def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     """Write the per-expert adapter for ``base`` into the (new or empty) ``folder``."""
+    if (Path(adapter) / LORA_RECORD).is_file():
+        raise LoraError(
+            f"{adapter} was already split by moeprep for a prepared base ({LORA_RECORD}); split the original adapter"
+        )
     config = load_adapter_config(adapter)
     experts, others, inputs = collect(adapter, config, base)
     if not experts:
@@ -266,4 +271,5 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     write_json(folder / CONFIG_NAME, new_config)
     write_json(folder / LORA_RECORD, record)
-    return SplitReport(inputs, len(experts), len(others), rank, scaling)
+    flags = ("--enable-mixed-moe-lora-format",) if base.family.vllm_3d_expert_lora else ()
+    return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)

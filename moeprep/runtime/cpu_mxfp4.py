@@ -16,7 +16,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
@@ -47,7 +47,7 @@ def swiglu_oai(h: torch.Tensor, alpha: float = SWIGLU_ALPHA, limit: float = SWIG
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-class DequantMxfp4MoEMethod(FusedMoEMethodBase):
+class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
     """Prepared ``dequant`` experts (``moeprep_{w13,w2}_{weight,scale,bias}``), computed by dequantizing
     each routed expert's mxfp4 weights on the fly; nothing is transformed at load."""
 
@@ -70,19 +70,6 @@ class DequantMxfp4MoEMethod(FusedMoEMethodBase):
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.tracker = prefix, tracker
         logger.info_once("moeprep: mxfp4 experts run through moeprep's per-expert dequantization (float32 math)")
-
-    def create_weights(  # type: ignore[override]
-        self,
-        layer: Any,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size_per_partition: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs: Any,
-    ) -> None:
-        layer.params_dtype, layer.num_experts = params_dtype, num_experts
-        self.params.check_dims(num_experts, intermediate_size_per_partition, hidden_size)
-        self.params.register(layer)
 
     def process_weights_after_loading(self, layer: Any) -> None:
         self.params.check_all_loaded()

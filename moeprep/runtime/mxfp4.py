@@ -11,7 +11,7 @@ from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 
@@ -19,7 +19,7 @@ def running_arch() -> str:
     return "sm{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no GPU"
 
 
-class PreparedMxfp4MoEMethod(GptOssMxfp4MoEMethod):
+class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
     """vLLM's gpt-oss mxfp4 MoE method with the load-time transform replaced by prepared bytes."""
 
     PARAMS: ClassVar[tuple[str, ...]]
@@ -44,21 +44,6 @@ class PreparedMxfp4MoEMethod(GptOssMxfp4MoEMethod):
             )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
-
-    def create_weights(  # type: ignore[override]
-        self,
-        layer: Any,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size_per_partition: int,
-        params_dtype: torch.dtype,
-        **extra_weight_attrs: Any,
-    ) -> None:
-        self.num_experts, self.hidden_size = num_experts, hidden_size
-        self.intermediate_size = intermediate_size_per_partition
-        layer.params_dtype, layer.num_experts = params_dtype, num_experts
-        self.params.check_dims(num_experts, intermediate_size_per_partition, hidden_size)
-        self.params.register(layer)
 
     def process_weights_after_loading(self, layer: Any) -> None:
         from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel

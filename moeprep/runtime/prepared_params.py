@@ -21,6 +21,27 @@ STORAGE_DTYPES = {
 }
 
 
+class PreparedWeightsMixin:
+    """``create_weights`` of a MoE method whose parameters are the prepared tensors in ``self.params``."""
+
+    params: PreparedExpertParams
+
+    def create_weights(
+        self,
+        layer: Any,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size = intermediate_size_per_partition
+        layer.params_dtype, layer.num_experts = params_dtype, num_experts
+        self.params.check_dims(num_experts, intermediate_size_per_partition, hidden_size)
+        self.params.register(layer)
+
+
 class PreparedExpertParams:
     """The manifest records of one experts module's prepared tensors (``moeprep_w13_*`` ...)."""
 

@@ -22,6 +22,7 @@ from moeprep.checkpoint.manifest import (
     MANIFEST_NAME,
     QUANT_METHOD,
     SCHEMA_VERSION,
+    SEAL_NAME,
     Manifest,
     TensorRecord,
     check_file_sizes,
@@ -32,6 +33,11 @@ from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
+# Layouts moeprep writes but its runtime cannot serve yet, with the reason.
+NOT_SERVED_YET = {
+    "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
+    "or convert with --backend dequant for CPUs without AMX",
+}
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 
 
@@ -45,6 +51,7 @@ def prepared_folder(model: str, revision: str | None) -> Path:
         return Path(model)
     from huggingface_hub import hf_hub_download
 
+    hf_hub_download(model, SEAL_NAME, revision=revision)
     return Path(hf_hub_download(model, MANIFEST_NAME, revision=revision)).parent
 
 
@@ -118,6 +125,10 @@ class MoeprepConfig(QuantizationConfig):
                 "install the moeprep version that wrote it or convert again"
             )
         backend = config.get("backend")
+        if backend in NOT_SERVED_YET:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: cannot serve backend {backend!r} yet: {NOT_SERVED_YET[backend]}"
+            )
         if backend not in RUNTIME_BACKENDS:
             raise PreparedCheckpointMismatch(
                 f"moeprep: backend {backend!r} is not supported by this moeprep runtime "

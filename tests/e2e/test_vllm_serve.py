@@ -3,13 +3,12 @@ and vLLM refuses prepared folders it cannot load correctly."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import rewrite_manifest, run_cli
 from tests.e2e.vllm_server import run_until_exit, serve_and_generate
 
 pytest.importorskip("vllm")
@@ -47,9 +46,7 @@ def test_vllm_without_plugin_refuses_prepared_folder(converted, tmp_path: Path) 
 
 def test_runtime_refuses_folder_verified_for_other_vllm(converted, tmp_path: Path) -> None:
     folder = shutil.copytree(converted("glm4-moe"), tmp_path / "other-vllm")
-    manifest = json.loads((folder / "moeprep.json").read_text())
-    manifest["target"]["vllm_versions"] = ["0.1.0"]
-    (folder / "moeprep.json").write_text(json.dumps(manifest))
+    rewrite_manifest(folder, lambda manifest: manifest["target"].update(vllm_versions=["0.1.0"]))
     code, output = run_until_exit(folder, tmp_path / "mismatch.log")
     assert code != 0
     assert "verified against vLLM 0.1.0" in output

@@ -1,0 +1,84 @@
+"""Backend ``cpu``: gpt-oss mxfp4 experts as vLLM CPU 0.32's AMX kernel (``CPUExpertsMxfp4``) holds them.
+
+Source of truth: vllm/model_executor/layers/fused_moe/oracle/mxfp4.py (``Mxfp4MoeBackend.CPU``: hidden and
+intermediate rounded up to 32, checkpoint tensors copied into the zero-padded parameters, biases cast to
+float32) and experts/cpu_moe.py ``prepare_mxfp4_moe_layer_for_cpu``: ``torch.ops._C.convert_weight_packed``
+and ``convert_scale_packed``. Both work on blocks of 32 output rows (the kernel's BLOCK_N):
+- weights: each byte pairs one e2m1 value of row r (low nibble) with the same column of row r + 16;
+  bytes run over column pairs, then the 16 row pairs, then the two columns of the pair;
+- scales: the [32, K/32] block is transposed, so the 32 rows of one scale group are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeprep.layouts.mxfp4_experts import (
+    MXFP4_BLOCK,
+    Mxfp4ExpertDims,
+    PreparedExpertTensor,
+    contiguous_projection,
+    packed_blocks,
+)
+from moeprep.layouts.padding import pad_to
+
+NAME = "cpu"
+ARCHES = ("any",)  # x86 with AMX: the only CPUs vLLM runs this kernel on
+BLOCK_N = 32
+INTERMEDIATE_MULTIPLE = BLOCK_N
+HIDDEN_MULTIPLE = BLOCK_N
+KNOBS: dict[str, int] = {}
+RECIPE_VERSION = 1
+SERVE_FLAGS: tuple[str, ...] = ()
+VERIFIED_VLLM = ["0.32.0"]
+EXPERTS_MODULE = "mlp.experts.routed_experts"
+
+
+def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[E, N, K/2] u8 (two e2m1 per byte, low nibble first), N a multiple of 32 -> the packed [E, N, K/2]."""
+    experts, rows, half_k = weight.shape
+    blocks = weight.reshape(experts, rows // BLOCK_N, 2, BLOCK_N // 2, half_k)
+    first, second = blocks[:, :, 0], blocks[:, :, 1]  # rows r and r + 16 of each block
+    even_columns = (first & 0x0F) | ((second & 0x0F) << 4)
+    odd_columns = (first >> 4) | (second & 0xF0)
+    packed = torch.stack((even_columns, odd_columns), dim=-1)  # [E, blocks, 16, K/2, 2]
+    return packed.permute(0, 1, 3, 2, 4).reshape(experts, rows, half_k).contiguous()
+
+
+def pack_cpu_scale(scale: torch.Tensor) -> torch.Tensor:
+    """[E, N, K/32] u8 e8m0, N a multiple of 32 -> each 32-row block transposed, same shape."""
+    experts, rows, groups = scale.shape
+    blocks = scale.reshape(experts, rows // BLOCK_N, BLOCK_N, groups)
+    return blocks.transpose(-1, -2).reshape(experts, rows, groups).contiguous()
+
+
+def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
+    """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k`` (padded)."""
+
+    def weight(blocks: torch.Tensor) -> torch.Tensor:
+        return pack_cpu_weight(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
+
+    def scale(scales: torch.Tensor) -> torch.Tensor:
+        return pack_cpu_scale(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)))
+
+    def bias(values: torch.Tensor) -> torch.Tensor:
+        return pad_to(values, (values.shape[0], rows)).to(torch.float32)
+
+    return contiguous_projection(
+        prefix,
+        source,
+        "cpu",
+        [
+            ("weight", "blocks", "U8", (experts, rows, k // 2), weight),
+            ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), scale),
+            ("bias", "bias", "F32", (experts, rows), bias),
+        ],
+    )
+
+
+def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:
+    """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
+    return [
+        *_projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),
+        *_projection("moeprep_w2", "down_proj", dims.hidden_padded, dims.intermediate_padded, dims.experts),
+    ]
