@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprep.checkpoint.manifest import MANIFEST_NAME, SEAL_NAME, load_manifest
+from moeprep.checkpoint.source import hub_errors
 from moeprep.errors import MoeprepError
 from moeprep.verify import verify_folder
 
@@ -47,7 +48,6 @@ def upload_prepared(
 ) -> UploadReport:
     """Verify ``folder`` (refusing to upload one that fails), then upload it to ``repo_id``."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     verify_folder(folder)
@@ -69,7 +69,7 @@ def upload_prepared(
                 commits, head = commits + 1, info.oid
                 if on_commit is not None:
                     on_commit(group)
-    except HfHubHTTPError as exc:
+    except hub_errors() as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubError(
             f"upload of {folder} to {repo_id}@{branch} failed: {first_line}; check the repo id and your token "

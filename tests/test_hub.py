@@ -265,3 +265,11 @@ def test_model_card_metadata(prepared: Path) -> None:
     assert "vllm serve" in card and "moeprep verify" in card
     manifest = json.loads((prepared / MANIFEST_NAME).read_text())
     assert manifest["files"]["README.md"]["size"] == len(card.encode())
+
+
+def test_unreachable_hub_is_one_line(prepared: Path, tmp_path: Path) -> None:
+    with HubServer(token=TOKEN) as hub:
+        endpoint = hub.endpoint  # nothing listens there once the server is closed
+    closed = type("Closed", (), {"endpoint": endpoint})()
+    result = moeprep(closed, tmp_path / "home", "upload", prepared, "org/prepared")
+    assert_one_line_error(result, "org/prepared", "run the same command again")

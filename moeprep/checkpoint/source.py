@@ -190,6 +190,14 @@ def open_local(
     return source
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the Hub refuses a request or cannot be reached."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    return HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError
+
+
 def looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
@@ -202,7 +210,6 @@ def open_source(src: str, revision: str | None = None) -> CheckpointSource:
             raise CheckpointError(f"--revision applies to Hub repo ids, not to the local folder {src}")
         return open_local(Path(src))
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         folder = Path(snapshot_download(src, revision=revision, allow_patterns=list(HUB_PATTERNS)))
@@ -210,7 +217,7 @@ def open_source(src: str, revision: str | None = None) -> CheckpointSource:
         if (folder / SAFE_INDEX).is_file():
             shards = sorted(set(_weight_map(folder, SAFE_INDEX).values()))
             snapshot_download(src, revision=commit, allow_patterns=shards)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+    except hub_errors() as exc:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {first_line}") from exc
