@@ -283,6 +283,7 @@ def test_convert_with_lora_writes_the_split_adapter_into_the_verified_folder(tin
     assert [entry["path"] for entry in manifest["lora"]] == ["lora/my-adapter"]
     assert "lora/my-adapter/adapter_model.safetensors" in manifest["files"]
     assert run_cli("verify", dest).returncode == 0
+    assert "LoRA adapters: lora/my-adapter" in " ".join(run_cli("inspect", dest).stdout.split())
     (dest / "lora" / "my-adapter" / "stray.txt").write_text("x")
     stray = run_cli("verify", dest)
     assert stray.returncode == 2 and "stray.txt" in stray.stderr

@@ -261,4 +261,5 @@ def inspect(
     )
     out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
     out.print(f"tensors: {len(manifest.tensors)} ({', '.join(f'{k}: {v}' for k, v in sorted(recipes.items()))})")
-    out.print(f"fused shared experts: {'yes' if manifest.routing else 'no'}; LoRA adapters: {len(manifest.lora)}")
+    adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
+    out.print(f"fused shared experts: {'yes' if manifest.routing else 'no'}; LoRA adapters: {adapters}")
