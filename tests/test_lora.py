@@ -317,3 +317,59 @@ def test_serve_hint_names_the_flags_vllm_needs(tiny, tmp_path: Path) -> None:
     result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
     hint = " ".join(result.stdout.split())
     assert "--enable-lora" in hint and "--enable-mixed-moe-lora-format" in hint  # vLLM's gpt-oss LoRA is 3-D
+
+
+@pytest.fixture()
+def adapter_check(monkeypatch: pytest.MonkeyPatch):
+    """The plugin's wrapper around vLLM's adapter-config reader, removed again after the test."""
+    pytest.importorskip("vllm")
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from moeprep.runtime import lora_check
+
+    original = PEFTHelper.__dict__["from_local_dir"]
+    monkeypatch.setattr(lora_check, "_served_base", None)
+    lora_check.install_adapter_check()
+    lora_check.install_adapter_check()  # idempotent
+    yield lora_check
+    PEFTHelper.from_local_dir = original
+
+
+def test_vllm_refuses_a_split_adapter_on_another_base(tiny, tmp_path: Path, adapter_check) -> None:
+    """The plugin wraps vLLM's adapter-config reader: a split adapter loads only on the base it was split for."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from moeprep.runtime.errors import PreparedCheckpointMismatch
+
+    lora_check = adapter_check
+    base = prepared(tiny, tmp_path, "qwen3-moe", "none")
+    other = tmp_path / "other"
+    assert run_cli("convert", tiny("qwen3-moe"), other, "--max-shard-size", "300KB").returncode == 0
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    split(adapter, base, tmp_path / "split")
+
+    with pytest.raises(PreparedCheckpointMismatch, match="not serving one"):
+        PEFTHelper.from_local_dir(str(tmp_path / "split"), max_position_embeddings=512)
+    lora_check.serve_base(other)
+    with pytest.raises(PreparedCheckpointMismatch, match="run moeprep lora split for this base"):
+        PEFTHelper.from_local_dir(str(tmp_path / "split"), max_position_embeddings=512)
+    lora_check.serve_base(base)
+    assert PEFTHelper.from_local_dir(str(tmp_path / "split"), max_position_embeddings=512).r == 4
+    assert PEFTHelper.from_local_dir(str(adapter), max_position_embeddings=512).r == 4  # not moeprep's: untouched
+
+
+def test_vllm_takes_convert_lora_adapters_only_from_their_folder(tiny, tmp_path: Path, adapter_check) -> None:
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from moeprep.runtime.errors import PreparedCheckpointMismatch
+
+    lora_check = adapter_check
+    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    dest = tmp_path / "with-lora"
+    assert run_cli("convert", tiny("qwen3-moe"), dest, "--lora", adapter).returncode == 0
+    inside = str(dest / "lora" / "adapter")
+    lora_check.serve_base(dest)
+    assert PEFTHelper.from_local_dir(inside, max_position_embeddings=512).r == 4
+    lora_check.serve_base(prepared(tiny, tmp_path, "qwen3-moe", "none"))
+    with pytest.raises(PreparedCheckpointMismatch, match="belongs to another prepared folder"):
+        PEFTHelper.from_local_dir(inside, max_position_embeddings=512)

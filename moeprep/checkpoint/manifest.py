@@ -15,6 +15,7 @@ from moeprep.errors import ManifestError
 
 MANIFEST_NAME = "moeprep.json"
 SEAL_NAME = "moeprep.seal.json"  # {"moeprep.json": sha256}: the manifest records every file but itself
+LORA_RECORD_NAME = "moeprep_lora.json"  # in a split LoRA adapter: the base it was split for
 SCHEMA_VERSION = 1
 QUANT_METHOD = "moeprep"
 

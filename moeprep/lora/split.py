@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, Target, load_manifest
+from moeprep.checkpoint.manifest import LORA_RECORD_NAME, MANIFEST_NAME, Target, load_manifest
 from moeprep.checkpoint.writer import AtomicFolder, write_json
 from moeprep.families import Family, family_for_config
 from moeprep.layouts.padding import pad_to, round_up
@@ -40,7 +40,6 @@ from moeprep.lora.adapter import (
     load_adapter_tensors,
 )
 
-LORA_RECORD = "moeprep_lora.json"
 PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)")
 FUSED_3D = re.compile(r"(?P<prefix>.*\.experts)(?P<nested>\.base_layer)?")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -236,9 +235,9 @@ def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = Fa
 
 def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     """Write the per-expert adapter for ``base`` into the (new or empty) ``folder``."""
-    if (Path(adapter) / LORA_RECORD).is_file():
+    if (Path(adapter) / LORA_RECORD_NAME).is_file():
         raise LoraError(
-            f"{adapter} was already split by moeprep for a prepared base ({LORA_RECORD}); split the original adapter"
+            f"{adapter} was already split by moeprep ({LORA_RECORD_NAME}); split the original adapter instead"
         )
     config = load_adapter_config(adapter)
     experts, others, inputs = collect(adapter, config, base)
@@ -270,6 +269,6 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     write_json(folder / CONFIG_NAME, new_config)
-    write_json(folder / LORA_RECORD, record)
+    write_json(folder / LORA_RECORD_NAME, record)
     flags = ("--enable-mixed-moe-lora-format",) if base.family.vllm_3d_expert_lora else ()
     return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)

@@ -5,5 +5,8 @@ Imports only torch, safetensors, vllm and ``moeprep.checkpoint.manifest``.
 
 
 def register() -> None:
-    """Register the ``moeprep`` quantization method with vLLM (idempotent)."""
+    """Register the ``moeprep`` quantization method with vLLM and the LoRA base check (idempotent)."""
     from moeprep.runtime import quant_config  # noqa: F401  (registers on import)
+    from moeprep.runtime.lora_check import install_adapter_check
+
+    install_adapter_check()

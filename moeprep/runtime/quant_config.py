@@ -30,6 +30,7 @@ from moeprep.checkpoint.manifest import (
 )
 from moeprep.errors import MoeprepError
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.lora_check import serve_base
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
@@ -150,6 +151,7 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         self.manifest = manifest
+        serve_base(folder)
         self.tracker = PreparedTensorTracker(
             {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
         )
