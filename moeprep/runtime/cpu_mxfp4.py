@@ -16,7 +16,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin, expert_param_names
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
@@ -51,14 +51,7 @@ class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
     """Prepared ``dequant`` experts (``moeprep_{w13,w2}_{weight,scale,bias}``), computed by dequantizing
     each routed expert's mxfp4 weights on the fly; nothing is transformed at load."""
 
-    PARAMS = (
-        "moeprep_w13_weight",
-        "moeprep_w13_scale",
-        "moeprep_w13_bias",
-        "moeprep_w2_weight",
-        "moeprep_w2_scale",
-        "moeprep_w2_bias",
-    )
+    PARAMS = expert_param_names("weight", "scale", "bias")
 
     def __init__(self, moe: Any, prefix: str, records: dict[str, TensorRecord], tracker: PreparedTensorTracker) -> None:
         super().__init__(moe)

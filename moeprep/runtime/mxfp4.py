@@ -11,7 +11,7 @@ from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin, expert_param_names
 from moeprep.runtime.tracking import PreparedTensorTracker
 
 
@@ -74,14 +74,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
 class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``) on sm90."""
 
-    PARAMS = (
-        "moeprep_w13_value",
-        "moeprep_w13_scale",
-        "moeprep_w13_bias",
-        "moeprep_w2_value",
-        "moeprep_w2_scale",
-        "moeprep_w2_bias",
-    )
+    PARAMS = expert_param_names("value", "scale", "bias")
     BACKENDS = frozenset({"TRITON", "TRITON_UNFUSED"})
     LAYOUT = "triton (matmul_ogs)"
 
@@ -126,14 +119,7 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
 class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain parameters."""
 
-    PARAMS = (
-        "moeprep_w13_weight",
-        "moeprep_w13_scale",
-        "moeprep_w13_bias",
-        "moeprep_w2_weight",
-        "moeprep_w2_scale",
-        "moeprep_w2_bias",
-    )
+    PARAMS = expert_param_names("weight", "scale", "bias")
     BACKENDS = frozenset({"MARLIN", "BATCHED_MARLIN"})
     LAYOUT = "Marlin"
 

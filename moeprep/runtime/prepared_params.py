@@ -21,6 +21,11 @@ STORAGE_DTYPES = {
 }
 
 
+def expert_param_names(*parts: str) -> tuple[str, ...]:
+    """The prepared parameters ``moeprep_w13_{part}`` and ``moeprep_w2_{part}`` for each part."""
+    return tuple(f"moeprep_{proj}_{part}" for proj in ("w13", "w2") for part in parts)
+
+
 class PreparedWeightsMixin:
     """``create_weights`` of a MoE method whose parameters are the prepared tensors in ``self.params``."""
 
