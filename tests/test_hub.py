@@ -273,3 +273,22 @@ def test_unreachable_hub_is_one_line(prepared: Path, tmp_path: Path) -> None:
     closed = type("Closed", (), {"endpoint": endpoint})()
     result = moeprep(closed, tmp_path / "home", "upload", prepared, "org/prepared")
     assert_one_line_error(result, "org/prepared", "run the same command again")
+
+
+def test_upload_keeps_lora_subfolders(two_revisions: tuple[Path, Path], tmp_path: Path) -> None:
+    """A folder converted with --lora uploads its lora/<name>/ files under the same paths."""
+    from tests.test_lora import per_expert_adapter
+
+    config = json.loads((two_revisions[0] / "config.json").read_text())
+    h, i = config["hidden_size"], config["moe_intermediate_size"]
+    adapter = tmp_path / "my-adapter"
+    per_expert_adapter(adapter, {"down_proj": (h, i)}, config["num_experts"])
+    dest = tmp_path / "prepared"
+    with HubServer(token=TOKEN) as hub:
+        result = moeprep(
+            hub, tmp_path / "home", "convert", two_revisions[0], dest, "--lora", adapter, "--upload-repo", "org/lora"
+        )
+        assert result.returncode == 0, result.stderr
+        local = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+        assert "lora/my-adapter/adapter_model.safetensors" in local
+        assert remote_files(hub, "org/lora") == local
