@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprep.checkpoint.manifest import MANIFEST_NAME, SEAL_NAME, load_manifest
-from moeprep.checkpoint.source import hub_errors
+from moeprep.checkpoint.source import first_line, hub_errors
 from moeprep.errors import MoeprepError
 from moeprep.verify import verify_folder
 
@@ -70,9 +70,8 @@ def upload_prepared(
                 if on_commit is not None:
                     on_commit(group)
     except hub_errors() as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubError(
-            f"upload of {folder} to {repo_id}@{branch} failed: {first_line}; check the repo id and your token "
+            f"upload of {folder} to {repo_id}@{branch} failed: {first_line(exc)}; check the repo id and your token "
             "(HF_TOKEN or `hf auth login`), then run the same command again to resume"
         ) from exc
     return UploadReport(repo_id, branch, commits, sum(len(g) for g in groups))

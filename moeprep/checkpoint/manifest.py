@@ -147,16 +147,24 @@ def _records(data: Any, kind: type) -> dict[str, Any]:
     return {name: _checked(kind, fields, name) for name, fields in _typed(data, dict).items()}
 
 
+def manifest_sha256(folder: Path) -> str:
+    """sha256 of ``folder/moeprep.json``: what its seal and split LoRA adapters record."""
+    return sha256_bytes((Path(folder) / MANIFEST_NAME).read_bytes())
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Write ``moeprep.json`` and then its seal (the last files of a prepared folder)."""
     text = manifest.to_json().encode("utf-8")
     (Path(folder) / MANIFEST_NAME).write_bytes(text)
-    seal_manifest(folder)
+    _write_seal(folder, sha256_bytes(text))
 
 
 def seal_manifest(folder: Path) -> None:
     """Record the sha256 of ``moeprep.json`` as it is now in ``moeprep.seal.json``."""
-    digest = sha256_bytes((Path(folder) / MANIFEST_NAME).read_bytes())
+    _write_seal(folder, manifest_sha256(folder))
+
+
+def _write_seal(folder: Path, digest: str) -> None:
     (Path(folder) / SEAL_NAME).write_text(json.dumps({MANIFEST_NAME: digest}) + "\n", encoding="utf-8")
 
 

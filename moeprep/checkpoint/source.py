@@ -198,6 +198,12 @@ def hub_errors() -> tuple[type[BaseException], ...]:
     return HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors are often several lines), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def looks_like_repo_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
@@ -219,6 +225,7 @@ def open_source(src: str, revision: str | None = None) -> CheckpointSource:
             snapshot_download(src, revision=commit, allow_patterns=shards)
     except hub_errors() as exc:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {first_line}") from exc
+        raise CheckpointError(
+            f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {first_line(exc)}"
+        ) from exc
     return open_local(folder, "hub", src, commit)

@@ -126,9 +126,7 @@ def convert(
     from moeprep.modelcard import serve_command
 
     with user_errors():
-        check_upload_options(upload_repo, private, upload_revision, dry_run)
-        if lora and dry_run:
-            raise UnsupportedModelError("--dry-run writes nothing, so no adapter is split: drop --lora")
+        check_convert_options(upload_repo, private, upload_revision, bool(lora), dry_run)
         source, plan = load_plan(src, backend.value, revision, arch, device)
         if dry_run:
             print_plan(plan, as_json)
@@ -145,7 +143,12 @@ def convert(
             run_upload(dest, upload_repo, private, upload_revision)
 
 
-def check_upload_options(upload_repo: str | None, private: bool, upload_revision: str | None, dry_run: bool) -> None:
+def check_convert_options(
+    upload_repo: str | None, private: bool, upload_revision: str | None, lora: bool, dry_run: bool
+) -> None:
+    """Options of ``convert`` that need or exclude each other."""
+    if lora and dry_run:
+        raise UnsupportedModelError("--dry-run writes nothing, so no adapter is split: drop --lora")
     if upload_repo is None and (private or upload_revision):
         raise UnsupportedModelError("--private and --upload-revision need --upload-repo org/name")
     if upload_repo is not None and dry_run:

@@ -15,7 +15,6 @@ consumed or named in an error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moeprep.checkpoint.manifest import LORA_RECORD_NAME, MANIFEST_NAME, Target, load_manifest
+from moeprep.checkpoint.manifest import LORA_RECORD_NAME, Target, load_manifest, manifest_sha256
 from moeprep.checkpoint.writer import AtomicFolder, write_json
 from moeprep.families import Family, family_for_config
 from moeprep.layouts.padding import pad_to, round_up
@@ -66,8 +65,7 @@ class BaseExperts:
         """The base of a prepared folder, bound to its manifest by sha256."""
         manifest = load_manifest(prepared)
         config = json.loads((Path(prepared) / "config.json").read_text(encoding="utf-8"))
-        digest = hashlib.sha256((Path(prepared) / MANIFEST_NAME).read_bytes()).hexdigest()
-        return cls.from_parts(config, manifest.target, manifest.source.location, digest)
+        return cls.from_parts(config, manifest.target, manifest.source.location, manifest_sha256(prepared))
 
     @classmethod
     def from_parts(cls, config: dict, target: Target, location: str, manifest_sha256: str | None) -> BaseExperts:

@@ -7,20 +7,21 @@ its ``moeprep.json``, or for adapters written by ``convert --lora``, the folder 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from moeprep.checkpoint.manifest import LORA_RECORD_NAME, MANIFEST_NAME
+from moeprep.checkpoint.manifest import LORA_RECORD_NAME, manifest_sha256
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 
 _served_base: Path | None = None  # the prepared folder this process serves, once the plugin has read it
+_served_manifest_sha256: str | None = None
 
 
 def serve_base(folder: Path) -> None:
-    global _served_base
+    global _served_base, _served_manifest_sha256
     _served_base = Path(folder).resolve()
+    _served_manifest_sha256 = manifest_sha256(folder)
 
 
 def check_adapter_base(lora_path: str) -> None:
@@ -47,11 +48,11 @@ def check_adapter_base(lora_path: str) -> None:
                 "use the adapters under this folder's lora/ or split the adapter for it"
             )
         return
-    actual = hashlib.sha256((_served_base / MANIFEST_NAME).read_bytes()).hexdigest()
+    actual = _served_manifest_sha256
     if expected != actual:
         raise PreparedCheckpointMismatch(
             f"moeprep: LoRA adapter {lora_path} was split for base {record.get('base')} (manifest {expected[:12]}), "
-            f"but vLLM serves {_served_base} (manifest {actual[:12]}); run moeprep lora split for this base"
+            f"but vLLM serves {_served_base} (manifest {str(actual)[:12]}); run moeprep lora split for this base"
         )
 
 
