@@ -15,6 +15,7 @@ from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     PreparedExpertTensor,
     contiguous_projection,
+    gate_up_and_down,
     packed_blocks,
 )
 
@@ -45,8 +46,4 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
 
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
-    """w13 = gate_up (rows 2I, reduction H), w2 = down (rows H, reduction I)."""
-    return [
-        *_projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate, dims.hidden, dims.experts),
-        *_projection("moeprep_w2", "down_proj", dims.hidden, dims.intermediate, dims.experts),
-    ]
+    return gate_up_and_down(_projection, dims)

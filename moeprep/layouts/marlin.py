@@ -16,6 +16,7 @@ from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     PreparedExpertTensor,
     contiguous_projection,
+    gate_up_and_down,
     packed_blocks,
 )
 from moeprep.layouts.padding import pad_to
@@ -117,8 +118,4 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
 
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:
-    """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
-    return [
-        *_projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),
-        *_projection("moeprep_w2", "down_proj", dims.hidden_padded, dims.intermediate_padded, dims.experts),
-    ]
+    return gate_up_and_down(_projection, dims)

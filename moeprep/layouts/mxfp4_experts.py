@@ -71,6 +71,18 @@ def packed_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(blocks.shape[0], blocks.shape[1], -1)
 
 
+Projection = Callable[[str, str, int, int, int], list[PreparedExpertTensor]]
+
+
+def gate_up_and_down(projection: Projection, dims: Mxfp4ExpertDims) -> list[PreparedExpertTensor]:
+    """``projection(prefix, source, rows, reduction, experts)`` for w13 = gate_up (rows 2*I', reduction H')
+    and w2 = down (rows H', reduction I'), at the backend's padded sizes."""
+    return [
+        *projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),
+        *projection("moeprep_w2", "down_proj", dims.hidden_padded, dims.intermediate_padded, dims.experts),
+    ]
+
+
 ProjectionPart = tuple[str, str, str, tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]
 
 
