@@ -31,10 +31,13 @@ from moeprep.plan import Plan, build_plan
 LORA_FOLDER = "lora"
 
 
-def prepared_config(config: dict[str, Any], target: Target) -> dict[str, Any]:
-    """config.json with the original quantization_config wrapped under the ``moeprep`` method."""
+def prepared_config(config: dict[str, Any], target: Target, routing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json with the original quantization_config wrapped under the ``moeprep`` method; with fused
+    shared experts, the runtime's architecture that routes to the slots."""
+    fused = (routing or {}).get("fused_shared_experts")
     return {
         **config,
+        **({"architectures": [fused["architecture"]]} if fused else {}),
         "quantization_config": {
             "quant_method": QUANT_METHOD,
             "schema_version": SCHEMA_VERSION,
@@ -76,10 +79,15 @@ def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, 
 
 
 def load_plan(
-    src: str, backend: str, revision: str | None = None, arch: str | None = None, device: str = "cpu"
+    src: str,
+    backend: str,
+    revision: str | None = None,
+    arch: str | None = None,
+    device: str = "cpu",
+    fuse_shared_replicas: int = 0,
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch, device)
+    return source, build_plan(source, backend, arch, device, fuse_shared_replicas)
 
 
 def convert(
@@ -104,7 +112,7 @@ def convert(
         lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)
-        write_json(tmp / "config.json", prepared_config(source.config, plan.target))
+        write_json(tmp / "config.json", prepared_config(source.config, plan.target, plan.routing))
         entries: list[TensorEntry] = [job.entry for job in plan.jobs]
         written = write_sharded(tmp, entries, lambda e: jobs[e.name].run(source), max_shard_bytes, on_bytes)
         model_type = str(source.config["model_type"])
@@ -143,6 +151,7 @@ def convert(
             target=plan.target,
             files=dict(sorted(files.items())),
             tensors=tensors,
+            routing=plan.routing,
             lora=lora_records,
         )
         write_manifest(tmp, manifest)

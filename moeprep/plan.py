@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moeprep import shared_experts
 from moeprep.checkpoint.manifest import QUANT_METHOD, Target
 from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
@@ -55,6 +56,7 @@ class Plan:
     target: Target
     jobs: list[TensorJob]
     unknown_tensors: list[str]
+    routing: dict[str, Any] | None = None  # the manifest's routing contract (fused shared experts)
 
     @property
     def total_bytes(self) -> int:
@@ -78,6 +80,7 @@ class Plan:
             if self.target.backend in MXFP4_BACKENDS
             else [],
             "not_in_family_inventory": len(self.unknown_tensors),
+            "fused_shared_experts": (self.routing or {}).get("fused_shared_experts"),
         }
 
 
@@ -177,8 +180,25 @@ def backend_target(backend: str, arch: str | None) -> Target:
     )
 
 
-def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None = None, device: str = "cpu") -> Plan:
-    """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``."""
+def _fused_shared_jobs(
+    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int
+) -> tuple[list[TensorJob], set[str], dict[str, Any]]:
+    shared_experts.check_fusable(family, moe, replicas)
+    slots, consumed = shared_experts.slot_jobs(source, family, moe, replicas)
+    jobs = [TensorJob(TensorEntry(job.name, job.dtype, job.shape), job.sources, job.recipe, job.run) for job in slots]
+    contract = shared_experts.routing_contract(family, moe, source.config, replicas)
+    return jobs, consumed, {"fused_shared_experts": contract}
+
+
+def build_plan(
+    source: CheckpointSource,
+    backend: str = "none",
+    arch: str | None = None,
+    device: str = "cpu",
+    fuse_shared_replicas: int = 0,
+) -> Plan:
+    """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``.
+    ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     original_quant = source.config.get("quantization_config")
@@ -205,5 +225,10 @@ def build_plan(source: CheckpointSource, backend: str = "none", arch: str | None
             )
         module = MXFP4_BACKENDS[backend]
         jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(device))
+    routing = None
+    fused: list[TensorJob] = []
+    if fuse_shared_replicas:
+        fused, fused_consumed, routing = _fused_shared_jobs(source, family, moe, fuse_shared_replicas)
+        consumed |= fused_consumed
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
-    return Plan(family, moe, target, jobs, unknown)
+    return Plan(family, moe, target, jobs + fused, unknown, routing)

@@ -117,3 +117,22 @@ def test_unknown_backend_and_schema_are_refused() -> None:
         MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "warp9"})
     with pytest.raises(PreparedCheckpointMismatch, match="schema 7"):
         MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 7, "backend": "none"})
+
+
+def test_fused_slots_are_served_only_by_their_architecture() -> None:
+    from moeprep.runtime.fused_shared import check_fused_parallelism
+    from moeprep.runtime.quant_config import check_architecture
+
+    plain = manifest("none")
+    fused = dataclasses.replace(
+        plain, routing={"fused_shared_experts": {"architecture": "MoeprepFusedGlm4MoeForCausalLM"}}
+    )
+    check_architecture(plain, ["GptOssForCausalLM"])
+    check_architecture(fused, ["MoeprepFusedGlm4MoeForCausalLM"])
+    with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['MoeprepFusedGlm4MoeForCausalLM'\\]"):
+        check_architecture(fused, ["Glm4MoeForCausalLM"])  # the plain model would look for the shared MLP
+    with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['GptOssForCausalLM'\\]"):
+        check_architecture(plain, ["MoeprepFusedGlm4MoeForCausalLM"])
+    parallel = type("Parallel", (), {"tensor_parallel_size": 2, "enable_expert_parallel": False, "enable_eplb": False})
+    with pytest.raises(PreparedCheckpointMismatch, match="tensor_parallel_size 1"):
+        check_fused_parallelism(parallel)

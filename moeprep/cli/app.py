@@ -36,8 +36,20 @@ class Backend(str, Enum):
     dequant = "dequant"
 
 
+FUSE_SHARED = "--fuse-shared-experts"
+
+
+def with_optional_replicas(argv: list[str]) -> list[str]:
+    """``--fuse-shared-experts`` alone means one replica: ``--fuse-shared-experts=1`` (click options take a value)."""
+    fixed = []
+    for i, arg in enumerate(argv):
+        bare = arg == FUSE_SHARED and not (i + 1 < len(argv) and argv[i + 1].isdigit())
+        fixed.append(f"{FUSE_SHARED}=1" if bare else arg)
+    return fixed
+
+
 def main() -> None:
-    app()
+    app(args=with_optional_replicas(sys.argv[1:]))
 
 
 @contextmanager
@@ -119,6 +131,15 @@ def convert(
     lora: Annotated[
         list[Path] | None, typer.Option(help="PEFT LoRA adapter to split for this base into DEST/lora/ (repeatable)")
     ] = None,
+    fuse_shared_experts: Annotated[
+        int,
+        typer.Option(
+            FUSE_SHARED,
+            min=0,
+            metavar="[R]",
+            help="clone shared experts into R replicas of routed-expert slots (bare flag: R=1)",
+        ),
+    ] = 0,
 ) -> None:
     """Prepare SRC for vLLM into DEST (and upload it with --upload-repo)."""
     from moeprep.convert import convert as run_convert
@@ -127,7 +148,7 @@ def convert(
 
     with user_errors():
         check_convert_options(upload_repo, private, upload_revision, bool(lora), dry_run)
-        source, plan = load_plan(src, backend.value, revision, arch, device)
+        source, plan = load_plan(src, backend.value, revision, arch, device, fuse_shared_experts)
         if dry_run:
             print_plan(plan, as_json)
             return
@@ -265,4 +286,12 @@ def inspect(
     out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
     out.print(f"tensors: {len(manifest.tensors)} ({', '.join(f'{k}: {v}' for k, v in sorted(recipes.items()))})")
     adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
-    out.print(f"fused shared experts: {'yes' if manifest.routing else 'no'}; LoRA adapters: {adapters}")
+    fused = (manifest.routing or {}).get("fused_shared_experts") or {}
+    fused_text = (
+        f"{fused.get('slots')} slot(s) x {fused.get('replicas')} replica(s) after {fused.get('routed_experts')} "
+        f"routed experts, top-k {fused.get('top_k')} -> {fused.get('fused_top_k')}, "
+        f"slot weight {fused.get('slot_weight')}"
+        if fused
+        else "no"
+    )
+    out.print(f"fused shared experts: {fused_text}; LoRA adapters: {adapters}")

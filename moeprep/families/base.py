@@ -58,6 +58,13 @@ class Family:
     # vLLM builds this model's experts as 3-D LoRA modules: per-expert adapters need
     # --enable-mixed-moe-lora-format there.
     vllm_3d_expert_lora: ClassVar[bool] = False
+    # Fused shared experts: the shared expert MLP's module under ``mlp`` (None: the family has none), the
+    # module of its per-token sigmoid gate, the runtime's architecture for fused folders, or why fusing
+    # cannot be served.
+    shared_expert_module: ClassVar[str | None] = None
+    shared_expert_gate_module: ClassVar[str | None] = None
+    fused_shared_architecture: ClassVar[str | None] = None
+    shared_expert_fusion_blocker: ClassVar[str | None] = None
 
     def tiny_config(self) -> dict[str, Any]:
         """A complete config.json for a CPU-sized model in the family's exact format."""

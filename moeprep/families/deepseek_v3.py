@@ -53,6 +53,8 @@ class DeepseekV3(Family):
     name = "deepseek-v3"
     model_types = ("deepseek_v3", "kimi_k2")
     architecture = "DeepseekV3ForCausalLM"
+    shared_expert_module = "shared_experts"
+    fused_shared_architecture = "MoeprepFusedDeepseekV3ForCausalLM"
     presets = {
         "v3": {
             "hidden_size": 7168,
@@ -94,10 +96,12 @@ class DeepseekV3(Family):
             "scoring_func": "sigmoid",
             "topk_method": "noaux_tc",
             "q_lora_rank": 96,
-            "kv_lora_rank": 64,
-            "qk_nope_head_dim": 32,
-            "qk_rope_head_dim": 32,
-            "v_head_dim": 32,
+            # vLLM's MLA kernels take DeepSeek's own head dims only (CPU: kv_lora_rank + rope = 576;
+            # CUDA prefill: nope 128, rope 64, v 128)
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
             "num_nextn_predict_layers": 0,
             "attention_bias": False,
             "attention_dropout": 0.0,

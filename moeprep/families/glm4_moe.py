@@ -19,6 +19,8 @@ class Glm4Moe(Family):
     name = "glm4-moe"
     model_types = ("glm4_moe",)
     architecture = "Glm4MoeForCausalLM"
+    shared_expert_module = "shared_experts"
+    fused_shared_architecture = "MoeprepFusedGlm4MoeForCausalLM"
     presets = {
         "air": {
             "hidden_size": 4096,

@@ -57,6 +57,9 @@ class Qwen2Moe(Family):
     name = "qwen2-moe"
     model_types = ("qwen2_moe",)
     architecture = "Qwen2MoeForCausalLM"
+    shared_expert_module = "shared_expert"
+    shared_expert_gate_module = "shared_expert_gate"
+    fused_shared_architecture = "MoeprepFusedQwen2MoeForCausalLM"
 
     def tiny_config(self) -> dict[str, Any]:
         return {

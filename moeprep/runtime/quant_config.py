@@ -40,6 +40,7 @@ NOT_SERVED_YET = {
     "or convert with --backend dequant for CPUs without AMX",
 }
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
+FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
 
 
 def running_vllm_version() -> str:
@@ -84,6 +85,23 @@ def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: in
         raise PreparedCheckpointMismatch(
             f"moeprep: prepared for expert parallel size {target.ep_size}, running with {ep_size}; serve with "
             f"--enable-expert-parallel over {target.ep_size} ranks (TP x DP) or convert again with --ep {ep_size}"
+        )
+
+
+def fused_contract(manifest: Manifest) -> dict[str, Any] | None:
+    return (manifest.routing or {}).get("fused_shared_experts")
+
+
+def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
+    """A folder with fused shared-expert slots is served only by the architecture that routes to them, and
+    that architecture only serves such folders."""
+    contract = fused_contract(manifest)
+    fused_names = [name for name in architectures if name.startswith(FUSED_ARCH_PREFIX)]
+    if (contract is None and fused_names) or (contract is not None and architectures != [contract["architecture"]]):
+        expected = [contract["architecture"]] if contract else manifest.architectures
+        raise PreparedCheckpointMismatch(
+            f"moeprep: config.json names architectures {architectures} but {MANIFEST_NAME} was written for "
+            f"{expected}; restore config.json or convert again"
         )
 
 
@@ -150,11 +168,19 @@ class MoeprepConfig(QuantizationConfig):
             raise PreparedCheckpointMismatch(f"moeprep: {exc}") from exc
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
+        check_architecture(manifest, list(model_config.architectures or []))
         self.manifest = manifest
         serve_base(folder)
         self.tracker = PreparedTensorTracker(
             {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
         )
+
+    def fused_shared_contract(self) -> dict[str, Any]:
+        """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""
+        if self.manifest is None:
+            self._load_and_check_manifest()
+        assert self.manifest is not None
+        return fused_contract(self.manifest) or {}
 
     def prepared_records(self, prefix: str) -> dict[str, TensorRecord]:
         """Manifest records (by full tensor name) of the prepared parameters of the experts module at ``prefix``."""

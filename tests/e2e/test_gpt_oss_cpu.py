@@ -12,15 +12,13 @@ same bound (the check sees MoE mistakes).
 from __future__ import annotations
 
 import copy
-import json
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.e2e.vllm_server import PROMPTS, run_until_exit, vllm_server
+from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, vllm_server
 
 pytest.importorskip("vllm")
 transformers = pytest.importorskip("transformers")
@@ -33,20 +31,7 @@ TOKENS = 32
 
 
 def completion(url: str, model: Path, prompt: str) -> dict:
-    body = {
-        "model": str(model),
-        "prompt": prompt,
-        "max_tokens": TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-        "logprobs": 1,
-    }
-    request = urllib.request.Request(
-        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=300) as r:
-        return json.load(r)["choices"][0]
+    return complete(url, model, prompt, TOKENS, logprobs=1)
 
 
 def reference_logprobs(model, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS as PROMPTS
 
 VLLM = str(Path(sys.executable).parent / "vllm")
-SERVE_ARGS = ("--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0")
+SERVE_ARGS = ("--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", "--seed", "0")
 
 
 def free_port() -> int:
@@ -34,17 +34,19 @@ def serve_env(plugins: bool) -> dict[str, str]:
     return env
 
 
-def serve_command(model: Path, port: int) -> list[str]:
-    return [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *SERVE_ARGS]
+def serve_command(model: Path, port: int, dtype: str = "bfloat16") -> list[str]:
+    return [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *SERVE_ARGS]
 
 
 @contextmanager
-def vllm_server(model: Path, log: Path, plugins: bool = True, timeout: float = 300) -> Iterator[str]:
+def vllm_server(
+    model: Path, log: Path, plugins: bool = True, timeout: float = 300, dtype: str = "bfloat16"
+) -> Iterator[str]:
     """Serve ``model``; yields the base URL once /health answers. Fails with the log tail if vLLM exits."""
     port = free_port()
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            serve_command(model, port),
+            serve_command(model, port, dtype),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=serve_env(plugins),
@@ -99,8 +101,8 @@ def log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def greedy_token_ids(url: str, model: Path, prompt: str, max_tokens: int = 32) -> list[int]:
-    """Greedy completion of ``prompt``: exactly ``max_tokens`` generated token ids."""
+def complete(url: str, model: Path, prompt: str | list[int], max_tokens: int, **extra: object) -> dict:
+    """One greedy ``/v1/completions`` choice (``prompt``: text or token ids)."""
     body = {
         "model": str(model),
         "prompt": prompt,
@@ -108,14 +110,27 @@ def greedy_token_ids(url: str, model: Path, prompt: str, max_tokens: int = 32) -
         "temperature": 0,
         "ignore_eos": True,
         "return_token_ids": True,
+        **extra,
     }
     request = urllib.request.Request(
         f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=120) as r:
-        choice = json.load(r)["choices"][0]
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return json.load(r)["choices"][0]
+
+
+def greedy_token_ids(url: str, model: Path, prompt: str, max_tokens: int = 32) -> list[int]:
+    """Greedy completion of ``prompt``: exactly ``max_tokens`` generated token ids."""
+    choice = complete(url, model, prompt, max_tokens)
     assert len(choice["token_ids"]) == max_tokens
     return choice["token_ids"]
+
+
+def sequence_logprobs(url: str, model: Path, token_ids: list[int]) -> list[float]:
+    """The model's log-probability of each token of ``token_ids`` after the first (teacher forcing)."""
+    choice = complete(url, model, token_ids, 1, prompt_logprobs=0)
+    scores = choice["prompt_logprobs"][1:]
+    return [entry[str(token)]["logprob"] for entry, token in zip(scores, token_ids[1:], strict=True)]
 
 
 def serve_and_generate(model: Path, log: Path, max_tokens: int = 32) -> list[list[int]]:

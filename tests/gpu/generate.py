@@ -2,9 +2,9 @@
 
 Usage: python tests/gpu/generate.py MODEL OUT.json [--max-tokens N] [--moe-backend B]
            [--lora ADAPTER [--mixed-moe-lora-format]] [--score SEQUENCES.json]
-With --score, no generation: the log-probability of every token after the first of each given sequence
-(teacher forcing, through prompt_logprobs). Run one checkpoint per process so each engine starts on a
-clean GPU.
+Writes the greedy tokens of the sample prompts and the log-probability of every token after the first
+of each sequence (teacher forcing, through prompt_logprobs): the given sequences, or by default each
+prompt followed by its greedy tokens. Run one checkpoint per process so each engine starts on a clean GPU.
 """
 
 from __future__ import annotations
@@ -48,21 +48,19 @@ def main() -> None:
         args.model, max_model_len=args.max_model_len, gpu_memory_utilization=0.5, enforce_eager=True, seed=0, **kwargs
     )
     ready = time.perf_counter() - start
-    if args.score:
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-        scores = []
-        for ids in json.load(open(args.score)):
-            out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False, lora_request=lora)[0]
-            scores.append([entry[token].logprob for token, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)])
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "scores": scores, "engine_ready_s": ready}, f)
-        return
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs = [llm.generate([p], params, use_tqdm=False, lora_request=lora)[0] for p in PROMPTS]
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     prompts = [list(o.prompt_token_ids) for o in outputs]
+    sequences = json.load(open(args.score)) if args.score else [p + t for p, t in zip(prompts, tokens, strict=True)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    scores = []
+    for ids in sequences:
+        out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False, lora_request=lora)[0]
+        scores.append([entry[token].logprob for token, entry in zip(ids[1:], out.prompt_logprobs[1:], strict=True)])
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "tokens": tokens, "prompt_ids": prompts, "engine_ready_s": ready}, f)
+        result = {"model": args.model, "tokens": tokens, "prompt_ids": prompts, "sequences": sequences}
+        json.dump({**result, "scores": scores, "engine_ready_s": ready}, f)
 
 
 if __name__ == "__main__":

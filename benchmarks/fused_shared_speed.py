@@ -1,0 +1,163 @@
+"""Fused shared experts vs the original MoE block in vLLM: TTFT and TPOT at several batch sizes, one run.
+
+    python benchmarks/fused_shared_speed.py --family deepseek-v3 --preset v3 --layers 3 --out results.json
+
+On a GPU host with vLLM 0.26 (bundle from ../shared/gpu-vllm, plugin registered by
+tests/gpu/register_plugin.py). Real expert dims at a few layers; the weights are vLLM's dummy (random)
+weights, since a bf16 DeepSeek-V3 MoE layer alone is 22.5 GB: the original folder holds the config and
+tokenizer, the fused folder the same plus moeprep's prepared config and manifest with the routing
+contract, exactly as ``moeprep convert --fuse-shared-experts`` writes them. Each model is measured in a
+fresh process with CUDA graphs on: TTFT = a batch's prefill-only time (max_tokens=1), TPOT = (time for
+``output_len`` tokens - TTFT) / (output_len - 1), median of ``--repeats`` after a warm-up at each batch
+size. The original runs twice (before and after the fused model): the ratio of its two runs is the noise
+floor for the fused / original ratio printed per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def weightless_folders(family_name: str, preset: str, layers: int, replicas: int, root: Path) -> dict[str, Path]:
+    """``original`` (config + tokenizer) and ``fused`` (prepared config + manifest) folders, no weights."""
+    from moeprep.checkpoint.manifest import Manifest, Source, write_manifest
+    from moeprep.checkpoint.writer import write_json
+    from moeprep.convert import _file_record, prepared_config
+    from moeprep.families import get_family
+    from moeprep.fixtures.tokenizer import write_word_tokenizer
+    from moeprep.plan import backend_target
+    from moeprep.shared_experts import check_fusable, routing_contract
+
+    family = get_family(family_name)
+    config = family.preset_config(preset, layers)
+    moe = family.moe_spec(config)
+    check_fusable(family, moe, replicas)
+    folders = {"original": root / "original", "fused": root / "fused"}
+    for folder in folders.values():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_word_tokenizer(folder, config["vocab_size"], config.get("max_position_embeddings", 2048))
+    write_json(folders["original"] / "config.json", config)
+    target = backend_target("none", None)
+    routing = {"fused_shared_experts": routing_contract(family, moe, config, replicas)}
+    fused = folders["fused"]
+    write_json(fused / "config.json", prepared_config(config, target, routing))
+    files = {p.name: _file_record(p) for p in sorted(fused.iterdir())}
+    source = Source("local", f"synthetic {family_name} {preset} ({layers} layers)", None, {})
+    manifest = Manifest("bench", config["model_type"], config["architectures"], source, target, files, {}, routing)
+    write_manifest(fused, manifest)
+    return folders
+
+
+def child_measure(model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int) -> None:
+    """Start vLLM on ``model`` (dummy weights) and time prefill and decode per batch size."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model,
+        load_format="dummy",
+        max_model_len=input_len + output_len + 8,
+        max_num_seqs=max(batches),
+        gpu_memory_utilization=0.9,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(batch: int, tokens: int) -> float:
+        ids = torch.randint(8, vocab, (batch, input_len), generator=gen).tolist()
+        prompts = [{"prompt_token_ids": row} for row in ids]
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
+        return elapsed
+
+    results = {}
+    for batch in batches:
+        timed(batch, output_len)  # warm-up at this batch size
+        pairs = [(timed(batch, 1), timed(batch, output_len)) for _ in range(repeats)]
+        ttft = sorted(first for first, _ in pairs)
+        tpot = sorted((total - first) / (output_len - 1) for first, total in pairs)
+        results[batch] = {
+            "ttft_ms": 1e3 * statistics.median(ttft),
+            "tpot_ms": 1e3 * statistics.median(tpot),
+            "tpot_spread_ms": [1e3 * tpot[0], 1e3 * tpot[-1]],
+        }
+    out.write_text(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="deepseek-v3")
+    parser.add_argument("--preset", default="v3")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    measure = (args.batches, args.input_len, args.output_len, args.repeats)
+    if args.child:
+        child_measure(args.child[0], Path(args.child[1]), *measure)
+        return
+
+    folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.workdir)
+    runs = {"original": folders["original"], "fused": folders["fused"], "original_again": folders["original"]}
+    results: dict[str, dict] = {}
+    for name, folder in runs.items():
+        out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
+        command = [sys.executable, __file__, "--child", str(folder), str(out), "--batches", *map(str, args.batches)]
+        command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+        command += ["--repeats", str(args.repeats)]
+        with log.open("w") as f:
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            sys.exit(f"{name} failed:\n{log.read_text()[-4000:]}")
+        results[name] = json.loads(out.read_text())
+    rows = []
+    for batch in map(str, args.batches):
+        base, fused, again = results["original"][batch], results["fused"][batch], results["original_again"][batch]
+        rows.append(
+            {
+                "batch": int(batch),
+                **{f"original_{k}": v for k, v in base.items()},
+                **{f"fused_{k}": v for k, v in fused.items()},
+                **{f"original_again_{k}": v for k, v in again.items()},
+                "tpot_ratio": fused["tpot_ms"] / base["tpot_ms"],
+                "tpot_noise_ratio": again["tpot_ms"] / base["tpot_ms"],
+                "ttft_ratio": fused["ttft_ms"] / base["ttft_ms"],
+            }
+        )
+    print(f"{args.family} {args.preset} x{args.layers} layers, input {args.input_len}, output {args.output_len}")
+    print("batch  TPOT orig/fused ms  fused/orig  orig-again/orig   TTFT orig/fused ms  fused/orig")
+    for r in rows:
+        print(
+            f"{r['batch']:5d}  {r['original_tpot_ms']:7.2f}/{r['fused_tpot_ms']:7.2f}  {r['tpot_ratio']:10.3f}  "
+            f"{r['tpot_noise_ratio']:15.3f}   {r['original_ttft_ms']:8.2f}/{r['fused_ttft_ms']:8.2f}  "
+            f"{r['ttft_ratio']:10.3f}"
+        )
+    if args.out:
+        summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
+        args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Serve folders converted with ``--fuse-shared-experts``: one grouped MoE kernel runs routed and shared experts.
+
+The prepared config.json names one of the architectures below. Each is vLLM's own model class, built with
+its MoE block replaced by ``FusedSharedExpertsMoE``: the router (vLLM's, over the routed experts only)
+picks the top-k, then ``SharedSlotRouter`` appends the shared-expert slots with the weight the manifest's
+routing contract gives; the MoE layer holds ``E + slots * replicas`` experts and runs ``top_k + slots``
+per token. No shared-expert MLP is built, loaded or run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers import fused_moe
+from vllm.model_executor.layers.fused_moe import GateLinear, fused_moe_make_expert_params_mapping
+from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+
+from moeprep.runtime.errors import PreparedCheckpointMismatch
+
+SLOT_TENSOR = re.compile(r"^(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?:gate_proj|up_proj|down_proj)\.")
+# vLLM 0.26 names the MoE layer factory FusedMoE, 0.32 FusedMoEFactory.
+MOE_LAYER = getattr(fused_moe, "FusedMoEFactory", None) or fused_moe.FusedMoE
+
+
+@dataclass(frozen=True)
+class SlotContract:
+    """The manifest's ``routing.fused_shared_experts``, as the runtime uses it."""
+
+    routed_experts: int
+    slots: int
+    replicas: int
+    top_k: int
+    expert_intermediate: int
+    gated: bool
+    routed_scaling_factor: float
+    renormalize: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.routed_experts + self.slots * self.replicas
+
+    @classmethod
+    def from_manifest(cls, contract: dict[str, Any]) -> SlotContract:
+        return cls(
+            routed_experts=int(contract["routed_experts"]),
+            slots=int(contract["slots"]),
+            replicas=int(contract["replicas"]),
+            top_k=int(contract["top_k"]),
+            expert_intermediate=int(contract["expert_intermediate"]),
+            gated=contract["shared_gate_row"] is not None,
+            routed_scaling_factor=float(contract["routed_scaling_factor"]),
+            renormalize=bool(contract["renormalize"]),
+        )
+
+
+@dataclass(frozen=True)
+class GateAndRouting:
+    """How a family's vLLM MoE block builds its router gate and routes (mirrored, so routing is unchanged)."""
+
+    use_grouped_topk: bool = False
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    scoring_func: str = "softmax"
+    correction_bias: bool = False
+    gate_out_dtype: torch.dtype | None = None
+    gate_params_dtype: torch.dtype | None = None
+
+
+def slot_id_table(contract: SlotContract, rows: int) -> torch.Tensor:
+    """``[rows, slots]`` expert ids: row ``t`` takes replica ``t % replicas`` of every slot."""
+    first_replica = contract.routed_experts + contract.replicas * torch.arange(contract.slots, dtype=torch.int32)
+    replica = torch.arange(rows, dtype=torch.int32) % contract.replicas
+    return first_replica.unsqueeze(0) + replica.unsqueeze(1)
+
+
+class SharedSlotRouter(BaseRouter):
+    """The family's router over the routed experts, plus every slot per token (replica ``token % replicas``)
+    at weight 1, or ``sigmoid`` of the gate's extra logit row for gated shared experts. Slot ids and unit
+    weights are sliced from tables built once, so a decode step adds only the two concatenations."""
+
+    def __init__(self, inner: BaseRouter, contract: SlotContract, slot_ids: torch.Tensor) -> None:
+        super().__init__(top_k=contract.top_k + contract.slots, global_num_experts=contract.num_experts)
+        self.inner = inner
+        self.contract = contract
+        self.slot_ids = slot_ids
+        self.unit_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+    def _compute_routing(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        indices_type: torch.dtype | None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.contract
+        routed_logits = router_logits[:, : c.routed_experts].contiguous() if c.gated else router_logits
+        weights, ids = self.inner._compute_routing(hidden_states, routed_logits, indices_type, input_ids=input_ids)
+        tokens = ids.shape[0]
+        if tokens <= self.slot_ids.shape[0]:
+            slot_ids = self.slot_ids[:tokens]
+        else:  # more tokens than the scheduler's batch budget: build the rows for this call
+            slot_ids = slot_id_table(c, tokens).to(ids.device)
+        if c.gated:
+            gate = torch.sigmoid(router_logits[:, c.routed_experts].to(weights.dtype))
+            slot_weights = gate.unsqueeze(1).expand(tokens, c.slots)
+        elif tokens <= self.unit_weights.shape[0] and weights.dtype == torch.float32:
+            slot_weights = self.unit_weights[:tokens]
+        else:
+            slot_weights = torch.ones(tokens, c.slots, dtype=weights.dtype, device=weights.device)
+        return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids.to(ids.dtype)], dim=1)
+
+
+def current_contract() -> SlotContract:
+    """The contract of the prepared folder vLLM is loading (read through the moeprep quantization config)."""
+    from moeprep.runtime.quant_config import MoeprepConfig
+
+    quant_config = get_current_vllm_config().quant_config
+    if not isinstance(quant_config, MoeprepConfig):
+        raise PreparedCheckpointMismatch(
+            "moeprep: the MoeprepFused* architectures load folders written by moeprep convert --fuse-shared-experts"
+        )
+    return SlotContract.from_manifest(quant_config.fused_shared_contract())
+
+
+class FusedSharedExpertsMoE(nn.Module):
+    """Router gate + one MoE layer over routed experts and shared-expert slots (replaces a family's MoE block)."""
+
+    routing: Callable[[Any], GateAndRouting]
+
+    def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
+        super().__init__()
+        contract = current_contract()
+        spec = self.routing(config)
+        hidden = config.hidden_size
+        self.contract = contract
+        self.gate = GateLinear(
+            hidden,
+            contract.routed_experts + int(contract.gated),
+            out_dtype=spec.gate_out_dtype,
+            params_dtype=spec.gate_params_dtype,
+            prefix=f"{prefix}.gate",
+        )
+        bias = None
+        if spec.correction_bias:
+            bias = nn.Parameter(torch.empty(contract.routed_experts, dtype=torch.float32))
+            self.gate.e_score_correction_bias = bias
+        rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        self.register_buffer("slot_ids", slot_id_table(contract, rows), persistent=False)
+        inner = create_fused_moe_router(
+            top_k=contract.top_k,
+            global_num_experts=contract.routed_experts,
+            renormalize=contract.renormalize,
+            use_grouped_topk=spec.use_grouped_topk,
+            num_expert_group=spec.num_expert_group,
+            topk_group=spec.topk_group,
+            scoring_func=spec.scoring_func,
+            routed_scaling_factor=contract.routed_scaling_factor,
+            e_score_correction_bias=bias,
+        )
+        self.experts = MOE_LAYER(
+            num_experts=contract.num_experts,
+            top_k=contract.top_k + contract.slots,
+            hidden_size=hidden,
+            intermediate_size=contract.expert_intermediate,
+            renormalize=contract.renormalize,
+            quant_config=quant_config,
+            prefix=f"{prefix}.experts",
+            router=SharedSlotRouter(inner, contract, self.slot_ids),
+            router_logits_dtype=spec.gate_out_dtype,
+        )
+        # What vLLM's MoE-model mixins read from a block (expert counts for EPLB bookkeeping).
+        self.n_routed_experts = self.n_logical_experts = contract.num_experts
+        self.n_physical_experts = self.n_local_physical_experts = contract.num_experts
+        self.n_shared_experts = self.n_redundant_experts = 0
+
+    def forward(self, hidden_states: torch.Tensor, already_sequence_parallel: bool = False) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.view(-1, shape[-1])
+        router_logits, _ = self.gate(flat)
+        return self.experts(hidden_states=flat, router_logits=router_logits).view(shape)
+
+
+def deepseek_routing(config: Any) -> GateAndRouting:
+    from vllm.model_executor.models.deepseek_v2 import _get_moe_router_dtype
+
+    return GateAndRouting(
+        use_grouped_topk=True,
+        num_expert_group=getattr(config, "n_group", 1),
+        topk_group=getattr(config, "topk_group", 1),
+        scoring_func=getattr(config, "scoring_func", "softmax"),
+        correction_bias=getattr(config, "topk_method", None) == "noaux_tc",
+        gate_out_dtype=_get_moe_router_dtype(config),
+    )
+
+
+def glm4_moe_routing(config: Any) -> GateAndRouting:
+    return GateAndRouting(
+        use_grouped_topk=True,
+        num_expert_group=config.n_group,
+        topk_group=config.topk_group,
+        scoring_func="sigmoid",
+        correction_bias=True,
+        gate_out_dtype=torch.float32,
+        gate_params_dtype=torch.float32,
+    )
+
+
+def qwen2_moe_routing(config: Any) -> GateAndRouting:
+    return GateAndRouting()
+
+
+@contextmanager
+def replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name = value`` for the duration (the model's decoder layers then build our block)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def load_slot_tensor(params: dict[str, nn.Parameter], mapping: list, name: str, tensor: torch.Tensor) -> str:
+    """Copy one slot expert's tensor into the MoE layer through vLLM's expert weight loader."""
+    for param_name, weight_name, expert_id, shard_id in mapping:
+        if weight_name not in name:
+            continue
+        target = name.replace(weight_name, param_name)
+        if target not in params:
+            break
+        param = params[target]
+        if not param.weight_loader(param, tensor, target, shard_id=shard_id, expert_id=expert_id, return_success=True):
+            break
+        return target
+    raise PreparedCheckpointMismatch(f"moeprep: shared-expert slot tensor {name} has no parameter to load into")
+
+
+def fused_model_class(arch: str, module_name: str, parent_name: str, block_name: str, routing: Callable) -> type:
+    """``arch``: vLLM's ``parent_name`` model with its ``block_name`` MoE blocks fused."""
+    module = importlib.import_module(module_name)
+    parent = getattr(module, parent_name)
+    block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
+
+    def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
+        check_fused_parallelism(vllm_config.parallel_config)
+        with replaced(module, block_name, block):
+            parent.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self.moeprep_contract = current_contract()
+
+    def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        contract: SlotContract = self.moeprep_contract
+        params = dict(self.named_parameters())
+        mapping = [
+            entry
+            for entry in fused_moe_make_expert_params_mapping(
+                self, "gate_proj", "down_proj", "up_proj", num_experts=contract.num_experts
+            )
+            if entry[2] >= contract.routed_experts
+        ]
+        slots_loaded: set[str] = set()
+
+        def routed_weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                match = SLOT_TENSOR.match(name)
+                if match and int(match["expert"]) >= contract.routed_experts:
+                    slots_loaded.add(load_slot_tensor(params, mapping, name, tensor))
+                else:
+                    yield name, tensor
+
+        loaded = set(parent.load_weights(self, routed_weights()))
+        check_not_monolithic(self)
+        return loaded | slots_loaded
+
+    return type(arch, (parent,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__})
+
+
+def check_fused_parallelism(parallel_config: Any) -> None:
+    """Fused slots are verified on one device; refuse the parallel modes they were not verified under."""
+    if parallel_config.tensor_parallel_size != 1 or parallel_config.enable_expert_parallel:
+        raise PreparedCheckpointMismatch(
+            "moeprep: fused shared experts are served with tensor_parallel_size 1 and no expert parallelism "
+            "in this moeprep version; serve the original checkpoint for multi-GPU runs"
+        )
+    if parallel_config.enable_eplb:
+        raise PreparedCheckpointMismatch("moeprep: fused shared experts do not support --enable-eplb")
+
+
+def check_not_monolithic(model: nn.Module) -> None:
+    """A monolithic MoE kernel routes from the logits itself and would skip the slots: refuse it."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedSharedExpertsMoE) and module.experts.is_monolithic:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: vLLM chose a monolithic MoE kernel for {name}, which routes by itself and would skip "
+                "the shared-expert slots; select a modular MoE backend (e.g. --moe-backend triton)"
+            )
+
+
+FUSED_MODELS = {
+    "MoeprepFusedDeepseekV3ForCausalLM": (
+        "vllm.model_executor.models.deepseek_v2",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV2MoE",
+        deepseek_routing,
+    ),
+    "MoeprepFusedGlm4MoeForCausalLM": (
+        "vllm.model_executor.models.glm4_moe",
+        "Glm4MoeForCausalLM",
+        "Glm4MoE",
+        glm4_moe_routing,
+    ),
+    "MoeprepFusedQwen2MoeForCausalLM": (
+        "vllm.model_executor.models.qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeSparseMoeBlock",
+        qwen2_moe_routing,
+    ),
+}
+
+
+def __getattr__(name: str) -> type:
+    """Model classes are built on first use, so registering them does not import every vLLM model."""
+    if name not in FUSED_MODELS:
+        raise AttributeError(name)
+    cls = fused_model_class(name, *FUSED_MODELS[name])
+    globals()[name] = cls
+    return cls
+
+
+def register_fused_models() -> None:
+    from vllm import ModelRegistry
+
+    for arch in FUSED_MODELS:
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"{__name__}:{arch}")

@@ -1,0 +1,198 @@
+"""Fused shared experts: clone each layer's shared expert into extra routed-expert slots.
+
+A shared expert with intermediate size ``S_I`` becomes ``slots = ceil(S_I / I)`` experts of the routed
+intermediate size ``I`` (a SwiGLU MLP is a sum over its intermediate rows, so chunks of gate/up rows and
+the matching down columns add up to the whole; a last chunk narrower than ``I`` is padded with zeros,
+which contribute exactly nothing). Each slot is written ``replicas`` times, after the routed experts:
+slot ``s`` replica ``r`` is expert ``E + s * replicas + r``. The routing contract recorded in the manifest
+tells the runtime how to route to them: every token takes every slot (replica ``token % replicas``) at the
+slot weight, after the routed top-k was chosen and renormalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from moeprep.checkpoint.source import CheckpointSource
+from moeprep.errors import UnsupportedModelError
+from moeprep.families import Family, MoeSpec
+from moeprep.families.common import GATE_UP_DOWN
+
+RECIPE_SLOT = "shared-expert-slot"
+RECIPE_ROUTER = "router+shared-expert-gate"
+CONTRACT_VERSION = 1
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+SLOT_WEIGHT_ONE = "1"
+SLOT_WEIGHT_GATED = "sigmoid(shared_expert_gate(x))"
+TensorMetas = dict[str, tuple[str, tuple[int, ...]]]  # {name suffix: (dtype, shape)}
+
+
+@dataclass(frozen=True)
+class SlotJob:
+    """One output tensor ``name`` (``dtype``, ``shape``) made by ``run`` from ``sources``."""
+
+    name: str
+    sources: tuple[str, ...]
+    recipe: str
+    dtype: str
+    shape: tuple[int, ...]
+    run: Callable[[CheckpointSource], torch.Tensor]
+
+
+def slot_count(shared_intermediate: int, expert_intermediate: int) -> int:
+    return math.ceil(shared_intermediate / expert_intermediate)
+
+
+def slot_chunk(tensor: torch.Tensor, slot: int, width: int, dim: int) -> torch.Tensor:
+    """Columns (``dim=-1``) or rows (``dim=0``) ``[slot*width, (slot+1)*width)`` of ``tensor``, zero-padded
+    past its end."""
+    start = slot * width
+    part = tensor.narrow(dim, start, max(0, min(width, tensor.shape[dim] - start)))
+    if part.shape[dim] == width:
+        return part.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = width
+    out = torch.zeros(shape, dtype=tensor.dtype)
+    out.narrow(dim, 0, part.shape[dim]).copy_(part)
+    return out
+
+
+def _tensors_under(source: CheckpointSource, prefix: str) -> TensorMetas:
+    """``{suffix: (dtype, shape)}`` of the tensors named ``prefix.<suffix>``."""
+    return {
+        name[len(prefix) + 1 :]: source.tensor_meta(name)
+        for name in source.tensor_names
+        if name.startswith(prefix + ".")
+    }
+
+
+def routing_contract(family: Family, moe: MoeSpec, config: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """The manifest's ``routing.fused_shared_experts``: how the runtime routes to the slots."""
+    slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
+    experts = moe.num_experts
+    return {
+        "version": CONTRACT_VERSION,
+        "routed_experts": experts,
+        "slots": slots,
+        "replicas": replicas,
+        "slot_ids": [[experts + s * replicas + r for r in range(replicas)] for s in range(slots)],
+        "replica_rule": "token_index % replicas",
+        "num_experts": experts + slots * replicas,
+        "top_k": moe.top_k,
+        "fused_top_k": moe.top_k + slots,
+        "expert_intermediate": moe.expert_intermediate,
+        "shared_intermediate": moe.shared_intermediate,
+        "slot_weight": SLOT_WEIGHT_GATED if family.shared_expert_gate_module else SLOT_WEIGHT_ONE,
+        "shared_gate_row": experts if family.shared_expert_gate_module else None,
+        "routed_scaling_factor": moe.routed_scaling_factor,
+        "routed_scaling_applied_to": "routed weights, in the router (slot weights are not scaled)",
+        "renormalize": moe.renormalize,
+        "renormalize_excludes_slots": True,
+        "original_architectures": list(config.get("architectures") or []),
+        "architecture": family.fused_shared_architecture,
+    }
+
+
+def check_fusable(family: Family, moe: MoeSpec, replicas: int) -> None:
+    if replicas < 1:
+        raise UnsupportedModelError(f"--fuse-shared-experts takes a replica count >= 1, not {replicas}")
+    if family.shared_expert_fusion_blocker:
+        raise UnsupportedModelError(f"--fuse-shared-experts: {family.shared_expert_fusion_blocker}")
+    if not family.shared_expert_module or not moe.shared_intermediate:
+        raise UnsupportedModelError(f"--fuse-shared-experts: this {family.name} model has no shared experts")
+    if moe.expert_format != "per-expert":
+        raise UnsupportedModelError(
+            f"--fuse-shared-experts: {family.name} experts are {moe.expert_format}; slots are cloned for per-expert "
+            "checkpoints only"
+        )
+
+
+def _describe(tensors: TensorMetas) -> str:
+    return ", ".join(f"{suffix} {dtype}" for suffix, (dtype, _) in sorted(tensors.items()))
+
+
+def _check_same_format(shared: TensorMetas, routed: TensorMetas, where: str) -> None:
+    """Slots must be in the routed experts' format: the same tensors with the same dtypes (no requantization)."""
+    if set(shared) != set(routed) or any(shared[k][0] != routed[k][0] for k in shared):
+        raise UnsupportedModelError(
+            f"--fuse-shared-experts: {where} shared expert is [{_describe(shared)}] but the routed experts are "
+            f"[{_describe(routed)}]; mixed formats cannot share one MoE kernel and moeprep does not requantize"
+        )
+
+
+def slot_jobs(source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int) -> tuple[list[SlotJob], set[str]]:
+    """Every slot tensor of every MoE layer (and the gated families' widened router), and the sources consumed."""
+    width = moe.expert_intermediate
+    slots = slot_count(moe.shared_intermediate, width)
+    jobs: list[SlotJob] = []
+    consumed: set[str] = set()
+    for layer in moe.moe_layers:
+        mlp = f"model.layers.{layer}.mlp"
+        for proj in GATE_UP_DOWN:
+            shared = _tensors_under(source, f"{mlp}.{family.shared_expert_module}.{proj}")
+            routed = _tensors_under(source, f"{mlp}.experts.0.{proj}")
+            _check_same_format(shared, routed, f"{mlp}.{proj}")
+            dim = -1 if proj == "down_proj" else 0
+            for suffix, (dtype, shape) in shared.items():
+                src = f"{mlp}.{family.shared_expert_module}.{proj}.{suffix}"
+                out_shape = routed[suffix][1]
+                if dtype in FLOAT_DTYPES and suffix == "weight":
+                    _check_paddable(src, shape, out_shape, slots, dim)
+                else:
+                    _check_exact_split(src, shape, out_shape, slots, dim)
+                chunk_width = out_shape[dim]
+                for s in range(slots):
+                    for r in range(replicas):
+                        expert = moe.num_experts + s * replicas + r
+                        name = f"{mlp}.experts.{expert}.{proj}.{suffix}"
+                        run = partial(_read_chunk, name=src, slot=s, width=chunk_width, dim=dim)
+                        jobs.append(SlotJob(name, (src,), RECIPE_SLOT, dtype, out_shape, run))
+                consumed.add(src)
+        if family.shared_expert_gate_module:
+            jobs.append(_router_job(source, mlp, family.shared_expert_gate_module))
+            consumed |= {f"{mlp}.gate.weight", f"{mlp}.{family.shared_expert_gate_module}.weight"}
+    return jobs, consumed
+
+
+def _check_paddable(src: str, shape: tuple[int, ...], out_shape: tuple[int, ...], slots: int, dim: int) -> None:
+    """A floating-point weight fills ``slots`` chunks of the routed shape, the last one zero-padded."""
+    other = 1 if dim == 0 else 0
+    if len(shape) != 2 or shape[other] != out_shape[other] or shape[dim] > slots * out_shape[dim]:
+        raise UnsupportedModelError(
+            f"--fuse-shared-experts: {src} is {list(shape)}; it does not fit {slots} slots of {list(out_shape)}"
+        )
+
+
+def _check_exact_split(src: str, shape: tuple[int, ...], out_shape: tuple[int, ...], slots: int, dim: int) -> None:
+    """Quantized tensors and their scales are split exactly, never padded (a zero-padded scale is not a unit scale)."""
+    expected = list(out_shape)
+    expected[dim] *= slots
+    if list(shape) != expected:
+        raise UnsupportedModelError(
+            f"--fuse-shared-experts: {src} is {list(shape)}; slots of the routed shape {list(out_shape)} need "
+            f"exactly {expected} (quantized shared experts are split, not padded)"
+        )
+
+
+def _read_chunk(source: CheckpointSource, name: str, slot: int, width: int, dim: int) -> torch.Tensor:
+    return slot_chunk(source.read(name), slot, width, dim)
+
+
+def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> SlotJob:
+    """The router with the shared expert's gate as one more output row: one GEMM yields both."""
+    router, gate = f"{mlp}.gate.weight", f"{mlp}.{gate_module}.weight"
+    dtype, shape = source.tensor_meta(router)
+    if source.tensor_meta(gate)[0] != dtype:
+        raise UnsupportedModelError(f"--fuse-shared-experts: {gate} is {source.tensor_meta(gate)[0]}, {router} {dtype}")
+
+    def run(src: CheckpointSource) -> torch.Tensor:
+        weight = src.read(router)
+        return torch.cat([weight, src.read(gate).to(weight.dtype)])
+
+    return SlotJob(router, (router, gate), RECIPE_ROUTER, dtype, (shape[0] + 1, shape[1]), run)

@@ -1,0 +1,95 @@
+"""Fused shared experts served by vLLM CPU: the same model as the original checkpoint.
+
+For GLM-4-MoE, Qwen2-MoE (sigmoid-gated shared expert, two slots, two replicas) and DeepSeek-V3: in
+float32, greedy tokens equal the original's for 64 tokens on every prompt and teacher-forced
+log-probabilities agree to FP32_TOLERANCE; in bf16 (where the fused kernel sums in another order) the
+log-probabilities agree to BF16_TOLERANCE. The comparison sees the known mistakes: a contract that applies
+``routed_scaling_factor`` twice, or not at all, fails it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS
+from tests.conftest import rewrite_manifest, run_cli
+from tests.e2e.vllm_server import complete, sequence_logprobs, vllm_server
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+TOKENS = 64
+REPLICAS = {"glm4-moe": 1, "qwen2-moe": 2, "deepseek-v3": 1}
+FP32_TOLERANCE = 2e-3  # mean |Δ logprob|, nats
+BF16_TOLERANCE = 0.02  # measured ~0.005
+
+
+def run(model: Path, log: Path, dtype: str, sequences: list[list[int]] | None = None) -> dict:
+    """Greedy tokens for every prompt, and log-probabilities of ``sequences`` (default: prompt + greedy)."""
+    with vllm_server(model, log, dtype=dtype) as url:
+        choices = [complete(url, model, prompt, TOKENS) for prompt in SAMPLE_PROMPTS]
+        greedy = [choice["token_ids"] for choice in choices]
+        sequences = sequences or [c["prompt_token_ids"] + c["token_ids"] for c in choices]
+        scores = [sequence_logprobs(url, model, ids) for ids in sequences]
+    return {"greedy": greedy, "sequences": sequences, "logprobs": torch.tensor(sum(scores, []))}
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("fused-shared")
+    cache: dict[tuple[str, str, str], dict] = {}
+
+    def get(family: str, variant: str, dtype: str) -> dict:
+        key = (family, variant, dtype)
+        if key not in cache:
+            model = tiny(family) if variant == "original" else fused_folder(tiny(family), root, family, variant)
+            reference = None if variant == "original" else get(family, "original", dtype)["sequences"]
+            cache[key] = run(model, root / f"{family}-{variant}-{dtype}.log", dtype, reference)
+        return cache[key]
+
+    return get
+
+
+def fused_folder(source: Path, root: Path, family: str, variant: str) -> Path:
+    fused = root / f"{family}-fused"
+    if not fused.exists():
+        result = run_cli("convert", source, fused, f"--fuse-shared-experts={REPLICAS[family]}")
+        assert result.returncode == 0, result.stderr
+    if variant == "fused":
+        return fused
+    mutant = shutil.copytree(fused, root / f"{family}-{variant}")
+    rewrite_manifest(mutant, lambda m: scale_mistake(m["routing"]["fused_shared_experts"], variant))
+    return mutant
+
+
+def scale_mistake(contract: dict, variant: str) -> None:
+    factor = contract["routed_scaling_factor"]
+    contract["routed_scaling_factor"] = {"scaled-twice": factor * factor, "not-scaled": 1.0}[variant]
+
+
+@pytest.mark.parametrize("family", list(REPLICAS))
+def test_fused_float32_generates_the_original_tokens(served, family: str) -> None:
+    original, fused = served(family, "original", "float32"), served(family, "fused", "float32")
+    assert fused["greedy"] == original["greedy"]
+    assert all(len(set(tokens)) > 4 for tokens in original["greedy"]), "degenerate generations cannot tell apart"
+    delta = (fused["logprobs"] - original["logprobs"]).abs()
+    assert delta.mean() <= FP32_TOLERANCE, f"mean |Δ logprob| {delta.mean():.2e}"
+
+
+@pytest.mark.parametrize("family", list(REPLICAS))
+def test_fused_bf16_scores_like_the_original(served, family: str) -> None:
+    original, fused = served(family, "original", "bfloat16"), served(family, "fused", "bfloat16")
+    delta = (fused["logprobs"] - original["logprobs"]).abs()
+    assert delta.mean() <= BF16_TOLERANCE, f"mean |Δ logprob| {delta.mean():.4f}"
+
+
+@pytest.mark.parametrize("variant", ["scaled-twice", "not-scaled"])
+def test_routed_scaling_mistakes_fail_the_comparison(served, variant: str) -> None:
+    original, broken = served("deepseek-v3", "original", "float32"), served("deepseek-v3", variant, "float32")
+    delta = (broken["logprobs"] - original["logprobs"]).abs()
+    assert delta.mean() > 10 * BF16_TOLERANCE, f"{variant}: mean |Δ logprob| {delta.mean():.4f}"
+    assert broken["greedy"] != original["greedy"]

@@ -1,0 +1,160 @@
+"""``convert --fuse-shared-experts``: slots that add up to the shared expert, the routing contract, refusals;
+and the runtime's slot router on vLLM CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from moeprep.checkpoint.source import open_local
+from moeprep.cli.app import with_optional_replicas
+from moeprep.fixtures import build_fixture
+from moeprep.shared_experts import slot_chunk
+from tests.conftest import run_cli
+
+SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", "qwen2-moe": "shared_expert"}
+
+
+def swiglu(x: torch.Tensor, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    gate, up, down = (weights[f"{prefix}.{p}_proj.weight"].double() for p in ("gate", "up", "down"))
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def converted(source: Path, dest: Path, replicas: int) -> tuple[dict[str, torch.Tensor], dict]:
+    result = run_cli("convert", source, dest, f"--fuse-shared-experts={replicas}")
+    assert result.returncode == 0, result.stderr
+    assert run_cli("verify", dest).returncode == 0
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(dest.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors, json.loads((dest / "moeprep.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("family", "replicas", "overrides", "slots"),
+    [
+        ("glm4-moe", 1, None, 1),
+        ("deepseek-v3", 3, None, 1),
+        ("qwen2-moe", 2, None, 2),  # shared 128 = two slots of 64
+        ("qwen2-moe", 1, {"shared_expert_intermediate_size": 96}, 2),  # second slot zero-padded
+        ("deepseek-v3", 1, {"n_shared_experts": 2}, 2),  # DeepSeek-V2-style two merged shared experts
+    ],
+)
+def test_slots_add_up_to_the_shared_expert(
+    tmp_path: Path, family: str, replicas: int, overrides: dict | None, slots: int
+) -> None:
+    source = build_fixture(
+        family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"), config_overrides=overrides
+    )
+    original = open_local(source)
+    tensors, manifest = converted(source, tmp_path / "fused", replicas)
+    contract = manifest["routing"]["fused_shared_experts"]
+    experts = contract["routed_experts"]
+    assert (contract["slots"], contract["replicas"], contract["num_experts"]) == (
+        slots,
+        replicas,
+        experts + slots * replicas,
+    )
+    assert contract["fused_top_k"] == contract["top_k"] + slots
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert config["architectures"] == [contract["architecture"]]
+    assert not any(SHARED_MODULE[family] in name for name in tensors), "shared expert tensors must be consumed"
+    shown = " ".join(run_cli("inspect", tmp_path / "fused").stdout.split())
+    assert f"{slots} slot(s) x {replicas} replica(s) after {experts} routed experts" in shown
+
+    x = torch.randn(5, config["hidden_size"], dtype=torch.float64)
+    for layer in manifest_moe_layers(manifest):
+        mlp = f"model.layers.{layer}.mlp"
+        shared = {
+            name: original.read(name)
+            for name in original.tensor_names
+            if name.startswith(f"{mlp}.{SHARED_MODULE[family]}.")
+        }
+        expected = swiglu(x, shared, f"{mlp}.{SHARED_MODULE[family]}")
+        fused = sum(swiglu(x, tensors, f"{mlp}.experts.{ids[0]}") for ids in contract["slot_ids"])
+        torch.testing.assert_close(fused, expected, rtol=1e-9, atol=1e-12)
+        for ids in contract["slot_ids"]:
+            for replica in ids[1:]:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    assert torch.equal(
+                        tensors[f"{mlp}.experts.{replica}.{proj}.weight"],
+                        tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"],
+                    )
+        for e in range(experts):  # routed experts pass through bitwise
+            name = f"{mlp}.experts.{e}.down_proj.weight"
+            assert torch.equal(tensors[name], original.read(name))
+        if family == "qwen2-moe":
+            gate = tensors[f"{mlp}.gate.weight"]
+            assert torch.equal(gate[:experts], original.read(f"{mlp}.gate.weight"))
+            assert torch.equal(gate[experts:], original.read(f"{mlp}.shared_expert_gate.weight"))
+            assert contract["slot_weight"] == "sigmoid(shared_expert_gate(x))"
+
+
+def manifest_moe_layers(manifest: dict) -> list[int]:
+    return sorted(
+        {int(name.split(".")[2]) for name, r in manifest["tensors"].items() if r["recipe"] == "shared-expert-slot"}
+    )
+
+
+def test_slot_chunk_pads_past_the_end_with_zeros() -> None:
+    t = torch.randn(3, 10)
+    assert torch.equal(slot_chunk(t, 0, 4, -1), t[:, :4])
+    assert torch.equal(slot_chunk(t, 2, 4, -1), torch.cat([t[:, 8:], torch.zeros(3, 2)], 1))
+    assert torch.equal(slot_chunk(t.T, 1, 4, 0), t.T[4:8])
+
+
+@pytest.mark.parametrize(
+    ("family", "backend", "message"),
+    [
+        ("llama4", "none", "applies the router weight to the expert's input"),
+        ("qwen3-moe", "none", "has no shared experts"),
+        ("mixtral", "none", "has no shared experts"),
+        ("gpt-oss", "dequant", "has no shared experts"),
+    ],
+)
+def test_families_without_fusable_shared_experts_are_refused(
+    tiny, tmp_path: Path, family: str, backend: str, message: str
+) -> None:
+    result = run_cli("convert", tiny(family), tmp_path / "out", "--backend", backend, "--fuse-shared-experts")
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_bare_flag_means_one_replica() -> None:
+    assert with_optional_replicas(["convert", "a", "b", "--fuse-shared-experts"])[-1] == "--fuse-shared-experts=1"
+    assert with_optional_replicas(["--fuse-shared-experts", "--dry-run"])[:1] == ["--fuse-shared-experts=1"]
+    assert with_optional_replicas(["--fuse-shared-experts", "3"]) == ["--fuse-shared-experts", "3"]
+
+
+def test_slot_router_appends_every_slot_with_its_weight() -> None:
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+
+    from moeprep.runtime.fused_shared import SharedSlotRouter, SlotContract, slot_id_table
+
+    contract = SlotContract(
+        routed_experts=8,
+        slots=2,
+        replicas=3,
+        top_k=2,
+        expert_intermediate=64,
+        gated=True,
+        routed_scaling_factor=1.0,
+        renormalize=False,
+    )
+    inner = create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False)
+    router = SharedSlotRouter(inner, contract, slot_id_table(contract, 4))
+    hidden, logits = torch.randn(7, 16), torch.randn(7, 9)
+    weights, ids = router.select_experts(hidden, logits)
+    routed_weights, routed_ids = inner.select_experts(hidden, logits[:, :8].contiguous())
+    assert torch.equal(ids[:, :2], routed_ids) and torch.equal(weights[:, :2], routed_weights)
+    token = torch.arange(7).unsqueeze(1)
+    assert torch.equal(ids[:, 2:].long(), 8 + 3 * torch.arange(2).unsqueeze(0) + token % 3)  # 7 > 4 table rows too
+    torch.testing.assert_close(weights[:, 2:], torch.sigmoid(logits[:, 8:9]).expand(7, 2))
