@@ -7,15 +7,17 @@ tests/gpu/register_plugin.py). Real expert dims at a few layers; the weights are
 weights, since a bf16 DeepSeek-V3 MoE layer alone is 22.5 GB: the original folder holds the config and
 tokenizer, the fused folder the same plus moeprep's prepared config and manifest with the routing
 contract, exactly as ``moeprep convert --fuse-shared-experts`` writes them. Each model is measured in a
-fresh process with CUDA graphs on: TTFT = a batch's prefill-only time (max_tokens=1), TPOT = (time for
-``output_len`` tokens - TTFT) / (output_len - 1), median of ``--repeats`` after a warm-up at each batch
-size. The original runs twice (before and after the fused model): the ratio of its two runs is the noise
+fresh process with CUDA graphs on, driving vLLM's engine step by step: TTFT = time from adding a batch
+of requests to the first step that returns tokens (median of ``--repeats``), TPOT = median interval
+between later token-returning steps (each a decode step of the whole batch), after a warm-up at each
+batch size. The original runs twice (before and after the fused model): the ratio of its two runs is the noise
 floor for the fused / original ratio printed per batch size.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -60,7 +62,7 @@ def weightless_folders(family_name: str, preset: str, layers: int, replicas: int
 
 
 def child_measure(model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int) -> None:
-    """Start vLLM on ``model`` (dummy weights) and time prefill and decode per batch size."""
+    """Start vLLM on ``model`` (dummy weights) and time engine steps per batch size."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -69,33 +71,38 @@ def child_measure(model: str, out: Path, batches: list[int], input_len: int, out
         load_format="dummy",
         max_model_len=input_len + output_len + 8,
         max_num_seqs=max(batches),
+        max_num_batched_tokens=max(batches) * input_len,
         gpu_memory_utilization=0.9,
         enable_prefix_caching=False,
         seed=0,
     )
-    vocab = llm.llm_engine.model_config.get_vocab_size()
+    engine = llm.llm_engine
+    vocab = engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    request_ids = itertools.count()
 
-    def timed(batch: int, tokens: int) -> float:
+    def run_batch(batch: int) -> tuple[float, list[float]]:
+        """(time to the first step that returns tokens, the intervals between later token-returning steps)."""
         ids = torch.randint(8, vocab, (batch, input_len), generator=gen).tolist()
-        prompts = [{"prompt_token_ids": row} for row in ids]
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
-        return elapsed
+        for row in ids:
+            engine.add_request(f"r{next(request_ids)}", {"prompt_token_ids": row}, params)
+        stamps = []
+        while engine.has_unfinished_requests():
+            if engine.step():
+                stamps.append(time.perf_counter())
+        return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
     results = {}
     for batch in batches:
-        timed(batch, output_len)  # warm-up at this batch size
-        pairs = [(timed(batch, 1), timed(batch, output_len)) for _ in range(repeats)]
-        ttft = sorted(first for first, _ in pairs)
-        tpot = sorted((total - first) / (output_len - 1) for first, total in pairs)
+        run_batch(batch)  # warm-up at this batch size
+        runs = [run_batch(batch) for _ in range(repeats)]
+        steps = sorted(step for _, intervals in runs for step in intervals)
         results[batch] = {
-            "ttft_ms": 1e3 * statistics.median(ttft),
-            "tpot_ms": 1e3 * statistics.median(tpot),
-            "tpot_spread_ms": [1e3 * tpot[0], 1e3 * tpot[-1]],
+            "ttft_ms": 1e3 * statistics.median(first for first, _ in runs),
+            "tpot_ms": 1e3 * statistics.median(steps),
+            "tpot_p10_p90_ms": [1e3 * steps[len(steps) // 10], 1e3 * steps[(9 * len(steps)) // 10]],
         }
     out.write_text(json.dumps(results))
 

@@ -158,3 +158,13 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
     token = torch.arange(7).unsqueeze(1)
     assert torch.equal(ids[:, 2:].long(), 8 + 3 * torch.arange(2).unsqueeze(0) + token % 3)  # 7 > 4 table rows too
     torch.testing.assert_close(weights[:, 2:], torch.sigmoid(logits[:, 8:9]).expand(7, 2))
+
+
+def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:
+    combined = run_cli("convert", tiny("glm4-moe"), tmp_path / "both", "--fuse-shared-experts", "--lora", tmp_path)
+    assert combined.returncode == 2 and "--lora and --fuse-shared-experts cannot be combined" in combined.stderr
+    assert not (tmp_path / "both").exists()
+    assert run_cli("convert", tiny("glm4-moe"), tmp_path / "fused", "--fuse-shared-experts").returncode == 0
+    split = run_cli("lora", "split", tmp_path, "--base", tmp_path / "fused", "--out", tmp_path / "split")
+    assert split.returncode == 2 and "has fused shared-expert slots" in split.stderr
+    assert not (tmp_path / "split").exists()

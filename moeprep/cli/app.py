@@ -147,7 +147,7 @@ def convert(
     from moeprep.modelcard import serve_command
 
     with user_errors():
-        check_convert_options(upload_repo, private, upload_revision, bool(lora), dry_run)
+        check_convert_options(upload_repo, private, upload_revision, bool(lora), dry_run, fuse_shared_experts > 0)
         source, plan = load_plan(src, backend.value, revision, arch, device, fuse_shared_experts)
         if dry_run:
             print_plan(plan, as_json)
@@ -165,9 +165,13 @@ def convert(
 
 
 def check_convert_options(
-    upload_repo: str | None, private: bool, upload_revision: str | None, lora: bool, dry_run: bool
+    upload_repo: str | None, private: bool, upload_revision: str | None, lora: bool, dry_run: bool, fused: bool = False
 ) -> None:
     """Options of ``convert`` that need or exclude each other."""
+    if lora and fused:
+        raise UnsupportedModelError(
+            "--lora and --fuse-shared-experts cannot be combined yet: MoE LoRA does not cover shared-expert slots"
+        )
     if lora and dry_run:
         raise UnsupportedModelError("--dry-run writes nothing, so no adapter is split: drop --lora")
     if upload_repo is None and (private or upload_revision):

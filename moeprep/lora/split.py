@@ -64,6 +64,11 @@ class BaseExperts:
     def of(cls, prepared: Path) -> BaseExperts:
         """The base of a prepared folder, bound to its manifest by sha256."""
         manifest = load_manifest(prepared)
+        if (manifest.routing or {}).get("fused_shared_experts"):
+            raise LoraError(
+                f"{prepared} has fused shared-expert slots, which MoE LoRA does not cover yet; split the adapter "
+                "for a folder converted without --fuse-shared-experts"
+            )
         config = json.loads((Path(prepared) / "config.json").read_text(encoding="utf-8"))
         return cls.from_parts(config, manifest.target, manifest.source.location, manifest_sha256(prepared))
 
