@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from moeprep import shared_experts
 from moeprep.checkpoint.manifest import QUANT_METHOD, Target
 from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
@@ -183,9 +182,10 @@ def backend_target(backend: str, arch: str | None) -> Target:
 def _fused_shared_jobs(
     source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int
 ) -> tuple[list[TensorJob], set[str], dict[str, Any]]:
+    from moeprep import shared_experts  # imports TensorJob from here
+
     shared_experts.check_fusable(family, moe, replicas)
-    slots, consumed = shared_experts.slot_jobs(source, family, moe, replicas)
-    jobs = [TensorJob(TensorEntry(job.name, job.dtype, job.shape), job.sources, job.recipe, job.run) for job in slots]
+    jobs, consumed = shared_experts.slot_jobs(source, family, moe, replicas)
     contract = shared_experts.routing_contract(family, moe, source.config, replicas)
     return jobs, consumed, {"fused_shared_experts": contract}
 

@@ -12,17 +12,17 @@ slot weight, after the routed top-k was chosen and renormalised.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
+from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec
 from moeprep.families.common import GATE_UP_DOWN
+from moeprep.plan import TensorJob
 
 RECIPE_SLOT = "shared-expert-slot"
 RECIPE_ROUTER = "router+shared-expert-gate"
@@ -31,18 +31,6 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 SLOT_WEIGHT_ONE = "1"
 SLOT_WEIGHT_GATED = "sigmoid(shared_expert_gate(x))"
 TensorMetas = dict[str, tuple[str, tuple[int, ...]]]  # {name suffix: (dtype, shape)}
-
-
-@dataclass(frozen=True)
-class SlotJob:
-    """One output tensor ``name`` (``dtype``, ``shape``) made by ``run`` from ``sources``."""
-
-    name: str
-    sources: tuple[str, ...]
-    recipe: str
-    dtype: str
-    shape: tuple[int, ...]
-    run: Callable[[CheckpointSource], torch.Tensor]
 
 
 def slot_count(shared_intermediate: int, expert_intermediate: int) -> int:
@@ -126,11 +114,13 @@ def _check_same_format(shared: TensorMetas, routed: TensorMetas, where: str) -> 
         )
 
 
-def slot_jobs(source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int) -> tuple[list[SlotJob], set[str]]:
+def slot_jobs(
+    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int
+) -> tuple[list[TensorJob], set[str]]:
     """Every slot tensor of every MoE layer (and the gated families' widened router), and the sources consumed."""
     width = moe.expert_intermediate
     slots = slot_count(moe.shared_intermediate, width)
-    jobs: list[SlotJob] = []
+    jobs: list[TensorJob] = []
     consumed: set[str] = set()
     for layer in moe.moe_layers:
         mlp = f"model.layers.{layer}.mlp"
@@ -152,7 +142,7 @@ def slot_jobs(source: CheckpointSource, family: Family, moe: MoeSpec, replicas: 
                         expert = moe.num_experts + s * replicas + r
                         name = f"{mlp}.experts.{expert}.{proj}.{suffix}"
                         run = partial(_read_chunk, name=src, slot=s, width=chunk_width, dim=dim)
-                        jobs.append(SlotJob(name, (src,), RECIPE_SLOT, dtype, out_shape, run))
+                        jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (src,), RECIPE_SLOT, run))
                 consumed.add(src)
         if family.shared_expert_gate_module:
             jobs.append(_router_job(source, mlp, family.shared_expert_gate_module))
@@ -181,10 +171,15 @@ def _check_exact_split(src: str, shape: tuple[int, ...], out_shape: tuple[int, .
 
 
 def _read_chunk(source: CheckpointSource, name: str, slot: int, width: int, dim: int) -> torch.Tensor:
-    return slot_chunk(source.read(name), slot, width, dim)
+    """Slot ``slot`` of ``name``; a row chunk reads only its own rows (each replica reads it again)."""
+    if dim != 0:
+        return slot_chunk(source.read(name), slot, width, dim)
+    rows = source.tensor_meta(name)[1][0]
+    start = min(slot * width, rows)
+    return slot_chunk(source.read_rows(name, start, min(start + width, rows)), 0, width, 0)
 
 
-def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> SlotJob:
+def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> TensorJob:
     """The router with the shared expert's gate as one more output row: one GEMM yields both."""
     router, gate = f"{mlp}.gate.weight", f"{mlp}.{gate_module}.weight"
     dtype, shape = source.tensor_meta(router)
@@ -195,4 +190,4 @@ def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> SlotJob
         weight = src.read(router)
         return torch.cat([weight, src.read(gate).to(weight.dtype)])
 
-    return SlotJob(router, (router, gate), RECIPE_ROUTER, dtype, (shape[0] + 1, shape[1]), run)
+    return TensorJob(TensorEntry(router, dtype, (shape[0] + 1, shape[1])), (router, gate), RECIPE_ROUTER, run)
