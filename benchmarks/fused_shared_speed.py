@@ -30,18 +30,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def weightless_folders(family_name: str, preset: str, layers: int, replicas: int, root: Path) -> dict[str, Path]:
+def weightless_folders(
+    family_name: str, preset: str, layers: int, replicas: int, quantization: str, root: Path
+) -> dict[str, Path]:
     """``original`` (config + tokenizer) and ``fused`` (prepared config + manifest) folders, no weights."""
     from moeprep.checkpoint.manifest import Manifest, Source, write_manifest
     from moeprep.checkpoint.writer import write_json
     from moeprep.convert import _file_record, prepared_config
     from moeprep.families import get_family
+    from moeprep.fixtures.build import fixture_config
     from moeprep.fixtures.tokenizer import write_word_tokenizer
     from moeprep.plan import backend_target
     from moeprep.shared_experts import check_fusable, routing_contract
 
     family = get_family(family_name)
-    config = family.preset_config(preset, layers)
+    config = fixture_config(family_name, preset, layers, quantization)
     moe = family.moe_spec(config)
     check_fusable(family, moe, replicas)
     folders = {"original": root / "original", "fused": root / "fused"}
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--preset", default="v3")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--quantization", default="none", help="none (bf16) or fp8-block (DeepSeek-V3's own format)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -126,7 +130,7 @@ def main() -> None:
         child_measure(args.child[0], Path(args.child[1]), *measure)
         return
 
-    folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.workdir)
+    folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
     runs = {"original": folders["original"], "fused": folders["fused"], "original_again": folders["original"]}
     results: dict[str, dict] = {}
     for name, folder in runs.items():
@@ -153,7 +157,8 @@ def main() -> None:
                 "ttft_ratio": fused["ttft_ms"] / base["ttft_ms"],
             }
         )
-    print(f"{args.family} {args.preset} x{args.layers} layers, input {args.input_len}, output {args.output_len}")
+    model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
+    print(f"{model}, input {args.input_len}, output {args.output_len}")
     print("batch  TPOT orig/fused ms  fused/orig  orig-again/orig   TTFT orig/fused ms  fused/orig")
     for r in rows:
         print(
@@ -163,6 +168,7 @@ def main() -> None:
         )
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
+        summary["quantization"] = args.quantization
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
 
 

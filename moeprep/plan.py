@@ -85,7 +85,7 @@ class Plan:
 
 def check_inventory(source: CheckpointSource, family: Family) -> list[str]:
     """Every tensor the family expects is present with its shape and dtype; returns the extras."""
-    expected = family.tensor_specs(source.config)
+    expected = family.checkpoint_specs(source.config)
     present = set(source.tensor_names)
     missing = [name for name in expected if name not in present]
     if missing:

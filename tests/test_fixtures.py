@@ -4,6 +4,7 @@ unexpected or mismatched tensor, and real presets have the real expert shapes.""
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import torch
 from moeprep.checkpoint.source import open_local
 from moeprep.families import family_names, get_family
 from moeprep.fixtures import build_fixture
+from moeprep.fixtures.build import fixture_config
 from moeprep.plan import check_inventory
+from tests.conftest import run_cli
 
 FAMILIES = family_names()
 
@@ -80,3 +83,52 @@ def test_large_preset_streams_in_slices(tmp_path: Path) -> None:
     assert (dtype, shape) == ("U8", (32, 5760, 90, 16))
     scales = source.read("model.layers.0.mlp.experts.down_proj_scales")
     assert scales.min() >= 118 and scales.max() < 124
+
+
+def test_fp8_block_preset_has_deepseek_v3_fp8_shapes() -> None:
+    """Shapes and dtypes published in deepseek-ai/DeepSeek-V3's (block-fp8) safetensors index."""
+    ds = get_family("deepseek-v3")
+    config = fixture_config("deepseek-v3", "v3", 4, "fp8-block")
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    specs = ds.checkpoint_specs(config)
+    layer = "model.layers.3"
+    expected = {
+        f"{layer}.mlp.experts.255.gate_proj.weight": ("F8_E4M3", (2048, 7168)),
+        f"{layer}.mlp.experts.255.gate_proj.weight_scale_inv": ("F32", (16, 56)),
+        f"{layer}.mlp.experts.255.down_proj.weight_scale_inv": ("F32", (56, 16)),
+        f"{layer}.mlp.shared_experts.up_proj.weight_scale_inv": ("F32", (16, 56)),
+        f"{layer}.self_attn.kv_a_proj_with_mqa.weight_scale_inv": ("F32", (5, 56)),
+        f"{layer}.self_attn.q_b_proj.weight_scale_inv": ("F32", (192, 12)),
+        f"{layer}.mlp.gate.weight": ("BF16", (256, 7168)),  # routers, embeddings and LM head stay bf16
+    }
+    assert {k: (specs[k].dtype, specs[k].shape) for k in expected} == expected
+    assert specs["lm_head.weight"].dtype == specs["model.embed_tokens.weight"].dtype == "BF16"
+    assert f"{layer}.mlp.gate.weight_scale_inv" not in specs
+
+
+def test_fp8_block_fixture_dequantizes_to_sane_weights_and_passes_inventory(tmp_path: Path) -> None:
+    folder = build_fixture("deepseek-v3", tmp_path / "d", quantization="fp8-block")
+    source = open_local(folder)
+    assert check_inventory(source, get_family("deepseek-v3")) == []
+    weight = source.read("model.layers.1.mlp.experts.3.up_proj.weight")
+    scale = source.read("model.layers.1.mlp.experts.3.up_proj.weight_scale_inv")
+    assert weight.dtype == torch.float8_e4m3fn and scale.shape == (1, 1)
+    std = (weight.float() * scale).std().item()
+    assert 0.5 / 128**0.5 < std < 2 / 128**0.5  # like a bf16 linear of fan-in 128
+
+
+@pytest.mark.parametrize(
+    "quantization_config",
+    [{"quant_method": "compressed-tensors"}, {"quant_method": "fp8"}, {"quant_method": "awq", "bits": 4}],
+)
+def test_other_quantized_checkpoints_are_refused_in_one_line(tmp_path: Path, quantization_config: dict) -> None:
+    folder = build_fixture("qwen3-moe", tmp_path / "q")
+    config_path = folder / "config.json"
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "quantization_config": quantization_config})
+    )
+    result = run_cli("convert", folder, tmp_path / "out")
+    assert result.returncode == 2
+    assert "is not supported; moeprep reads bf16/fp16/fp32, block-scaled fp8" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -53,6 +53,23 @@ def expert_delta(tensors: dict[str, torch.Tensor], module: str, scaling: float) 
     return scaling * tensors[f"{PREFIX}{module}.lora_B.weight"] @ tensors[f"{PREFIX}{module}.lora_A.weight"]
 
 
+def gate_up_down_deltas(
+    tensors: dict[str, torch.Tensor], experts_module: str, e: int, experts: int, scaling: float, names: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s gate, up and down updates: from per-expert modules ``names``, or from vLLM's 3-D layout
+    (``experts.base_layer`` = gate_up with rows interleaved, ``experts`` = down; A [E*r, in] expert-major,
+    B [out, r*E] expert-minor, as vLLM 0.26 reshapes them)."""
+    if f"{PREFIX}{experts_module}.base_layer.lora_A.weight" not in tensors:
+        return tuple(expert_delta(tensors, f"{experts_module}.{e}.{name}", scaling) for name in names)
+
+    def delta(module: str) -> torch.Tensor:
+        a, b = tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"]
+        return scaling * b.reshape(b.shape[0], -1, experts)[:, :, e] @ a.reshape(experts, -1, a.shape[1])[e]
+
+    gate_up = delta(f"{experts_module}.base_layer")
+    return gate_up[0::2], gate_up[1::2], delta(experts_module)
+
+
 # PEFT turns gate/up/down target_modules on fused 3-D experts into target_parameters, with a rank_pattern
 # for gate_up (rank 2r) that vLLM would ignore; or target the parameters directly.
 BY_MODULES = {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -67,8 +84,8 @@ BY_PARAMETERS = {
     [
         ("qwen3-moe", "none", BY_MODULES, ("gate_proj", "up_proj", "down_proj"), False),
         ("qwen3-moe", "none", BY_PARAMETERS, ("gate_proj", "up_proj", "down_proj"), False),
-        ("gpt-oss", "triton", BY_PARAMETERS, ("w1", "w3", "w2"), True),
-        ("gpt-oss", "marlin", BY_PARAMETERS, ("w1", "w3", "w2"), True),
+        ("gpt-oss", "triton", BY_PARAMETERS, (), True),  # vLLM's 3-D layout
+        ("gpt-oss", "marlin", BY_PARAMETERS, (), True),
     ],
     ids=["qwen3-moe-modules", "qwen3-moe-parameters", "gpt-oss-triton", "gpt-oss-marlin"],
 )
@@ -91,8 +108,8 @@ def test_3d_target_parameters_adapter_merges_like_peft(
     for layer in range(config.num_hidden_layers):
         experts_module = merged.model.layers[layer].mlp.experts
         for e in range(experts):
-            prefix = f"model.layers.{layer}.mlp.experts.{e}"
-            gate, up, down = (expert_delta(tensors, f"{prefix}.{name}", scaling) for name in names)
+            module = f"model.layers.{layer}.mlp.experts"
+            gate, up, down = gate_up_down_deltas(tensors, module, e, experts, scaling, names)
             for delta, rows, cols in ((gate, i_pad, h_pad), (up, i_pad, h_pad), (down, h_pad, i_pad)):
                 assert delta.shape == (rows, cols)
             padding_is_zero = [
@@ -176,21 +193,26 @@ def test_fused_w13_per_expert_adapter_splits_gate_and_up_bitwise(tiny, tmp_path:
         assert torch.equal(out[f"{source}.up_proj.lora_A.weight"], a)
 
 
-def test_vllm_lora_loader_keeps_every_tensor(tiny, tmp_path: Path) -> None:
-    """vLLM's own adapter loader reads the split adapter and drops nothing (count check)."""
+@pytest.mark.parametrize("family", ["qwen3-moe", "gpt-oss"])
+def test_vllm_lora_loader_keeps_every_tensor(tiny, tmp_path: Path, family: str) -> None:
+    """vLLM's own adapter loader reads the split adapter (per-expert, or gpt-oss's 3-D layout) and drops
+    nothing (count check)."""
     pytest.importorskip("vllm")
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    base = prepared(tiny, tmp_path, "qwen3-moe", "none")
+    base = prepared(tiny, tmp_path, family, "none" if family == "qwen3-moe" else "marlin")
     targets = {**BY_PARAMETERS, "target_modules": ["q_proj", "o_proj"]}
-    _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **targets)
+    _, adapter = peft_adapter(tiny(family), tmp_path / "adapter", r=4, lora_alpha=8, **targets)
     out = tmp_path / "split"
     tensors = split(adapter, base, out)
-    experts = json.loads((base / "config.json").read_text())["num_experts"]
-    expected = {"q_proj", "o_proj"} | {
-        f"experts.{e}.{n}" for e in range(experts) for n in ("gate_proj", "up_proj", "down_proj")
-    }
+    if family == "gpt-oss":  # vLLM's expected modules for a 3-D MoE model
+        expected = {"q_proj", "o_proj", "experts"}
+    else:
+        experts = json.loads((base / "config.json").read_text())["num_experts"]
+        expected = {"q_proj", "o_proj"} | {
+            f"experts.{e}.{n}" for e in range(experts) for n in ("gate_proj", "up_proj", "down_proj")
+        }
     helper = PEFTHelper.from_local_dir(str(out), max_position_embeddings=512)
     lora = LoRAModel.from_local_checkpoint(str(out), expected, helper, device="cpu", lora_model_id=1)
     assert len(lora.loras) == len(tensors) // 2
@@ -316,7 +338,34 @@ def test_serve_hint_names_the_flags_vllm_needs(tiny, tmp_path: Path) -> None:
     _, adapter = peft_adapter(tiny("gpt-oss"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
     result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
     hint = " ".join(result.stdout.split())
-    assert "--enable-lora" in hint and "--enable-mixed-moe-lora-format" in hint  # vLLM's gpt-oss LoRA is 3-D
+    assert "--enable-lora" in hint and "--lora-target-modules experts q_proj" in hint
+    assert "--enable-mixed-moe-lora-format" not in hint  # vLLM's gpt-oss LoRA is 3-D: the split writes that layout
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"] == ["experts", "q_proj"]
+
+
+def test_gpt_oss_per_expert_adapter_becomes_vllm_3d_layout_exactly(tiny, tmp_path: Path) -> None:
+    """Per-expert w1/w3/w2 adapters with their own A each: gate and up ranks are stacked into one gate_up
+    LoRA (rank 2r), down zero-padded to that rank; every expert's updates are unchanged, bitwise in fp32."""
+    base = prepared(tiny, tmp_path, "gpt-oss", "marlin")
+    config = json.loads((base / "config.json").read_text())
+    h, i, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    shapes = {"w1": (i, h), "w3": (i, h), "w2": (h, i)}
+    original = per_expert_adapter(tmp_path / "adapter", shapes, experts, layers=(0,))
+    out = split(tmp_path / "adapter", base, tmp_path / "out")
+    scaling = split_scaling(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 6  # 3 (gate) + 3 (up)
+    assert sorted(out) == [f"{PREFIX}model.layers.0.mlp.experts.{m}weight" for m in WRITTEN_3D]
+    out, original = ({k: v.float() for k, v in t.items()} for t in (out, original))
+    for e in range(experts):
+        gate, up, down = gate_up_down_deltas(out, "model.layers.0.mlp.experts", e, experts, scaling, ())
+        for name, got in (("w1", gate), ("w3", up), ("w2", down)):
+            want = expert_delta(original, f"model.layers.0.mlp.experts.{e}.{name}", 2.0)
+            rows, cols = want.shape
+            torch.testing.assert_close(got[:rows, :cols], want, rtol=1e-6, atol=1e-7)
+            assert not got[rows:].any() and not got[:, cols:].any()
+
+
+WRITTEN_3D = ("base_layer.lora_A.", "base_layer.lora_B.", "lora_A.", "lora_B.")
 
 
 @pytest.fixture()

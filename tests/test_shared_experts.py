@@ -3,6 +3,7 @@ and the runtime's slot router on vLLM CPU."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,18 @@ SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", 
 
 
 def swiglu(x: torch.Tensor, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    gate, up, down = (weights[f"{prefix}.{p}_proj.weight"].double() for p in ("gate", "up", "down"))
+    gate, up, down = (dequantized(weights, f"{prefix}.{p}_proj") for p in ("gate", "up", "down"))
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def dequantized(weights: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """``module``'s weight in float64; block-fp8 weights times their 128 x 128 block scales."""
+    weight = weights[f"{module}.weight"].double()
+    scale = weights.get(f"{module}.weight_scale_inv")
+    if scale is None:
+        return weight
+    rows, cols = weight.shape
+    return weight * scale.double().repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
 
 
 def converted(source: Path, dest: Path, replicas: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -37,21 +48,22 @@ def converted(source: Path, dest: Path, replicas: int) -> tuple[dict[str, torch.
 
 
 @pytest.mark.parametrize(
-    ("family", "replicas", "overrides", "slots"),
+    ("family", "replicas", "overrides", "slots", "quantization"),
     [
-        ("glm4-moe", 1, None, 1),
-        ("deepseek-v3", 3, None, 1),
-        ("qwen2-moe", 2, None, 2),  # shared 128 = two slots of 64
-        ("qwen2-moe", 1, {"shared_expert_intermediate_size": 96}, 2),  # second slot zero-padded
-        ("deepseek-v3", 1, {"n_shared_experts": 2}, 2),  # DeepSeek-V2-style two merged shared experts
+        ("glm4-moe", 1, None, 1, "none"),
+        ("deepseek-v3", 3, None, 1, "none"),
+        ("qwen2-moe", 2, None, 2, "none"),  # shared 128 = two slots of 64
+        ("qwen2-moe", 1, {"shared_expert_intermediate_size": 96}, 2, "none"),  # second slot zero-padded
+        ("deepseek-v3", 1, {"n_shared_experts": 2}, 2, "none"),  # DeepSeek-V2-style two merged shared experts
+        ("deepseek-v3", 2, {"n_shared_experts": 2}, 2, "fp8-block"),  # weights and block scales split exactly
+        ("glm4-moe", 1, None, 1, "fp8-block"),
     ],
 )
 def test_slots_add_up_to_the_shared_expert(
-    tmp_path: Path, family: str, replicas: int, overrides: dict | None, slots: int
+    tmp_path: Path, family: str, replicas: int, overrides: dict | None, slots: int, quantization: str
 ) -> None:
-    source = build_fixture(
-        family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"), config_overrides=overrides
-    )
+    seed = int.from_bytes(os.urandom(3), "little")
+    source = build_fixture(family, tmp_path / "src", seed=seed, config_overrides=overrides, quantization=quantization)
     original = open_local(source)
     tensors, manifest = converted(source, tmp_path / "fused", replicas)
     contract = manifest["routing"]["fused_shared_experts"]
@@ -79,16 +91,14 @@ def test_slots_add_up_to_the_shared_expert(
         expected = swiglu(x, shared, f"{mlp}.{SHARED_MODULE[family]}")
         fused = sum(swiglu(x, tensors, f"{mlp}.experts.{ids[0]}") for ids in contract["slot_ids"])
         torch.testing.assert_close(fused, expected, rtol=1e-9, atol=1e-12)
+        suffixes = ("weight", "weight_scale_inv") if quantization == "fp8-block" else ("weight",)
         for ids in contract["slot_ids"]:
-            for replica in ids[1:]:
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    assert torch.equal(
-                        tensors[f"{mlp}.experts.{replica}.{proj}.weight"],
-                        tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"],
-                    )
-        for e in range(experts):  # routed experts pass through bitwise
-            name = f"{mlp}.experts.{e}.down_proj.weight"
-            assert torch.equal(tensors[name], original.read(name))
+            for replica, proj, suffix in itertools.product(ids[1:], ("gate_proj", "up_proj", "down_proj"), suffixes):
+                slot, copy = (tensors[f"{mlp}.experts.{e}.{proj}.{suffix}"] for e in (ids[0], replica))
+                assert torch.equal(copy.view(torch.uint8), slot.view(torch.uint8))
+        for e, suffix in itertools.product(range(experts), suffixes):  # routed experts pass through bitwise
+            name = f"{mlp}.experts.{e}.down_proj.{suffix}"
+            assert torch.equal(tensors[name].view(torch.uint8), original.read(name).view(torch.uint8))
         if family == "qwen2-moe":
             gate = tensors[f"{mlp}.gate.weight"]
             assert torch.equal(gate[:experts], original.read(f"{mlp}.gate.weight"))

@@ -98,14 +98,20 @@ def fixture(
     ] = "tiny",
     layers: Annotated[int | None, typer.Option(min=1, help="number of layers (default: the preset's)")] = None,
     seed: Annotated[int, typer.Option(help="random seed; same seed, same bytes")] = 0,
+    quantization: Annotated[
+        str, typer.Option(help="none (the family's own format) or fp8-block (DeepSeek-V3-style 128x128 fp8)")
+    ] = "none",
     overwrite: bool = False,
 ) -> None:
     """Write a deterministic random checkpoint in a real model's exact on-disk format."""
     from moeprep.fixtures import build_fixture, fixture_bytes
 
     with user_errors():
-        with byte_progress(fixture_bytes(family, preset, layers), f"fixture {family}") as advance:
-            build_fixture(family, dest, preset, layers, seed, overwrite=overwrite, on_bytes=advance)
+        total = fixture_bytes(family, preset, layers, quantization)
+        with byte_progress(total, f"fixture {family}") as advance:
+            build_fixture(
+                family, dest, preset, layers, seed, overwrite=overwrite, on_bytes=advance, quantization=quantization
+            )
     out.print(f"wrote {family} ({preset}) fixture to {dest}")
 
 

@@ -18,14 +18,21 @@ class TensorSpec:
     """Expected shape/dtype of one checkpoint tensor and how a fixture fills it.
 
     ``init``: ``linear`` (normal, std 1/sqrt(fan_in)), ``norm`` (1 + small noise), ``bias`` (small
-    normal), ``mxfp4_blocks`` (random bytes), ``e8m0_scales`` (random exponents near 2^0).
-    ``fan_in_dim`` is the input dimension (-2 for fused 3-D experts applied as ``x @ W``).
+    normal), ``mxfp4_blocks`` (random bytes), ``e8m0_scales`` (random exponents near 2^0), ``fp8``
+    (standard normal in e4m3), ``fp8_scale`` (positive, near 1/sqrt(fan_in): fp8 * scale is a ``linear``).
+    ``fan_in_dim`` is the input dimension (-2 for fused 3-D experts applied as ``x @ W``); ``fan_in``
+    overrides it where the input size is not one of the tensor's dims (block scales).
     """
 
     shape: tuple[int, ...]
     dtype: str = "BF16"
     init: str = "linear"
     fan_in_dim: int = -1
+    fan_in: int | None = None
+
+    @property
+    def fan_in_size(self) -> int:
+        return self.fan_in or self.shape[self.fan_in_dim]
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,12 @@ class Family:
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
         raise NotImplementedError
+
+    def checkpoint_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
+        """``tensor_specs`` as stored under ``config``'s quantization (block-scaled fp8 adds weight scales)."""
+        from moeprep.families import fp8_block
+
+        return fp8_block.quantized(self.tensor_specs(config), config)
 
     def preset_config(self, preset: str, num_layers: int | None) -> dict[str, Any]:
         """``tiny`` or one of ``presets`` (real expert dims), optionally with fewer layers."""

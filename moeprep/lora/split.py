@@ -1,4 +1,4 @@
-"""MoE LoRA adapters in -> the per-expert adapter vLLM loads, matched to a prepared base.
+"""MoE LoRA adapters in -> the expert adapter layout vLLM loads, matched to a prepared base.
 
 Inputs (all PEFT-style ``lora_A`` [r, in] / ``lora_B`` [out, r] pairs):
 - ``target_parameters`` adapters on fused 3-D experts (PEFT >= 0.18, transformers v5): one pair per
@@ -7,10 +7,15 @@ Inputs (all PEFT-style ``lora_A`` [r, in] / ``lora_B`` [out, r] pairs):
 - per-expert module adapters ``...experts.{e}.{gate_proj,up_proj,down_proj}`` (or ``w1``, ``w3``, ``w2``);
 - per-expert fused ``...experts.{e}.gate_up_proj`` adapters.
 Fused gate_up LoRAs are split into gate and up (rows interleaved for gpt-oss, else halves) sharing A.
-Output: ``...experts.{e}.{gate,up,down}`` modules under the names the family's vLLM model loads, padded
-to the prepared base's hidden/intermediate sizes, one rank and one scaling for the whole adapter (vLLM
-ignores ``rank_pattern``/``alpha_pattern``); every other module passes through. Every input tensor is
-consumed or named in an error.
+Output, padded to the prepared base's hidden/intermediate sizes, one rank and one scaling for the whole
+adapter (vLLM ignores ``rank_pattern``/``alpha_pattern``), every other module passed through:
+- per-expert ``...experts.{e}.{gate,up,down}`` modules under the names the family's vLLM model loads;
+- for families vLLM serves with 3-D expert LoRA (gpt-oss), the 3-D layout it loads natively:
+  ``...experts.base_layer`` (gate_up, rows in the kernel's w13 order, interleaved for gpt-oss) and
+  ``...experts`` (down), A [E*r, in] expert-major, B [out, r*E] expert-minor. vLLM 0.26's per-expert
+  path (``--enable-mixed-moe-lora-format``) adds the gate and up deltas to the two halves of w13's
+  output, which is wrong for gpt-oss's interleaved kernels, so it is not used there.
+Every input tensor is consumed or named in an error.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from moeprep.lora.adapter import (
 PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)")
 FUSED_3D = re.compile(r"(?P<prefix>.*\.experts)(?P<nested>\.base_layer)?")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+TARGET_PARAMETERS_3D = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # PEFT's names for the 3-D layout
 PROJECTIONS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -141,24 +147,57 @@ class ExpertLoras:
             raise LoraError(f"{self.where}: expert {expert} {proj} of {prefix!r} is given twice ({module!r})")
         self.pairs[key] = pair
 
-    def padded(self) -> dict[str, LoraPair]:
-        """Output modules: gate/up/down of every expert under vLLM's names, zero-padded to the base."""
-        base = self.base
-        h, i = base.hidden_padded, base.intermediate_padded
-        names = dict(zip(("gate", "up", "down"), base.family.expert_lora_modules, strict=True))
+    def padded(self) -> dict[tuple[str, int, str], LoraPair]:
+        """``{(experts prefix, expert, gate|up|down): pair}`` zero-padded to the base's padded sizes."""
+        h, i = self.base.hidden_padded, self.base.intermediate_padded
         out = {}
         for (prefix, expert, proj), pair in sorted(self.pairs.items()):
             rows, cols = (h, i) if proj == "down" else (i, h)
-            a = pad_to(pair.a, (pair.a.shape[0], cols))
-            b = pad_to(pair.b, (rows, pair.b.shape[1]))
-            out[f"{prefix}.{expert}.{names[proj]}"] = LoraPair(a, b, pair.scaling)
+            out[prefix, expert, proj] = LoraPair(
+                pad_to(pair.a, (pair.a.shape[0], cols)), pad_to(pair.b, (rows, pair.b.shape[1])), pair.scaling
+            )
         return out
 
+    def per_expert_modules(self) -> dict[str, LoraPair]:
+        """Output modules: gate/up/down of every expert under vLLM's names."""
+        names = dict(zip(("gate", "up", "down"), self.base.family.expert_lora_modules, strict=True))
+        return {f"{prefix}.{e}.{names[proj]}": pair for (prefix, e, proj), pair in self.padded().items()}
 
-def collect(
-    adapter: Path, config: AdapterConfig, base: BaseExperts
-) -> tuple[dict[str, LoraPair], dict[str, LoraPair], int]:
-    """(expert modules, other modules, input tensor count) of the adapter, every tensor accounted for."""
+    def gate_up_and_down(self) -> dict[tuple[str, int, str], LoraPair]:
+        """``{(prefix, expert, gate_up|down): pair}``: each expert's gate and up joined into one w13 LoRA whose
+        B rows follow the kernel's w13 order (interleaved for gpt-oss, else [gate; up]); gate and up share A
+        when the adapter gave them one, else their ranks are stacked (exact either way)."""
+        pairs = self.padded()
+        out = {}
+        for prefix, e, proj in pairs:
+            if proj == "down":
+                out[prefix, e, "down"] = pairs[prefix, e, "down"]
+            elif (prefix, e, "gate_up") not in out:
+                out[prefix, e, "gate_up"] = self._joined(pairs.get((prefix, e, "gate")), pairs.get((prefix, e, "up")))
+        return out
+
+    def _joined(self, gate: LoraPair | None, up: LoraPair | None) -> LoraPair:
+        i, h = self.base.intermediate_padded, self.base.hidden_padded
+        present = gate or up
+        assert present is not None
+        gate = gate or LoraPair(present.a.new_zeros(0, h), present.b.new_zeros(i, 0), present.scaling)
+        up = up or LoraPair(present.a.new_zeros(0, h), present.b.new_zeros(i, 0), present.scaling)
+        up_b = up.b if up.scaling == gate.scaling else (up.b.float() * (up.scaling / gate.scaling)).to(up.b.dtype)
+        if torch.equal(gate.a, up.a):
+            a, gate_b = gate.a, gate.b
+        else:  # rank r_gate + r_up: [A_gate; A_up] with B_gate [B_gate, 0] and B_up [0, B_up]
+            a = torch.cat([gate.a, up.a])
+            gate_b = torch.cat([gate.b, gate.b.new_zeros(i, up.a.shape[0])], 1)
+            up_b = torch.cat([up_b.new_zeros(i, gate.a.shape[0]), up_b], 1)
+        if self.base.family.gate_up_interleaved:
+            b = torch.stack([gate_b, up_b], 1).reshape(2 * i, a.shape[0])
+        else:
+            b = torch.cat([gate_b, up_b])
+        return LoraPair(a, b, gate.scaling)
+
+
+def collect(adapter: Path, config: AdapterConfig, base: BaseExperts) -> tuple[ExpertLoras, dict[str, LoraPair], int]:
+    """(expert LoRAs, other modules, input tensor count) of the adapter, every tensor accounted for."""
     where = str(Path(adapter) / WEIGHTS_NAME)
     experts, others = ExpertLoras(base, where), {}
     tensors_by_module = load_adapter_tensors(adapter)
@@ -180,7 +219,7 @@ def collect(
         else:
             _check_rank(config, module, a.shape[0], 1, where)
             others[module] = LoraPair(a, b, config.scaling(module))
-    return experts.padded(), others, 2 * len(tensors_by_module)
+    return experts, others, 2 * len(tensors_by_module)
 
 
 def _check_rank(config: AdapterConfig, key: str, rows: int, experts: int, where: str) -> None:
@@ -243,10 +282,16 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
             f"{adapter} was already split by moeprep ({LORA_RECORD_NAME}); split the original adapter instead"
         )
     config = load_adapter_config(adapter)
-    experts, others, inputs = collect(adapter, config, base)
-    if not experts:
+    expert_loras, others, inputs = collect(adapter, config, base)
+    if not expert_loras.pairs:
         raise LoraError(f"{adapter}: no expert LoRA found; use the adapter with vLLM as it is")
+    three_d = base.family.vllm_3d_expert_lora
+    joined = expert_loras.gate_up_and_down() if three_d else {}
+    experts = {_key_name(key): pair for key, pair in joined.items()} if three_d else expert_loras.per_expert_modules()
     rank, scaling, modules = unify({**experts, **others})
+    if three_d:
+        modules = {**stacked_3d(modules, joined, base, rank), **{m: modules[m] for m in others}}
+    targets = sorted({name.rpartition(".")[2] for name in modules} - {"base_layer"})
     tensors = {}
     for name, pair in sorted(modules.items()):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = pair.a.clone()  # gate and up share A: own copies
@@ -258,8 +303,8 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
         "use_rslora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "target_parameters": None,
-        "target_modules": sorted({name.rpartition(".")[2] for name in modules}),
+        "target_parameters": list(TARGET_PARAMETERS_3D) if three_d else None,
+        "target_modules": targets,
         "base_model_name_or_path": base.location,
     }
     record = {
@@ -273,5 +318,33 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     write_json(folder / CONFIG_NAME, new_config)
     write_json(folder / LORA_RECORD_NAME, record)
-    flags = ("--enable-mixed-moe-lora-format",) if base.family.vllm_3d_expert_lora else ()
+    # vLLM 0.26 wraps gpt-oss's qkv projection for LoRA whatever the adapter holds, and its LoRA kernel then
+    # fails an is_contiguous() assertion there: only the adapter's own modules may be wrapped.
+    flags = ("--lora-target-modules", *targets) if three_d else ()
     return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)
+
+
+def _key_name(key: tuple[str, int, str]) -> str:
+    prefix, expert, proj = key
+    return f"{prefix}.{expert}.{proj}"
+
+
+def stacked_3d(
+    modules: dict[str, LoraPair], joined: dict[tuple[str, int, str], LoraPair], base: BaseExperts, rank: int
+) -> dict[str, LoraPair]:
+    """vLLM's 3-D expert LoRA modules from the per-expert (rank-unified) ones: per layer ``{prefix}.base_layer``
+    (gate_up) and ``{prefix}`` (down), A [E*r, in] with expert e in rows e*r..e*r+r-1, B [out, r*E] with
+    expert e in columns j*E+e; experts the adapter leaves out are zeros."""
+    h, i = base.hidden_padded, base.intermediate_padded
+    some = next(iter(modules.values()))
+    shapes = {"gate_up": ((rank, h), (2 * i, rank)), "down": ((rank, i), (h, rank))}
+    out = {}
+    for prefix in sorted({prefix for prefix, _, _ in joined}):
+        for proj, module in (("gate_up", f"{prefix}.base_layer"), ("down", prefix)):
+            a_shape, b_shape = shapes[proj]
+            zero = LoraPair(some.a.new_zeros(a_shape), some.b.new_zeros(b_shape), some.scaling)
+            pairs = [modules.get(_key_name((prefix, e, proj)), zero) for e in range(base.experts)]
+            a = torch.cat([p.a for p in pairs])
+            b = torch.stack([p.b for p in pairs], -1).reshape(b_shape[0], rank * base.experts)
+            out[module] = LoraPair(a, b, some.scaling)
+    return out

@@ -100,25 +100,34 @@ def merged_qwen3(src: Path, lora: dict[str, torch.Tensor], scaling: float, dest:
     return copy_model(src, dest, weights, json.loads((src / "config.json").read_text()))
 
 
-def merged_gpt_oss(src: Path, lora: dict[str, torch.Tensor], scaling: float, dest: Path) -> Path:
-    """gpt-oss with bf16 experts (mxfp4 dequantized, exact in bf16) in transformers' layout, adapter merged."""
+def merged_gpt_oss(src: Path, adapter: Path, dest: Path) -> Path:
+    """gpt-oss with bf16 experts (mxfp4 dequantized, exact in bf16) in transformers' layout, the original
+    (unsplit, PEFT 3-D) adapter merged: expert e's update is B[:, j*E+e] @ A[e*r+j] summed over j, gate/up
+    rows interleaved as in the checkpoint."""
     from moeprep.runtime.cpu_mxfp4 import dequantize_mxfp4
 
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization_config")
-    h, i = config["hidden_size"], config["intermediate_size"]
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = adapter_config["lora_alpha"] / adapter_config["r"]
+    lora = load_file(adapter / "adapter_model.safetensors")
+    experts = config["num_local_experts"]
     weights = all_weights(src)
+
+    def update(module: str, e: int) -> torch.Tensor:
+        a, b = (lora[f"{PREFIX}{module}.lora_{x}.weight"].float() for x in "AB")
+        return scaling * b.reshape(b.shape[0], -1, experts)[:, :, e] @ a.reshape(experts, -1, a.shape[1])[e]
+
     for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}.mlp.experts"
         w13, w2 = [], []
-        for e in range(config["num_local_experts"]):
+        for e in range(experts):
             blocks = weights[f"{prefix}.gate_up_proj_blocks"][e]
             gate_up = dequantize_mxfp4(blocks.reshape(blocks.shape[0], -1), weights[f"{prefix}.gate_up_proj_scales"][e])
             blocks = weights[f"{prefix}.down_proj_blocks"][e]
             down = dequantize_mxfp4(blocks.reshape(blocks.shape[0], -1), weights[f"{prefix}.down_proj_scales"][e])
-            gate_up[0::2] += delta(lora, f"{prefix}.{e}.w1", scaling, i, h)
-            gate_up[1::2] += delta(lora, f"{prefix}.{e}.w3", scaling, i, h)
-            down += delta(lora, f"{prefix}.{e}.w2", scaling, h, i)
+            gate_up += update(f"{prefix}.base_layer", e)
+            down += update(prefix, e)
             w13.append(gate_up.T)  # transformers' gpt-oss: x @ gate_up_proj [H, 2I]
             w2.append(down.T)
         for suffix in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"):
@@ -139,21 +148,18 @@ def scores(model: Path, name: str, sequences: Path, *extra: str) -> torch.Tensor
 
 # gpt-oss: experts only. vLLM 0.26 wraps every supported module with LoRA, and its LoRA on gpt-oss's
 # qkv projection fails its own ``inputs.is_contiguous()`` assertion (lora_shrink_op) whatever the
-# adapter holds (seen on the H100), so the run restricts LoRA to the experts.
+# adapter holds (seen on the H100), so the run restricts LoRA to the experts (the split's serve hint
+# says the same). gpt-oss adapters are split into vLLM's 3-D layout, served without the mixed format.
 @pytest.mark.parametrize(
-    ("family", "backend", "serve", "attention"),
+    ("family", "backend", "moe_backend", "attention"),
     [
         ("qwen3-moe", "none", [], True),
-        (
-            "gpt-oss",
-            "marlin",
-            ["--moe-backend", "marlin", "--mixed-moe-lora-format", "--lora-target-modules", "experts"],
-            False,
-        ),
+        ("gpt-oss", "marlin", ["--moe-backend", "marlin"], False),
+        ("gpt-oss", "triton", [], False),
     ],
 )
 def test_split_adapter_served_with_lora_matches_merged_weights(
-    tmp_path: Path, family: str, backend: str, serve: list[str], attention: bool
+    tmp_path: Path, family: str, backend: str, moe_backend: list[str], attention: bool
 ) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     src = build_fixture(family, tmp_path / "src")
@@ -168,18 +174,20 @@ def test_split_adapter_served_with_lora_matches_merged_weights(
         tmp_path / "adapter", config["num_hidden_layers"], experts, config["hidden_size"], inter, q_out
     )
     lora, scaling = split(adapter, tmp_path / "prepared", tmp_path / "split")
-    build = merged_gpt_oss if family == "gpt-oss" else merged_qwen3
-    merged = build(src, lora, scaling, tmp_path / "merged")
+    if family == "gpt-oss":
+        merged = merged_gpt_oss(src, adapter, tmp_path / "merged")
+    else:
+        merged = merged_qwen3(src, lora, scaling, tmp_path / "merged")
 
-    name = f"lora-{family}"
-    backend_args = serve[:2]  # --moe-backend B, without the LoRA options
+    name = f"lora-{family}-{backend}"
+    serve = [*moe_backend, *([] if attention else ["--lora-target-modules", "experts"])]
     generated = generate(merged, f"{name}-merged-generate")
     prompts = json.loads((OUT / f"{name}-merged-generate.json").read_text())["prompt_ids"]
     sequences = tmp_path / "sequences.json"
     sequences.write_text(json.dumps([p + t for p, t in zip(prompts, generated, strict=True)]))
     reference = scores(merged, f"{name}-merged", sequences)
     with_lora = scores(tmp_path / "prepared", f"{name}-lora", sequences, *serve, "--lora", str(tmp_path / "split"))
-    bare = scores(tmp_path / "prepared", f"{name}-bare", sequences, *backend_args)
+    bare = scores(tmp_path / "prepared", f"{name}-bare", sequences, *moe_backend)
     lora_error = (with_lora - reference).abs().mean().item()
     bare_error = (bare - reference).abs().mean().item()
     (OUT / f"{name}-summary.json").write_text(json.dumps({"lora_vs_merged": lora_error, "bare_vs_merged": bare_error}))
