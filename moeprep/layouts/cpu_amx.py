@@ -31,6 +31,7 @@ HIDDEN_MULTIPLE = BLOCK_N
 KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()
+LORA_SERVE_FLAGS = SERVE_FLAGS
 VERIFIED_VLLM = ["0.32.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 

@@ -89,6 +89,7 @@ HIDDEN_MULTIPLE = 256
 KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS = ("--moe-backend", "marlin")  # vLLM picks Triton on Hopper unless told
+LORA_SERVE_FLAGS = SERVE_FLAGS
 VERIFIED_VLLM = ["0.26.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 

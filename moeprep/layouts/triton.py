@@ -40,6 +40,9 @@ NUM_WARPS = 8
 KNOBS = {"num_warps": NUM_WARPS}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()  # vLLM 0.26 picks this kernel by default on Hopper
+# With LoRA on, vLLM 0.26 skips its fused Triton kernel (no LoRA support) for Marlin, whose layout this is not;
+# its unfused Triton kernel reads the same layouts and applies MoE LoRA.
+LORA_SERVE_FLAGS = ("--moe-backend", "triton_unfused")
 VERIFIED_VLLM = ["0.26.0"]
 # vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors
 # are stored under the full name of the parameter they fill.

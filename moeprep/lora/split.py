@@ -320,8 +320,15 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     write_json(folder / LORA_RECORD_NAME, record)
     # vLLM 0.26 wraps gpt-oss's qkv projection for LoRA whatever the adapter holds, and its LoRA kernel then
     # fails an is_contiguous() assertion there: only the adapter's own modules may be wrapped.
-    flags = ("--lora-target-modules", *targets) if three_d else ()
+    flags = (*_backend_lora_flags(base.backend), *(("--lora-target-modules", *targets) if three_d else ()))
     return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)
+
+
+def _backend_lora_flags(backend: str) -> tuple[str, ...]:
+    """The MoE kernel choice vLLM needs to apply LoRA on this backend's prepared layouts."""
+    from moeprep.plan import MXFP4_BACKENDS
+
+    return MXFP4_BACKENDS[backend].LORA_SERVE_FLAGS if backend in MXFP4_BACKENDS else ()
 
 
 def _key_name(key: tuple[str, int, str]) -> str:

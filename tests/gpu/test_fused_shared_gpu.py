@@ -1,22 +1,32 @@
 """On the H100 with vLLM 0.26: folders converted with ``--fuse-shared-experts`` (one Triton MoE kernel for
 routed experts and shared-expert slots) score the original's greedy continuations like the original does
-(teacher-forced log-probabilities, bf16 tolerance), for DeepSeek-V3 (grouped sigmoid routing with
-correction bias, routed_scaling_factor 2.5; bf16 and DeepSeek's own block-fp8 format, slots split with their
-block scales) and GLM-4-MoE."""
+(teacher-forced log-probabilities), for DeepSeek-V3 (grouped sigmoid routing with correction bias,
+routed_scaling_factor 2.5; bf16 and DeepSeek's own block-fp8 format, slots split with their block scales)
+and GLM-4-MoE.
+
+Tolerances (mean |Δ logprob| in nats): bf16 0.02 (vLLM CPU measures ~0.005 for the same comparison);
+block-fp8 0.05: vLLM runs it w8a8, quantizing activations to e4m3 per 128-group, and the slot's
+activations are quantized inside the MoE kernel rather than by the dense shared-expert linear. For fp8 the
+test also serves a fused folder whose shared expert's down-projection scales were doubled before fusing
+(what a slot loaded with the wrong scales would do) and requires it to score at least twice the tolerance
+away, so the tolerance is tight enough to see a scale mistake.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from tests.gpu.test_mxfp4_gpu import OUT, generate
 
-TOLERANCE = 0.02  # mean |Δ logprob| in nats; vLLM CPU measures ~0.005 for the same comparison
+TOLERANCE = {"none": 0.02, "fp8-block": 0.05}
 TOKENS = ["--max-tokens", "64"]
 
 
@@ -25,28 +35,53 @@ def run(model: Path, name: str, *extra: str) -> dict:
     return json.loads((OUT / f"{name}.json").read_text())
 
 
+def fused(src: Path, dest: Path) -> Path:
+    source, plan = load_plan(str(src), "none", fuse_shared_replicas=1)
+    convert(source, plan, dest)
+    return dest
+
+
+def with_shared_down_scales_doubled(src: Path, dest: Path) -> Path:
+    """A copy of ``src`` whose shared experts' down_proj weight_scale_inv are twice the original."""
+    shutil.copytree(src, dest)
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        names = [n for n in tensors if n.endswith("shared_experts.down_proj.weight_scale_inv")]
+        if names:
+            save_file({**tensors, **{n: tensors[n] * 2 for n in names}}, str(shard), metadata={"format": "pt"})
+    return dest
+
+
+def mean_delta(scored: dict, original: dict) -> torch.Tensor:
+    return (torch.tensor(sum(scored["scores"], [])) - torch.tensor(sum(original["scores"], []))).abs()
+
+
 @pytest.mark.parametrize(
     ("family", "quantization"), [("deepseek-v3", "none"), ("glm4-moe", "none"), ("deepseek-v3", "fp8-block")]
 )
 def test_fused_shared_experts_score_like_the_original(tmp_path: Path, family: str, quantization: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     src = build_fixture(family, tmp_path / "src", quantization=quantization)
-    source, plan = load_plan(str(src), "none", fuse_shared_replicas=1)
-    convert(source, plan, tmp_path / "fused")
     name = f"fused-{family}" + ("" if quantization == "none" else f"-{quantization}")
     original = run(src, f"{name}-original")
     sequences = tmp_path / "sequences.json"
     sequences.write_text(json.dumps(original["sequences"]))
-    fused = run(tmp_path / "fused", f"{name}-fused", "--score", str(sequences))
+    scored = run(fused(src, tmp_path / "fused"), f"{name}-fused", "--score", str(sequences))
     log = (OUT / f"{name}-fused.log").read_text()
     assert "Resolved architecture: MoeprepFused" in log
 
-    delta = (torch.tensor(sum(fused["scores"], [])) - torch.tensor(sum(original["scores"], []))).abs()
-    same = [common_prefix(a, b) for a, b in zip(original["tokens"], fused["tokens"], strict=True)]
+    delta = mean_delta(scored, original)
+    same = [common_prefix(a, b) for a, b in zip(original["tokens"], scored["tokens"], strict=True)]
     summary = {"mean_abs_dlogprob": delta.mean().item(), "max_abs_dlogprob": delta.max().item(), "same_prefix": same}
+    if quantization == "fp8-block":
+        wrong = fused(with_shared_down_scales_doubled(src, tmp_path / "wrong-src"), tmp_path / "wrong")
+        wrong_scored = run(wrong, f"{name}-wrong-scales", "--score", str(sequences))
+        summary["wrong_scales_mean_abs_dlogprob"] = mean_delta(wrong_scored, original).mean().item()
     (OUT / f"{name}-summary.json").write_text(json.dumps(summary))
     assert all(len(set(t)) > 4 for t in original["tokens"])
-    assert delta.mean() <= TOLERANCE, summary
+    assert delta.mean() <= TOLERANCE[quantization], summary
+    if quantization == "fp8-block":
+        assert summary["wrong_scales_mean_abs_dlogprob"] >= 2 * TOLERANCE[quantization], summary
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
