@@ -85,9 +85,10 @@ def load_plan(
     arch: str | None = None,
     device: str = "cpu",
     fuse_shared_replicas: int = 0,
+    requantize_shared: bool = False,
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch, device, fuse_shared_replicas)
+    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared)
 
 
 def convert(

@@ -180,13 +180,13 @@ def backend_target(backend: str, arch: str | None) -> Target:
 
 
 def _fused_shared_jobs(
-    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int
+    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int, requantize: bool
 ) -> tuple[list[TensorJob], set[str], dict[str, Any]]:
     from moeprep import shared_experts  # imports TensorJob from here
 
     shared_experts.check_fusable(family, moe, replicas)
-    jobs, consumed = shared_experts.slot_jobs(source, family, moe, replicas)
-    contract = shared_experts.routing_contract(family, moe, source.config, replicas)
+    jobs, consumed, requantized = shared_experts.slot_jobs(source, family, moe, replicas, requantize)
+    contract = shared_experts.routing_contract(family, moe, source.config, replicas, requantized)
     return jobs, consumed, {"fused_shared_experts": contract}
 
 
@@ -196,9 +196,11 @@ def build_plan(
     arch: str | None = None,
     device: str = "cpu",
     fuse_shared_replicas: int = 0,
+    requantize_shared: bool = False,
 ) -> Plan:
     """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``.
-    ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots."""
+    ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots,
+    ``requantize_shared`` lets those slots change format to the routed experts' one."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     original_quant = source.config.get("quantization_config")
@@ -228,7 +230,9 @@ def build_plan(
     routing = None
     fused: list[TensorJob] = []
     if fuse_shared_replicas:
-        fused, fused_consumed, routing = _fused_shared_jobs(source, family, moe, fuse_shared_replicas)
+        fused, fused_consumed, routing = _fused_shared_jobs(
+            source, family, moe, fuse_shared_replicas, requantize_shared
+        )
         consumed |= fused_consumed
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     return Plan(family, moe, target, jobs + fused, unknown, routing)

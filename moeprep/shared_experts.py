@@ -12,19 +12,21 @@ slot weight, after the routed top-k was chosen and renormalised.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-from moeprep.checkpoint.safetensors_io import TensorEntry
+from moeprep.checkpoint.safetensors_io import DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
-from moeprep.families import Family, MoeSpec
+from moeprep.families import Family, MoeSpec, fp8_block
 from moeprep.families.common import GATE_UP_DOWN
 from moeprep.plan import TensorJob
 
 RECIPE_SLOT = "shared-expert-slot"
+RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
 RECIPE_ROUTER = "router+shared-expert-gate"
 CONTRACT_VERSION = 1
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -60,8 +62,11 @@ def _tensors_under(source: CheckpointSource, prefix: str) -> TensorMetas:
     }
 
 
-def routing_contract(family: Family, moe: MoeSpec, config: dict[str, Any], replicas: int) -> dict[str, Any]:
-    """The manifest's ``routing.fused_shared_experts``: how the runtime routes to the slots."""
+def routing_contract(
+    family: Family, moe: MoeSpec, config: dict[str, Any], replicas: int, requantized: str | None = None
+) -> dict[str, Any]:
+    """The manifest's ``routing.fused_shared_experts``: how the runtime routes to the slots (``requantized``:
+    the slots' format change, when the shared expert was stored in another format than the routed ones)."""
     slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
     experts = moe.num_experts
     return {
@@ -84,6 +89,7 @@ def routing_contract(family: Family, moe: MoeSpec, config: dict[str, Any], repli
         "renormalize_excludes_slots": True,
         "original_architectures": list(config.get("architectures") or []),
         "architecture": family.fused_shared_architecture,
+        "slots_requantized": requantized,
     }
 
 
@@ -105,49 +111,133 @@ def _describe(tensors: TensorMetas) -> str:
     return ", ".join(f"{suffix} {dtype}" for suffix, (dtype, _) in sorted(tensors.items()))
 
 
-def _check_same_format(shared: TensorMetas, routed: TensorMetas, where: str) -> None:
-    """Slots must be in the routed experts' format: the same tensors with the same dtypes (no requantization)."""
-    if set(shared) != set(routed) or any(shared[k][0] != routed[k][0] for k in shared):
-        raise UnsupportedModelError(
-            f"--fuse-shared-experts: {where} shared expert is [{_describe(shared)}] but the routed experts are "
-            f"[{_describe(routed)}]; mixed formats cannot share one MoE kernel and moeprep does not requantize"
-        )
+def _same_format(shared: TensorMetas, routed: TensorMetas) -> bool:
+    return set(shared) == set(routed) and all(shared[k][0] == routed[k][0] for k in shared)
 
 
 def slot_jobs(
-    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int
-) -> tuple[list[TensorJob], set[str]]:
-    """Every slot tensor of every MoE layer (and the gated families' widened router), and the sources consumed."""
-    width = moe.expert_intermediate
-    slots = slot_count(moe.shared_intermediate, width)
+    source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int, requantize: bool = False
+) -> tuple[list[TensorJob], set[str], str | None]:
+    """Every slot tensor of every MoE layer (and the gated families' widened router), the sources consumed,
+    and the slots' format change when ``requantize`` had to bring the shared expert to the routed format."""
+    slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
+    requantized: str | None = None
     for layer in moe.moe_layers:
         mlp = f"model.layers.{layer}.mlp"
         for proj in GATE_UP_DOWN:
-            shared = _tensors_under(source, f"{mlp}.{family.shared_expert_module}.{proj}")
+            prefix = f"{mlp}.{family.shared_expert_module}.{proj}"
+            shared = _tensors_under(source, prefix)
             routed = _tensors_under(source, f"{mlp}.experts.0.{proj}")
-            _check_same_format(shared, routed, f"{mlp}.{proj}")
             dim = -1 if proj == "down_proj" else 0
-            for suffix, (dtype, shape) in shared.items():
-                src = f"{mlp}.{family.shared_expert_module}.{proj}.{suffix}"
-                out_shape = routed[suffix][1]
-                if dtype in FLOAT_DTYPES and suffix == "weight":
-                    _check_paddable(src, shape, out_shape, slots, dim)
-                else:
-                    _check_exact_split(src, shape, out_shape, slots, dim)
-                chunk_width = out_shape[dim]
-                for s in range(slots):
-                    for r in range(replicas):
-                        expert = moe.num_experts + s * replicas + r
-                        name = f"{mlp}.experts.{expert}.{proj}.{suffix}"
-                        run = partial(_read_chunk, name=src, slot=s, width=chunk_width, dim=dim)
-                        jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (src,), RECIPE_SLOT, run))
-                consumed.add(src)
+            if _same_format(shared, routed):
+                jobs += _split_jobs(source, prefix, shared, routed, slots, replicas, moe, dim)
+            elif requantize:
+                converter = SlotConverter.between(source, prefix, shared, routed)
+                jobs += converter.jobs(source, slots, replicas, moe, dim)
+                requantized = converter.describe()
+            else:
+                raise UnsupportedModelError(
+                    f"--fuse-shared-experts: {prefix} is [{_describe(shared)}] but the routed experts are "
+                    f"[{_describe(routed)}]; mixed formats cannot share one MoE kernel: add "
+                    "--requantize-shared-experts to bring the slots to the routed experts' format"
+                )
+            consumed |= {f"{prefix}.{suffix}" for suffix in shared}
         if family.shared_expert_gate_module:
             jobs.append(_router_job(source, mlp, family.shared_expert_gate_module))
             consumed |= {f"{mlp}.gate.weight", f"{mlp}.{family.shared_expert_gate_module}.weight"}
-    return jobs, consumed
+    return jobs, consumed, requantized
+
+
+def _slot_names(moe: MoeSpec, prefix: str, slot: int, replicas: int, suffix: str) -> list[str]:
+    """The tensor ``suffix`` of every replica of ``slot`` (``prefix``: the shared expert's projection)."""
+    mlp, _, proj = prefix.rsplit(".", 2)
+    return [f"{mlp}.experts.{moe.num_experts + slot * replicas + r}.{proj}.{suffix}" for r in range(replicas)]
+
+
+def _split_jobs(
+    source: CheckpointSource,
+    prefix: str,
+    shared: TensorMetas,
+    routed: TensorMetas,
+    slots: int,
+    replicas: int,
+    moe: MoeSpec,
+    dim: int,
+) -> list[TensorJob]:
+    """Slots in the shared expert's own format: float weights split and zero-padded, quantized tensors and
+    their scales split exactly."""
+    jobs = []
+    for suffix, (dtype, shape) in shared.items():
+        src = f"{prefix}.{suffix}"
+        out_shape = routed[suffix][1]
+        if dtype in FLOAT_DTYPES and suffix == "weight":
+            _check_paddable(src, shape, out_shape, slots, dim)
+        else:
+            _check_exact_split(src, shape, out_shape, slots, dim)
+        for s in range(slots):
+            run = partial(_read_chunk, name=src, slot=s, width=out_shape[dim], dim=dim)
+            for name in _slot_names(moe, prefix, s, replicas, suffix):
+                jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (src,), RECIPE_SLOT, run))
+    return jobs
+
+
+@dataclass(frozen=True)
+class SlotConverter:
+    """Slots of a float shared expert quantized to the routed experts' block fp8, or of a block-fp8 shared
+    expert dequantized to the routed experts' float dtype."""
+
+    prefix: str
+    shared: TensorMetas
+    routed: TensorMetas
+    block: tuple[int, int]
+
+    @classmethod
+    def between(cls, source: CheckpointSource, prefix: str, shared: TensorMetas, routed: TensorMetas) -> SlotConverter:
+        block = fp8_block.block_size(source.config)
+        fp8 = {"weight": "F8_E4M3", fp8_block.SCALE_SUFFIX: "F32"}
+        formats = [{k: dtype for k, (dtype, _) in t.items()} for t in (shared, routed)]
+        is_float = [set(f) == {"weight"} and f["weight"] in FLOAT_DTYPES for f in formats]
+        if block is None or not ((is_float[0] and formats[1] == fp8) or (formats[0] == fp8 and is_float[1])):
+            raise UnsupportedModelError(
+                f"--requantize-shared-experts: {prefix} is [{_describe(shared)}], the routed experts are "
+                f"[{_describe(routed)}]; moeprep requantizes between float and block-fp8 experts only"
+            )
+        return cls(prefix, shared, routed, block)
+
+    @property
+    def to_fp8(self) -> bool:
+        return fp8_block.SCALE_SUFFIX in self.routed
+
+    def describe(self) -> str:
+        bn, bk = self.block
+        source, target = (self.shared["weight"][0], self.routed["weight"][0])
+        return f"{source} -> {target}" + (f" with [{bn}, {bk}] block scales" if self.to_fp8 else "")
+
+    def jobs(self, source: CheckpointSource, slots: int, replicas: int, moe: MoeSpec, dim: int) -> list[TensorJob]:
+        shape = self.shared["weight"][1]
+        width = self.routed["weight"][1][dim]
+        _check_paddable(f"{self.prefix}.weight", shape, self.routed["weight"][1], slots, dim)
+        sources = tuple(f"{self.prefix}.{suffix}" for suffix in self.shared)
+        jobs = []
+        for s in range(slots):
+            for suffix, (dtype, out_shape) in self.routed.items():
+                run = partial(self._slot_tensor, slot=s, width=width, dim=dim, suffix=suffix, dtype=DTYPES[dtype])
+                for name in _slot_names(moe, self.prefix, s, replicas, suffix):
+                    jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), sources, RECIPE_REQUANTIZED, run))
+        return jobs
+
+    def _slot_tensor(
+        self, source: CheckpointSource, slot: int, width: int, dim: int, suffix: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if self.to_fp8:
+            weight = _read_chunk(source, f"{self.prefix}.weight", slot, width, dim)
+            quantized, scale = fp8_block.quantize(weight, self.block)
+            return quantized if suffix == "weight" else scale
+        scale = source.read(f"{self.prefix}.{fp8_block.SCALE_SUFFIX}")
+        weight = fp8_block.dequantize(source.read(f"{self.prefix}.weight"), scale, self.block, torch.float32)
+        return slot_chunk(weight, slot, width, dim).to(dtype)
 
 
 def _check_paddable(src: str, shape: tuple[int, ...], out_shape: tuple[int, ...], slots: int, dim: int) -> None:

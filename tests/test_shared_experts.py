@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from moeprep.checkpoint.source import open_local
 from moeprep.cli.app import with_optional_replicas
+from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
 from moeprep.shared_experts import slot_chunk
 from tests.conftest import run_cli
@@ -23,11 +24,11 @@ SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", 
 
 
 def swiglu(x: torch.Tensor, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    gate, up, down = (dequantized(weights, f"{prefix}.{p}_proj") for p in ("gate", "up", "down"))
+    gate, up, down = (dequantized_weight(weights, f"{prefix}.{p}_proj") for p in ("gate", "up", "down"))
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def dequantized(weights: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+def dequantized_weight(weights: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """``module``'s weight in float64; block-fp8 weights times their 128 x 128 block scales."""
     weight = weights[f"{module}.weight"].double()
     scale = weights.get(f"{module}.weight_scale_inv")
@@ -178,3 +179,76 @@ def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:
     split = run_cli("lora", "split", tmp_path, "--base", tmp_path / "fused", "--out", tmp_path / "split")
     assert split.returncode == 2 and "has fused shared-expert slots" in split.stderr
     assert not (tmp_path / "split").exists()
+
+
+def mixed_fixture(root: Path, kept: str, seed: int) -> Path:
+    """A block-fp8 DeepSeek-V3 whose ``kept`` modules (shared or routed experts) stayed bf16."""
+    quant = {**DEEPSEEK_FP8_CONFIG, "modules_to_not_convert": [kept]}
+    overrides = {"quantization_config": quant, "n_shared_experts": 2}
+    return build_fixture("deepseek-v3", root, seed=seed, config_overrides=overrides, quantization="fp8-block")
+
+
+def reference_block_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's 128x128 weight quantization written out block by block: scale = amax / 448 (1 for an
+    all-zero block), e4m3 = round(w / scale)."""
+    rows, cols = weight.shape
+    quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scales = torch.empty((rows + 127) // 128, (cols + 127) // 128)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            block = weight[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
+            amax = block.abs().max().item()
+            scales[i, j] = amax / 448 if amax > 0 else 1.0
+            quantized[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (block / scales[i, j]).to(torch.float8_e4m3fn)
+    return quantized, scales
+
+
+def test_bf16_shared_expert_is_requantized_to_the_routed_block_fp8(tmp_path: Path) -> None:
+    source = mixed_fixture(tmp_path / "src", "shared_experts", int.from_bytes(os.urandom(3), "little"))
+    refused = run_cli("convert", source, tmp_path / "refused", "--fuse-shared-experts")
+    assert refused.returncode == 2 and "add --requantize-shared-experts" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    result = run_cli("convert", source, tmp_path / "fused", "--fuse-shared-experts", "--requantize-shared-experts")
+    assert result.returncode == 0, result.stderr
+    tensors = {k: v for shard in (tmp_path / "fused").glob("model-*.safetensors") for k, v in load_file(shard).items()}
+    contract = json.loads((tmp_path / "fused" / "moeprep.json").read_text())["routing"]["fused_shared_experts"]
+    assert contract["slots_requantized"] == "BF16 -> F8_E4M3 with [128, 128] block scales"
+    assert "slots requantized BF16 -> F8_E4M3" in " ".join(run_cli("inspect", tmp_path / "fused").stdout.split())
+    original = open_local(source)
+    mlp = "model.layers.1.mlp"
+    x = torch.randn(5, 128, dtype=torch.float64)
+    for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", -1)):
+        shared = original.read(f"{mlp}.shared_experts.{proj}.weight")
+        for s, ids in enumerate(contract["slot_ids"]):
+            expected_q, expected_scale = reference_block_quantize(slot_chunk(shared, s, 128, dim))
+            weight = tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"]
+            assert torch.equal(weight.view(torch.uint8), expected_q.view(torch.uint8)), (proj, s)
+            assert torch.equal(tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight_scale_inv"], expected_scale)
+    expected = swiglu(x, {n: original.read(n) for n in original.tensor_names}, f"{mlp}.shared_experts")
+    fused = sum(swiglu(x, tensors, f"{mlp}.experts.{ids[0]}") for ids in contract["slot_ids"])
+    assert (fused - expected).norm() / expected.norm() < 0.1  # e4m3 keeps 3 mantissa bits
+
+
+def test_block_fp8_shared_expert_is_dequantized_to_the_routed_bf16(tmp_path: Path) -> None:
+    source = mixed_fixture(tmp_path / "src", "experts", int.from_bytes(os.urandom(3), "little"))
+    result = run_cli("convert", source, tmp_path / "fused", "--fuse-shared-experts", "--requantize-shared-experts")
+    assert result.returncode == 0, result.stderr
+    tensors = {k: v for shard in (tmp_path / "fused").glob("model-*.safetensors") for k, v in load_file(shard).items()}
+    contract = json.loads((tmp_path / "fused" / "moeprep.json").read_text())["routing"]["fused_shared_experts"]
+    assert contract["slots_requantized"] == "F8_E4M3 -> BF16"
+    original = open_local(source)
+    mlp = "model.layers.1.mlp"
+    for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", -1)):
+        prefix = f"{mlp}.shared_experts.{proj}"
+        weights = {f"{prefix}.weight": original.read(f"{prefix}.weight")}
+        weights[f"{prefix}.weight_scale_inv"] = original.read(f"{prefix}.weight_scale_inv")
+        dequantized = dequantized_weight(weights, prefix)
+        for s, ids in enumerate(contract["slot_ids"]):
+            slot = tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"]
+            assert slot.dtype == torch.bfloat16 and f"{mlp}.experts.{ids[0]}.{proj}.weight_scale_inv" not in tensors
+            assert torch.equal(slot, slot_chunk(dequantized, s, 128, dim).bfloat16())
+
+
+def test_requantize_without_fusing_is_refused(tiny, tmp_path: Path) -> None:
+    result = run_cli("convert", tiny("glm4-moe"), tmp_path / "out", "--requantize-shared-experts")
+    assert result.returncode == 2 and "applies to --fuse-shared-experts" in result.stderr

@@ -146,6 +146,13 @@ def convert(
             help="clone shared experts into R replicas of routed-expert slots (bare flag: R=1)",
         ),
     ] = 0,
+    requantize_shared_experts: Annotated[
+        bool,
+        typer.Option(
+            help="with --fuse-shared-experts: bring slots stored in another format than the routed experts to "
+            "theirs (float <-> block fp8)"
+        ),
+    ] = False,
 ) -> None:
     """Prepare SRC for vLLM into DEST (and upload it with --upload-repo)."""
     from moeprep.convert import convert as run_convert
@@ -153,8 +160,13 @@ def convert(
     from moeprep.modelcard import serve_command
 
     with user_errors():
-        check_convert_options(upload_repo, private, upload_revision, bool(lora), dry_run, fuse_shared_experts > 0)
-        source, plan = load_plan(src, backend.value, revision, arch, device, fuse_shared_experts)
+        fused = fuse_shared_experts > 0
+        check_convert_options(
+            upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
+        )
+        source, plan = load_plan(
+            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts
+        )
         if dry_run:
             print_plan(plan, as_json)
             return
@@ -171,9 +183,17 @@ def convert(
 
 
 def check_convert_options(
-    upload_repo: str | None, private: bool, upload_revision: str | None, lora: bool, dry_run: bool, fused: bool = False
+    upload_repo: str | None,
+    private: bool,
+    upload_revision: str | None,
+    lora: bool,
+    dry_run: bool,
+    fused: bool = False,
+    requantize: bool = False,
 ) -> None:
     """Options of ``convert`` that need or exclude each other."""
+    if requantize and not fused:
+        raise UnsupportedModelError("--requantize-shared-experts applies to --fuse-shared-experts slots only")
     if lora and fused:
         raise UnsupportedModelError(
             "--lora and --fuse-shared-experts cannot be combined yet: MoE LoRA does not cover shared-expert slots"
@@ -301,6 +321,7 @@ def inspect(
         f"{fused.get('slots')} slot(s) x {fused.get('replicas')} replica(s) after {fused.get('routed_experts')} "
         f"routed experts, top-k {fused.get('top_k')} -> {fused.get('fused_top_k')}, "
         f"slot weight {fused.get('slot_weight')}"
+        + (f", slots requantized {fused['slots_requantized']}" if fused.get("slots_requantized") else "")
         if fused
         else "no"
     )

@@ -2,12 +2,14 @@
 ``weight_block_size [bn, bk]``. Every linear weight ``[out, in]`` is stored as ``F8_E4M3`` with a ``F32``
 ``weight_scale_inv [ceil(out / bn), ceil(in / bk)]`` beside it (the weight is ``fp8 * scale_inv`` per
 block); embeddings, the LM head, norms, routers and the modules the config lists as not converted stay
-in their original dtype."""
+in their original dtype. Also the block math: quantize a float weight, dequantize a stored one."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 from moeprep.errors import UnsupportedModelError
 from moeprep.families.base import TensorSpec
@@ -61,8 +63,9 @@ def quantized(specs: dict[str, TensorSpec], config: dict[str, Any]) -> dict[str,
 
 
 def _names(module: str, kept: str) -> bool:
-    """Whether ``kept`` (a module name or dotted suffix, as in ``modules_to_not_convert``) names ``module``."""
-    return module == kept or module.endswith("." + kept)
+    """Whether ``kept`` (a module name or a run of its dotted parts, as in ``modules_to_not_convert``) names
+    ``module`` or a module above it."""
+    return f".{kept}." in f".{module}."
 
 
 def fixture_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,3 +76,30 @@ def fixture_overrides(config: dict[str, Any]) -> dict[str, Any]:
     sizes = ("moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size", "q_lora_rank")
     rounded = {key: math.ceil(config[key] / bn) * bn for key in sizes if config.get(key)}
     return {**rounded, "quantization_config": dict(DEEPSEEK_FP8_CONFIG)}
+
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _per_element(scale: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """``scale`` [ceil(rows/bn), ceil(cols/bk)] expanded to one value per element of ``shape``."""
+    rows, cols = shape
+    return scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+
+
+def quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 weight_scale_inv): each block scaled so its largest magnitude maps to 448,
+    rounded to nearest; an all-zero block (padding) gets the unit scale."""
+    rows, cols = weight.shape
+    bn, bk = block
+    padded = torch.zeros(-(-rows // bn) * bn, -(-cols // bk) * bk, dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    amax = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk).abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    quantized = (weight.float() / _per_element(scale, block, weight.shape)).clamp(-E4M3_MAX, E4M3_MAX)
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """``weight * weight_scale_inv`` per block, in ``dtype``."""
+    return (weight.float() * _per_element(scale.float(), block, weight.shape)).to(dtype)
