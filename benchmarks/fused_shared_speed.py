@@ -9,9 +9,11 @@ tokenizer, the fused folder the same plus moeprep's prepared config and manifest
 contract, exactly as ``moeprep convert --fuse-shared-experts`` writes them. Each model is measured in a
 fresh process with CUDA graphs on, driving vLLM's engine step by step: TTFT = time from adding a batch
 of requests to the first step that returns tokens (median of ``--repeats``), TPOT = median interval
-between later token-returning steps (each a decode step of the whole batch), after a warm-up at each
-batch size. The original runs twice (before and after the fused model): the ratio of its two runs is the noise
-floor for the fused / original ratio printed per batch size.
+between later token-returning steps (each a decode step of the whole batch), after decoding for
+``--warmup-s`` seconds (GPU clocks up) and one warm-up batch at each size. The two models alternate over
+``--rounds`` (original, fused, fused, original, ...: a drift over the run or a slow first process falls on
+both): each model's time is the median over its rounds, and the spread of the original's own rounds
+(max / min - 1) is the noise floor printed beside the fused / original ratio.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def weightless_folders(
     return folders
 
 
-def child_measure(model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int) -> None:
+def child_measure(
+    model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int, warmup_s: float
+) -> None:
     """Start vLLM on ``model`` (dummy weights) and time engine steps per batch size."""
     import torch
     from vllm import LLM, SamplingParams
@@ -98,6 +102,9 @@ def child_measure(model: str, out: Path, batches: list[int], input_len: int, out
         return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
     results = {}
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        run_batch(max(batches))
     for batch in batches:
         run_batch(batch)  # warm-up at this batch size
         runs = [run_batch(batch) for _ in range(repeats)]
@@ -121,55 +128,66 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="processes per model, alternating (3+: the median drops one slow process)"
+    )
+    parser.add_argument("--warmup-s", type=float, default=10.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    measure = (args.batches, args.input_len, args.output_len, args.repeats)
+    measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s)
     if args.child:
         child_measure(args.child[0], Path(args.child[1]), *measure)
         return
 
     folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
-    runs = {"original": folders["original"], "fused": folders["fused"], "original_again": folders["original"]}
-    results: dict[str, dict] = {}
-    for name, folder in runs.items():
-        out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
-        command = [sys.executable, __file__, "--child", str(folder), str(out), "--batches", *map(str, args.batches)]
-        command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
-        command += ["--repeats", str(args.repeats)]
-        with log.open("w") as f:
-            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            sys.exit(f"{name} failed:\n{log.read_text()[-4000:]}")
-        results[name] = json.loads(out.read_text())
-    rows = []
-    for batch in map(str, args.batches):
-        base, fused, again = results["original"][batch], results["fused"][batch], results["original_again"][batch]
-        rows.append(
-            {
-                "batch": int(batch),
-                **{f"original_{k}": v for k, v in base.items()},
-                **{f"fused_{k}": v for k, v in fused.items()},
-                **{f"original_again_{k}": v for k, v in again.items()},
-                "tpot_ratio": fused["tpot_ms"] / base["tpot_ms"],
-                "tpot_noise_ratio": again["tpot_ms"] / base["tpot_ms"],
-                "ttft_ratio": fused["ttft_ms"] / base["ttft_ms"],
-            }
-        )
+    runs: dict[str, list[dict]] = {"original": [], "fused": []}
+    for round_index in range(args.rounds):
+        order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
+        for name in order:
+            runs[name].append(measure_in_child(folders[name], args, f"{name}-{round_index}"))
+    rows = [summarize(batch, runs) for batch in map(str, args.batches)]
     model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
-    print(f"{model}, input {args.input_len}, output {args.output_len}")
-    print("batch  TPOT orig/fused ms  fused/orig  orig-again/orig   TTFT orig/fused ms  fused/orig")
+    print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model")
+    print("batch  TPOT orig/fused ms  fused/orig  orig noise   TTFT orig/fused ms  fused/orig  orig noise")
     for r in rows:
         print(
             f"{r['batch']:5d}  {r['original_tpot_ms']:7.2f}/{r['fused_tpot_ms']:7.2f}  {r['tpot_ratio']:10.3f}  "
-            f"{r['tpot_noise_ratio']:15.3f}   {r['original_ttft_ms']:8.2f}/{r['fused_ttft_ms']:8.2f}  "
-            f"{r['ttft_ratio']:10.3f}"
+            f"{r['tpot_noise']:10.3f}   {r['original_ttft_ms']:8.2f}/{r['fused_ttft_ms']:8.2f}  "
+            f"{r['ttft_ratio']:10.3f}  {r['ttft_noise']:10.3f}"
         )
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
-        summary["quantization"] = args.quantization
+        summary |= {"quantization": args.quantization, "rounds": args.rounds, "runs": runs}
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+def measure_in_child(folder: Path, args: argparse.Namespace, name: str) -> dict:
+    """One fresh vLLM process on ``folder``: ``{batch: {ttft_ms, tpot_ms, ...}}``."""
+    out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
+    command = [sys.executable, __file__, "--child", str(folder), str(out), "--batches", *map(str, args.batches)]
+    command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    command += ["--repeats", str(args.repeats), "--warmup-s", str(args.warmup_s)]
+    with log.open("w") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.exit(f"{name} failed:\n{log.read_text()[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def summarize(batch: str, runs: dict[str, list[dict]]) -> dict:
+    """Per model the median over its rounds; the original's spread over its rounds is the noise floor."""
+    row: dict = {"batch": int(batch)}
+    for metric in ("tpot_ms", "ttft_ms"):
+        for name, results in runs.items():
+            row[f"{name}_{metric}"] = statistics.median(r[batch][metric] for r in results)
+            row[f"{name}_{metric}_rounds"] = [r[batch][metric] for r in results]
+        key = metric.removesuffix("_ms")
+        row[f"{key}_ratio"] = row[f"fused_{metric}"] / row[f"original_{metric}"]
+        originals = row[f"original_{metric}_rounds"]
+        row[f"{key}_noise"] = max(originals) / min(originals) - 1
+    return row
 
 
 if __name__ == "__main__":
