@@ -21,12 +21,12 @@ from moeprep.checkpoint.manifest import (
     TensorRecord,
     write_manifest,
 )
-from moeprep.checkpoint.safetensors_io import TensorEntry, sha256_file
+from moeprep.checkpoint.safetensors_io import sha256_file
 from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
-from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_json, write_sharded
+from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
-from moeprep.plan import Plan, build_plan
+from moeprep.plan import Plan, TensorJob, build_plan
 
 LORA_FOLDER = "lora"
 
@@ -46,6 +46,27 @@ def prepared_config(config: dict[str, Any], target: Target, routing: dict[str, A
             "original": config.get("quantization_config"),
         },
     }
+
+
+def tensor_records(jobs: dict[str, TensorJob], written: ShardedWrite) -> dict[str, TensorRecord]:
+    """The manifest records of ``jobs``' tensors as ``written``."""
+    records = {}
+    for name, job in jobs.items():
+        file = written.weight_map[name]
+        begin, end = written.files[file].tensor_offsets[name]
+        records[name] = TensorRecord(
+            file=file,
+            dtype=job.entry.dtype,
+            stored_shape=list(job.entry.shape),
+            shape=list(job.view_shape),
+            strides=list(job.view_strides),
+            begin=begin,
+            end=end,
+            sha256=written.files[file].tensor_sha256[name],
+            recipe=job.recipe,
+            sources=list(job.sources),
+        )
+    return records
 
 
 def source_record(source: CheckpointSource) -> Source:
@@ -86,9 +107,10 @@ def load_plan(
     device: str = "cpu",
     fuse_shared_replicas: int = 0,
     requantize_shared: bool = False,
+    tp_size: int = 1,
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared)
+    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared, tp_size)
 
 
 def convert(
@@ -104,7 +126,9 @@ def convert(
     """Write the prepared folder for ``plan`` to ``out``; the manifest is written last. ``served_as``:
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
-    jobs = {job.entry.name: job for job in plan.jobs}
+    groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
+    for job in plan.jobs:
+        groups.setdefault(job.rank, {})[job.entry.name] = job
     with (
         ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash") as background,
         AtomicFolder(out, overwrite) as tmp,
@@ -114,8 +138,17 @@ def convert(
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)
         write_json(tmp / "config.json", prepared_config(source.config, plan.target, plan.routing))
-        entries: list[TensorEntry] = [job.entry for job in plan.jobs]
-        written = write_sharded(tmp, entries, lambda e: jobs[e.name].run(source), max_shard_bytes, on_bytes)
+        written = {
+            rank: write_sharded(
+                tmp,
+                [job.entry for job in jobs.values()],
+                lambda e, jobs=jobs: jobs[e.name].run(source),
+                max_shard_bytes,
+                on_bytes,
+                rank,
+            )
+            for rank, jobs in groups.items()
+        }
         model_type = str(source.config["model_type"])
         src_record = src_future.result()
         (tmp / "README.md").write_text(
@@ -124,26 +157,11 @@ def convert(
             ),
             encoding="utf-8",
         )
+        shards = {name: w for write in written.values() for name, w in write.files.items()}
         every_file = (p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file())
-        files = {name: _file_record(tmp / name) for name in every_file if name not in written.files}
-        files |= {name: FileRecord(w.size, w.header_sha256, covers="header") for name, w in written.files.items()}
-        tensors = {}
-        for entry in entries:
-            file = written.weight_map[entry.name]
-            begin, end = written.files[file].tensor_offsets[entry.name]
-            job = jobs[entry.name]
-            tensors[entry.name] = TensorRecord(
-                file=file,
-                dtype=entry.dtype,
-                stored_shape=list(entry.shape),
-                shape=list(job.view_shape),
-                strides=list(job.view_strides),
-                begin=begin,
-                end=end,
-                sha256=written.files[file].tensor_sha256[entry.name],
-                recipe=job.recipe,
-                sources=list(job.sources),
-            )
+        files = {name: _file_record(tmp / name) for name in every_file if name not in shards}
+        files |= {name: FileRecord(w.size, w.header_sha256, covers="header") for name, w in shards.items()}
+        records = {rank: tensor_records(groups[rank], write) for rank, write in written.items()}
         manifest = Manifest(
             moeprep_version=__version__,
             model_type=model_type,
@@ -151,9 +169,10 @@ def convert(
             source=src_record,
             target=plan.target,
             files=dict(sorted(files.items())),
-            tensors=tensors,
+            tensors=records.get(None, {}),
             routing=plan.routing,
             lora=lora_records,
+            rank_tensors=[records[rank] for rank in range(plan.target.tp_size)] if plan.target.tp_size > 1 else [],
         )
         write_manifest(tmp, manifest)
     return manifest

@@ -7,7 +7,7 @@ tensor passes through), the source tensors it reads and the recipe that turns on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -41,6 +41,7 @@ class TensorJob:
     run: Callable[[CheckpointSource], torch.Tensor | Iterable[torch.Tensor]] = field(compare=False, repr=False)
     view_shape: tuple[int, ...] = ()
     view_strides: tuple[int, ...] = ()
+    rank: int | None = None  # a tensor-parallel rank's own tensor (None: every rank reads it)
 
     def __post_init__(self) -> None:
         if not self.view_shape:
@@ -179,6 +180,20 @@ def backend_target(backend: str, arch: str | None) -> Target:
     )
 
 
+def _tensor_parallel_jobs(
+    source: CheckpointSource, moe: MoeSpec, backend: str, tp_size: int, fused: int
+) -> tuple[list[TensorJob], set[str]]:
+    from moeprep import tensor_parallel  # imports TensorJob from here
+
+    if backend != "none" or fused:
+        what = f"--backend {backend}" if backend != "none" else "--fuse-shared-experts"
+        raise UnsupportedModelError(
+            f"--tp with {what} is not supported yet: per-rank files are written for unquantized per-expert "
+            "experts (--backend none) only"
+        )
+    return tensor_parallel.rank_jobs(source, moe, tp_size)
+
+
 def _fused_shared_jobs(
     source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int, requantize: bool
 ) -> tuple[list[TensorJob], set[str], dict[str, Any]]:
@@ -197,10 +212,12 @@ def build_plan(
     device: str = "cpu",
     fuse_shared_replicas: int = 0,
     requantize_shared: bool = False,
+    tp_size: int = 1,
 ) -> Plan:
     """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``.
     ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots,
-    ``requantize_shared`` lets those slots change format to the routed experts' one."""
+    ``requantize_shared`` lets those slots change format to the routed experts' one; ``tp_size`` > 1 writes
+    each tensor-parallel rank's expert shards into its own files."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     original_quant = source.config.get("quantization_config")
@@ -211,7 +228,7 @@ def build_plan(
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
     moe = family.moe_spec(source.config)
-    target = backend_target(backend, arch)
+    target = replace(backend_target(backend, arch), tp_size=tp_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     if backend == "none" and moe.expert_format == "mxfp4":
@@ -227,6 +244,8 @@ def build_plan(
             )
         module = MXFP4_BACKENDS[backend]
         jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(device))
+    if tp_size > 1:
+        jobs, consumed = _tensor_parallel_jobs(source, moe, backend, tp_size, fuse_shared_replicas)
     routing = None
     fused: list[TensorJob] = []
     if fuse_shared_replicas:

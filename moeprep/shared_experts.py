@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moeprep.checkpoint.safetensors_io import DTYPES, TensorEntry
+from moeprep.checkpoint.safetensors_io import DTYPES, FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec, fp8_block
@@ -29,7 +29,6 @@ RECIPE_SLOT = "shared-expert-slot"
 RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
 RECIPE_ROUTER = "router+shared-expert-gate"
 CONTRACT_VERSION = 1
-FLOAT_DTYPES = ("BF16", "F16", "F32")
 SLOT_WEIGHT_ONE = "1"
 SLOT_WEIGHT_GATED = "sigmoid(shared_expert_gate(x))"
 TensorMetas = dict[str, tuple[str, tuple[int, ...]]]  # {name suffix: (dtype, shape)}

@@ -36,21 +36,20 @@ def verify_folder(folder: Path) -> VerifyReport:
     extra = sorted(name for name in present if name not in (MANIFEST_NAME, SEAL_NAME, *manifest.files))
     if extra:
         raise VerificationError(f"{folder / extra[0]} is not recorded in {MANIFEST_NAME}; remove it or convert again")
-    by_file: dict[str, dict[str, tuple[int, int]]] = {}
-    for name, record in manifest.tensors.items():
+    by_file: dict[str, dict[str, TensorRecord]] = {}
+    for name, record in manifest.all_tensor_records():
         if record.file not in manifest.files:
             raise VerificationError(
                 f"{MANIFEST_NAME}: tensor {name!r} lives in unrecorded file {record.file}; convert again"
             )
-        by_file.setdefault(record.file, {})[name] = (record.begin, record.end)
+        by_file.setdefault(record.file, {})[name] = record
     for file, record in manifest.files.items():
-        _verify_file(folder / file, record, manifest.tensors, by_file.get(file, {}))
-    return VerifyReport(len(manifest.files), len(manifest.tensors), sum(r.size for r in manifest.files.values()))
+        _verify_file(folder / file, record, by_file.get(file, {}))
+    tensors = sum(len(records) for records in by_file.values())
+    return VerifyReport(len(manifest.files), tensors, sum(r.size for r in manifest.files.values()))
 
 
-def _verify_file(
-    path: Path, record: FileRecord, tensors: dict[str, TensorRecord], ranges: dict[str, tuple[int, int]]
-) -> None:
+def _verify_file(path: Path, record: FileRecord, tensors: dict[str, TensorRecord]) -> None:
     """A whole-file hash, or for a shard: its header hash, its tensors' hashes, and that they cover
     the data region exactly, so every byte is checked once."""
     if record.covers == "file":
@@ -59,6 +58,7 @@ def _verify_file(
                 f"{path}: sha256 differs from {MANIFEST_NAME}; the file was modified, convert again"
             )
         return
+    ranges = {name: (t.begin, t.end) for name, t in tensors.items()}
     header = read_header(path)
     _check_header(path, header, tensors, ranges)
     hashes = sha256_ranges(path, {**ranges, HEADER: (0, header.data_start)})

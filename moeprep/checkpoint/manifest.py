@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,14 @@ class Manifest:
     routing: dict[str, Any] | None = None
     lora: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    # Tensor-parallel folders: rank r's own tensors (its shard of every expert), in its own files.
+    rank_tensors: list[dict[str, TensorRecord]] = field(default_factory=list)
+
+    def all_tensor_records(self) -> Iterator[tuple[str, TensorRecord]]:
+        """Every tensor record, replicated and per rank (a name repeats once per rank, in another file)."""
+        yield from self.tensors.items()
+        for records in self.rank_tensors:
+            yield from records.items()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -112,6 +121,7 @@ class Manifest:
                 tensors=_records(data["tensors"], TensorRecord),
                 routing=data.get("routing"),
                 lora=_typed(data.get("lora", []), list),
+                rank_tensors=[_records(r, TensorRecord) for r in _typed(data.get("rank_tensors", []), list)],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where}: malformed manifest ({exc!r}); re-run moeprep convert") from exc

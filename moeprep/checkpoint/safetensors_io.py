@@ -24,6 +24,7 @@ import torch
 from moeprep.checkpoint.pipeline import background_iter
 from moeprep.errors import CheckpointError
 
+FLOAT_DTYPES = ("BF16", "F16", "F32")  # unquantized weights
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "U8": torch.uint8,

@@ -92,23 +92,31 @@ class ShardedWrite:
     weight_map: dict[str, str]  # tensor name -> file name
 
 
+def rank_file_name(rank: int, index: int) -> str:
+    """A tensor-parallel rank's own shard: vLLM's loader skips it (the index does not list it)."""
+    return f"model-rank-{rank}-part-{index + 1:05d}.safetensors"
+
+
 def write_sharded(
     folder: Path,
     entries: list[TensorEntry],
     produce: TensorProducer,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    rank: int | None = None,
 ) -> ShardedWrite:
-    """Write ``entries`` as ``model-XXXXX-of-YYYYY.safetensors`` plus the index json."""
+    """Write ``entries`` as ``model-XXXXX-of-YYYYY.safetensors`` plus the index json, or with ``rank`` as
+    that rank's ``model-rank-R-part-XXXXX.safetensors`` (no index)."""
     shards = plan_shards(entries, max_shard_bytes)
     files: dict[str, WrittenFile] = {}
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
-        name = shard_file_name(i, len(shards))
+        name = shard_file_name(i, len(shards)) if rank is None else rank_file_name(rank, i)
         files[name] = write_safetensors(folder / name, shard, produce, {"format": "pt"}, on_bytes)
         weight_map.update({e.name: name for e in shard})
-    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-    write_json(folder / INDEX_NAME, index)
+    if rank is None:
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        write_json(folder / INDEX_NAME, index)
     return ShardedWrite(files, weight_map)
 
 

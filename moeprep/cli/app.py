@@ -146,6 +146,10 @@ def convert(
             help="clone shared experts into R replicas of routed-expert slots (bare flag: R=1)",
         ),
     ] = 0,
+    tp: Annotated[
+        int,
+        typer.Option(min=1, help="tensor-parallel size: write each rank's expert shards into its own files"),
+    ] = 1,
     requantize_shared_experts: Annotated[
         bool,
         typer.Option(
@@ -165,7 +169,7 @@ def convert(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
         source, plan = load_plan(
-            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts
+            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts, tp
         )
         if dry_run:
             print_plan(plan, as_json)
@@ -175,7 +179,7 @@ def convert(
                 source, plan, dest, overwrite, parse_size(max_shard_size), advance, upload_repo, lora or []
             )
         out.print(
-            f"wrote {len(manifest.tensors)} tensors in {len(manifest.files)} files to {dest} "
+            f"wrote {sum(1 for _ in manifest.all_tensor_records())} tensors in {len(manifest.files)} files to {dest} "
             f"(backend {manifest.target.backend}); serve with: {serve_command(str(dest), plan.target, plan.summary())}"
         )
         if upload_repo:
@@ -301,7 +305,7 @@ def inspect(
         out.print_json(manifest.to_json())
         return
     recipes: dict[str, int] = {}
-    for record in manifest.tensors.values():
+    for _, record in manifest.all_tensor_records():
         recipes[record.recipe] = recipes.get(record.recipe, 0) + 1
     t = manifest.target
     out.print(f"model: {manifest.model_type} ({', '.join(manifest.architectures)})")
@@ -314,7 +318,9 @@ def inspect(
         f"TP {t.tp_size}, EP {t.ep_size}, padding {t.padding or '-'}, knobs {t.knobs or '-'}"
     )
     out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
-    out.print(f"tensors: {len(manifest.tensors)} ({', '.join(f'{k}: {v}' for k, v in sorted(recipes.items()))})")
+    per_rank = f", of them {sum(map(len, manifest.rank_tensors))} in per-rank files" if manifest.rank_tensors else ""
+    recipe_counts = ", ".join(f"{k}: {v}" for k, v in sorted(recipes.items()))
+    out.print(f"tensors: {sum(recipes.values())} ({recipe_counts}{per_rank})")
     adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
     fused = (manifest.routing or {}).get("fused_shared_experts") or {}
     fused_text = (

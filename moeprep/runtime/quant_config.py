@@ -117,6 +117,7 @@ class MoeprepConfig(QuantizationConfig):
         if original is not None:
             self.original = get_quantization_config(original["quant_method"]).from_config(original)
         self.manifest: Manifest | None = None
+        self.folder = Path()
         self.tracker = PreparedTensorTracker(set())
 
     @classmethod
@@ -169,11 +170,24 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         check_architecture(manifest, list(model_config.architectures or []))
-        self.manifest = manifest
+        if manifest.rank_tensors and parallel.enable_expert_parallel:
+            raise PreparedCheckpointMismatch(
+                "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
+                "--enable-expert-parallel"
+            )
+        self.manifest, self.folder = manifest, folder
         serve_base(folder)
-        self.tracker = PreparedTensorTracker(
-            {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
-        )
+        prepared = {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
+        self.tracker = PreparedTensorTracker(prepared | set(self.rank_records()))
+
+    def rank_records(self) -> dict[str, TensorRecord]:
+        """This tensor-parallel rank's own tensors (none for a single-partition folder)."""
+        assert self.manifest is not None
+        if not self.manifest.rank_tensors:
+            return {}
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return self.manifest.rank_tensors[get_tensor_model_parallel_rank()]
 
     def fused_shared_contract(self) -> dict[str, Any]:
         """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""
@@ -196,6 +210,13 @@ class MoeprepConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
             self._load_and_check_manifest()
+        if self.manifest is not None and self.manifest.rank_tensors and isinstance(layer, RoutedExperts):
+            from moeprep.runtime.rank_experts import RankExpertsMoEMethod
+
+            experts = prefix.removesuffix(".routed_experts") + "."
+            records = {n: r for n, r in self.rank_records().items() if n.startswith(experts)}
+            self.tracker.layer_built(prefix)
+            return RankExpertsMoEMethod(layer.moe_config, self.folder, prefix, records, self.tracker)
         if self.backend == "dequant" and isinstance(layer, RoutedExperts):
             from moeprep.runtime.cpu_mxfp4 import DequantMxfp4MoEMethod
 

@@ -27,29 +27,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_env(plugins: bool) -> dict[str, str]:
+def serve_env(plugins: bool, tp: int = 1) -> dict[str, str]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     if not plugins:
         env["VLLM_PLUGINS"] = "no-plugins-at-all"
+    if tp > 1:  # vLLM CPU binds each rank's threads to a NUMA node; one node here: one core per rank
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core % (os.cpu_count() or 1)) for core in range(tp))
     return env
 
 
-def serve_command(model: Path, port: int, dtype: str = "bfloat16") -> list[str]:
-    return [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *SERVE_ARGS]
+def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1) -> list[str]:
+    command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *SERVE_ARGS]
+    if tp > 1:  # the CPU memory check counts all ranks' reservations against one node
+        command += ["--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
+    return command
 
 
 @contextmanager
 def vllm_server(
-    model: Path, log: Path, plugins: bool = True, timeout: float = 300, dtype: str = "bfloat16"
+    model: Path, log: Path, plugins: bool = True, timeout: float = 300, dtype: str = "bfloat16", tp: int = 1
 ) -> Iterator[str]:
     """Serve ``model``; yields the base URL once /health answers. Fails with the log tail if vLLM exits."""
     port = free_port()
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            serve_command(model, port, dtype),
+            serve_command(model, port, dtype, tp),
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=serve_env(plugins),
+            env=serve_env(plugins, tp),
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -81,13 +86,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def run_until_exit(model: Path, log: Path, plugins: bool = True, timeout: float = 240) -> tuple[int, str]:
+def run_until_exit(model: Path, log: Path, plugins: bool = True, timeout: float = 240, tp: int = 1) -> tuple[int, str]:
     """Start ``vllm serve`` expecting it to refuse the model; returns (exit code, output)."""
     proc = subprocess.Popen(
-        serve_command(model, free_port()),
+        serve_command(model, free_port(), tp=tp),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        env=serve_env(plugins),
+        env=serve_env(plugins, tp),
         start_new_session=True,
     )
     try:
@@ -133,7 +138,9 @@ def sequence_logprobs(url: str, model: Path, token_ids: list[int]) -> list[float
     return [entry[str(token)]["logprob"] for entry, token in zip(scores, token_ids[1:], strict=True)]
 
 
-def serve_and_generate(model: Path, log: Path, max_tokens: int = 32) -> list[list[int]]:
+def serve_and_generate(
+    model: Path, log: Path, max_tokens: int = 32, dtype: str = "bfloat16", tp: int = 1
+) -> list[list[int]]:
     """One server for ``model``; the prompts are sent one at a time so batching cannot change numerics."""
-    with vllm_server(model, log) as url:
+    with vllm_server(model, log, dtype=dtype, tp=tp) as url:
         return [greedy_token_ids(url, model, p, max_tokens) for p in PROMPTS]

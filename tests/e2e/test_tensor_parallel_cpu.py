@@ -1,0 +1,39 @@
+"""``convert --tp 2`` served by vLLM CPU with tensor parallelism 2 (one core per rank): each rank fills its
+experts from its own files, and greedy tokens (float32) equal the original checkpoint's served the same way;
+a folder converted for TP 2 is refused at any other size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.e2e.vllm_server import run_until_exit, serve_and_generate
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+
+@pytest.mark.parametrize("family", ["glm4-moe", "qwen2-moe"])
+def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
+    tiny, tmp_path: Path, family: str
+) -> None:
+    prepared = tmp_path / "tp2"
+    result = run_cli("convert", tiny(family), prepared, "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    original = serve_and_generate(tiny(family), tmp_path / "original.log", dtype="float32", tp=2)
+    served = serve_and_generate(prepared, tmp_path / "prepared.log", dtype="float32", tp=2)
+    assert served == original
+    assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
+    # vLLM prints INFO lines of the first worker only: rank 0 read rank 0's file and no other. (Rank 1 opens
+    # the files of its own manifest records, which name only rank 1 files: tests/test_tensor_parallel.py.)
+    reads = [line for line in (tmp_path / "prepared.log").read_text().splitlines() if "reads its experts from" in line]
+    assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
+
+
+def test_tp2_folder_is_refused_at_tensor_parallel_size_1(tiny, tmp_path: Path) -> None:
+    prepared = tmp_path / "tp2"
+    assert run_cli("convert", tiny("glm4-moe"), prepared, "--tp", "2").returncode == 0
+    code, output = run_until_exit(prepared, tmp_path / "tp1.log")
+    assert code != 0 and "prepared for tensor parallel size 2, running with 1" in output

@@ -1,0 +1,90 @@
+"""``convert --tp N``: each rank's files hold exactly vLLM's tensor-parallel slices of every routed expert
+(gate/up rows, down columns), the index lists only the replicated shards, verify covers every rank's bytes,
+and what cannot be split per rank is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeprep.checkpoint.manifest import load_manifest
+from moeprep.checkpoint.source import open_local
+from moeprep.fixtures import build_fixture
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(("family", "tp"), [("glm4-moe", 2), ("qwen2-moe", 4), ("deepseek-v3", 2)])
+def test_rank_files_hold_vllm_tensor_parallel_slices(tmp_path: Path, family: str, tp: int) -> None:
+    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    dest = tmp_path / "tp"
+    result = run_cli("convert", source, dest, "--tp", str(tp))
+    assert result.returncode == 0, result.stderr
+    assert f"--tensor-parallel-size {tp}" in " ".join(result.stdout.split())
+    manifest = load_manifest(dest)
+    assert manifest.target.tp_size == tp and len(manifest.rank_tensors) == tp
+    index = json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("rank" in file for file in index.values())
+    original = open_local(source)
+    expert_names = {name for name in original.tensor_names if ".mlp.experts." in name}
+    assert expert_names and not expert_names & set(manifest.tensors)  # no rank reads another's experts
+    for rank, records in enumerate(manifest.rank_tensors):
+        assert set(records) == expert_names
+        assert {r.file for r in records.values()} == {f"model-rank-{rank}-part-00001.safetensors"}
+        stored = load_file(dest / f"model-rank-{rank}-part-00001.safetensors")
+        for name in expert_names:
+            full = original.read(name)
+            dim = 1 if name.endswith("down_proj.weight") else 0
+            width = full.shape[dim] // tp
+            assert torch.equal(stored[name], full.narrow(dim, rank * width, width)), (rank, name)
+    assert run_cli("verify", dest).returncode == 0
+    shown = " ".join(run_cli("inspect", dest).stdout.split())
+    assert f"TP {tp}" in shown and f"of them {tp * len(expert_names)} in per-rank files" in shown
+
+
+def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> None:
+    dest = tmp_path / "tp"
+    assert run_cli("convert", tiny("glm4-moe"), dest, "--tp", "2").returncode == 0
+    rank_file = dest / "model-rank-1-part-00001.safetensors"
+    data = bytearray(rank_file.read_bytes())
+    data[-100] ^= 1
+    rank_file.write_bytes(bytes(data))
+    result = run_cli("verify", dest)
+    assert result.returncode == 2 and "model-rank-1-part-00001.safetensors" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("family", "extra", "message"),
+    [
+        ("glm4-moe", ["--tp", "3"], "does not split into 3 equal parts"),
+        ("gpt-oss", ["--tp", "2", "--backend", "triton"], "--tp with --backend triton is not supported yet"),
+        ("glm4-moe", ["--tp", "2", "--fuse-shared-experts"], "--tp with --fuse-shared-experts is not supported yet"),
+        ("mixtral", ["--tp", "2"], "no mlp.experts"),
+        ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
+    ],
+)
+def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: str, extra: list, message: str) -> None:
+    result = run_cli("convert", tiny(family), tmp_path / "out", *extra)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_block_fp8_experts_are_not_split_per_rank_yet(tmp_path: Path) -> None:
+    source = build_fixture("deepseek-v3", tmp_path / "src", quantization="fp8-block")
+    result = run_cli("convert", source, tmp_path / "out", "--tp", "2")
+    assert result.returncode == 2 and "per-rank expert shards are written for float experts" in result.stderr
+
+
+def test_lora_split_refuses_a_tensor_parallel_base(tiny, tmp_path: Path) -> None:
+    dest = tmp_path / "tp"
+    assert run_cli("convert", tiny("qwen2-moe"), dest, "--tp", "2").returncode == 0
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    )
+    result = run_cli("lora", "split", tmp_path / "adapter", "--base", dest, "--out", tmp_path / "split")
+    assert result.returncode == 2 and "single-partition bases" in result.stderr
