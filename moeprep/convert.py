@@ -108,9 +108,10 @@ def load_plan(
     fuse_shared_replicas: int = 0,
     requantize_shared: bool = False,
     tp_size: int = 1,
+    ep_size: int = 1,
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared, tp_size)
+    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared, tp_size, ep_size)
 
 
 def convert(
@@ -172,7 +173,9 @@ def convert(
             tensors=records.get(None, {}),
             routing=plan.routing,
             lora=lora_records,
-            rank_tensors=[records[rank] for rank in range(plan.target.tp_size)] if plan.target.tp_size > 1 else [],
+            rank_tensors=[records.get(rank, {}) for rank in range(plan.target.moe_ranks)]
+            if plan.target.moe_ranks > 1
+            else [],
         )
         write_manifest(tmp, manifest)
     return manifest

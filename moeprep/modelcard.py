@@ -25,6 +25,13 @@ def serve_command(model: str, target: Target, summary: dict[str, Any]) -> str:
     flags = [*summary.get("serve_flags", [])]
     if target.tp_size > 1:
         flags += ["--tensor-parallel-size", str(target.tp_size)]
+    if target.ep_size > 1:  # vLLM's expert-parallel group is TP x DP
+        data_parallel = target.ep_size // target.tp_size
+        if target.tp_size == 1:
+            flags += ["--tensor-parallel-size", str(target.ep_size)]
+        elif data_parallel > 1:
+            flags += ["--data-parallel-size", str(data_parallel)]
+        flags += ["--enable-expert-parallel"]
     return " ".join(["vllm serve", model, *flags])
 
 

@@ -180,18 +180,24 @@ def backend_target(backend: str, arch: str | None) -> Target:
     )
 
 
-def _tensor_parallel_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: str, tp_size: int, fused: int
+def _rank_shard_jobs(
+    source: CheckpointSource, moe: MoeSpec, backend: str, tp_size: int, ep_size: int, fused: int
 ) -> tuple[list[TensorJob], set[str]]:
-    from moeprep import tensor_parallel  # imports TensorJob from here
+    from moeprep import rank_shards  # imports TensorJob from here
 
     if backend != "none" or fused:
+        option = "--ep" if ep_size > 1 else "--tp"
         what = f"--backend {backend}" if backend != "none" else "--fuse-shared-experts"
         raise UnsupportedModelError(
-            f"--tp with {what} is not supported yet: per-rank files are written for unquantized per-expert "
+            f"{option} with {what} is not supported yet: per-rank files are written for unquantized per-expert "
             "experts (--backend none) only"
         )
-    return tensor_parallel.rank_jobs(source, moe, tp_size)
+    if ep_size > 1 and ep_size % tp_size:
+        raise UnsupportedModelError(
+            f"--ep {ep_size} with --tp {tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
+            "a multiple of the TP size"
+        )
+    return rank_shards.rank_jobs(source, moe, tp_size, ep_size)
 
 
 def _fused_shared_jobs(
@@ -213,11 +219,12 @@ def build_plan(
     fuse_shared_replicas: int = 0,
     requantize_shared: bool = False,
     tp_size: int = 1,
+    ep_size: int = 1,
 ) -> Plan:
     """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``.
     ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots,
-    ``requantize_shared`` lets those slots change format to the routed experts' one; ``tp_size`` > 1 writes
-    each tensor-parallel rank's expert shards into its own files."""
+    ``requantize_shared`` lets those slots change format to the routed experts' one; ``tp_size`` or
+    ``ep_size`` > 1 writes each rank's expert shards (TP slices, or whole experts under EP) into its own files."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     original_quant = source.config.get("quantization_config")
@@ -228,7 +235,7 @@ def build_plan(
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
     moe = family.moe_spec(source.config)
-    target = replace(backend_target(backend, arch), tp_size=tp_size)
+    target = replace(backend_target(backend, arch), tp_size=tp_size, ep_size=ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     if backend == "none" and moe.expert_format == "mxfp4":
@@ -244,8 +251,8 @@ def build_plan(
             )
         module = MXFP4_BACKENDS[backend]
         jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(device))
-    if tp_size > 1:
-        jobs, consumed = _tensor_parallel_jobs(source, moe, backend, tp_size, fuse_shared_replicas)
+    if tp_size > 1 or ep_size > 1:
+        jobs, consumed = _rank_shard_jobs(source, moe, backend, tp_size, ep_size, fuse_shared_replicas)
     routing = None
     fused: list[TensorJob] = []
     if fuse_shared_replicas:

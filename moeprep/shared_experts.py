@@ -134,7 +134,7 @@ def slot_jobs(
                 jobs += _split_jobs(source, prefix, shared, routed, slots, replicas, moe, dim)
             elif requantize:
                 converter = SlotConverter.between(source, prefix, shared, routed)
-                jobs += converter.jobs(source, slots, replicas, moe, dim)
+                jobs += converter.jobs(slots, replicas, moe, dim)
                 requantized = converter.describe()
             else:
                 raise UnsupportedModelError(
@@ -214,7 +214,7 @@ class SlotConverter:
         source, target = (self.shared["weight"][0], self.routed["weight"][0])
         return f"{source} -> {target}" + (f" with [{bn}, {bk}] block scales" if self.to_fp8 else "")
 
-    def jobs(self, source: CheckpointSource, slots: int, replicas: int, moe: MoeSpec, dim: int) -> list[TensorJob]:
+    def jobs(self, slots: int, replicas: int, moe: MoeSpec, dim: int) -> list[TensorJob]:
         shape = self.shared["weight"][1]
         width = self.routed["weight"][1][dim]
         _check_paddable(f"{self.prefix}.weight", shape, self.routed["weight"][1], slots, dim)

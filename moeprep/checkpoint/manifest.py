@@ -61,6 +61,12 @@ class Target:
     padding: dict[str, int] = field(default_factory=dict)
     knobs: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def moe_ranks(self) -> int:
+        """How many ranks have their own expert files: the EP size under expert parallelism, else the TP
+        size (1: every tensor is in the replicated shards)."""
+        return self.ep_size if self.ep_size > 1 else self.tp_size
+
 
 @dataclass
 class Source:
@@ -82,7 +88,7 @@ class Manifest:
     routing: dict[str, Any] | None = None
     lora: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
-    # Tensor-parallel folders: rank r's own tensors (its shard of every expert), in its own files.
+    # Per-rank folders (convert --tp / --ep): MoE rank r's own tensors (its expert shards), in its own files.
     rank_tensors: list[dict[str, TensorRecord]] = field(default_factory=list)
 
     def all_tensor_records(self) -> Iterator[tuple[str, TensorRecord]]:

@@ -150,6 +150,10 @@ def convert(
         int,
         typer.Option(min=1, help="tensor-parallel size: write each rank's expert shards into its own files"),
     ] = 1,
+    ep: Annotated[
+        int,
+        typer.Option(min=1, help="expert-parallel size (TP x DP ranks): write each rank's experts into its own files"),
+    ] = 1,
     requantize_shared_experts: Annotated[
         bool,
         typer.Option(
@@ -169,7 +173,7 @@ def convert(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
         source, plan = load_plan(
-            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts, tp
+            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep
         )
         if dry_run:
             print_plan(plan, as_json)

@@ -170,10 +170,16 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         check_architecture(manifest, list(model_config.architectures or []))
+        if manifest.rank_tensors and manifest.target.ep_size > 1:
+            raise PreparedCheckpointMismatch(
+                "moeprep: serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 "
+                "crashes under expert parallelism and no multi-GPU host was available); convert with --tp, or "
+                "serve the original checkpoint with --enable-expert-parallel"
+            )
         if manifest.rank_tensors and parallel.enable_expert_parallel:
             raise PreparedCheckpointMismatch(
                 "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
-                "--enable-expert-parallel"
+                "--enable-expert-parallel, or convert with --ep"
             )
         self.manifest, self.folder = manifest, folder
         serve_base(folder)
@@ -181,13 +187,17 @@ class MoeprepConfig(QuantizationConfig):
         self.tracker = PreparedTensorTracker(prepared | set(self.rank_records()))
 
     def rank_records(self) -> dict[str, TensorRecord]:
-        """This tensor-parallel rank's own tensors (none for a single-partition folder)."""
+        """This rank's own expert tensors: by expert-parallel rank for ``--ep`` folders, else by tensor-parallel
+        rank (none for a single-partition folder)."""
         assert self.manifest is not None
         if not self.manifest.rank_tensors:
             return {}
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed import get_ep_group, get_tensor_model_parallel_rank
 
-        return self.manifest.rank_tensors[get_tensor_model_parallel_rank()]
+        expert_parallel = self.manifest.target.ep_size > 1
+        return self.manifest.rank_tensors[
+            get_ep_group().rank_in_group if expert_parallel else get_tensor_model_parallel_rank()
+        ]
 
     def fused_shared_contract(self) -> dict[str, Any]:
         """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""

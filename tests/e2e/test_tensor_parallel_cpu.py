@@ -1,6 +1,6 @@
 """``convert --tp 2`` served by vLLM CPU with tensor parallelism 2 (one core per rank): each rank fills its
 experts from its own files, and greedy tokens (float32) equal the original checkpoint's served the same way;
-a folder converted for TP 2 is refused at any other size."""
+a folder converted for TP 2 is refused at any other size; an expert-parallel folder is refused until verified."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def test_tp2_folder_is_refused_at_tensor_parallel_size_1(tiny, tmp_path: Path) -
     assert run_cli("convert", tiny("glm4-moe"), prepared, "--tp", "2").returncode == 0
     code, output = run_until_exit(prepared, tmp_path / "tp1.log")
     assert code != 0 and "prepared for tensor parallel size 2, running with 1" in output
+
+
+def test_expert_parallel_folder_is_refused_until_verified(tiny, tmp_path: Path) -> None:
+    """vLLM CPU 0.32 crashes under expert parallelism (the original checkpoint too), so serving --ep folders
+    is refused with the reason rather than left unverified."""
+    prepared = tmp_path / "ep2"
+    assert run_cli("convert", tiny("glm4-moe"), prepared, "--ep", "2").returncode == 0
+    code, output = run_until_exit(prepared, tmp_path / "ep.log", tp=2, extra=["--enable-expert-parallel"])
+    assert code != 0 and "serving per-rank expert-parallel folders (convert --ep) is not verified yet" in output

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,8 +36,9 @@ def serve_env(plugins: bool, tp: int = 1) -> dict[str, str]:
     return env
 
 
-def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1) -> list[str]:
+def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1, extra: Sequence[str] = ()) -> list[str]:
     command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *SERVE_ARGS]
+    command += extra
     if tp > 1:  # the CPU memory check counts all ranks' reservations against one node
         command += ["--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
     return command
@@ -86,10 +87,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def run_until_exit(model: Path, log: Path, plugins: bool = True, timeout: float = 240, tp: int = 1) -> tuple[int, str]:
+def run_until_exit(
+    model: Path, log: Path, plugins: bool = True, timeout: float = 240, tp: int = 1, extra: Sequence[str] = ()
+) -> tuple[int, str]:
     """Start ``vllm serve`` expecting it to refuse the model; returns (exit code, output)."""
     proc = subprocess.Popen(
-        serve_command(model, free_port(), tp=tp),
+        serve_command(model, free_port(), tp=tp, extra=extra),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         env=serve_env(plugins, tp),

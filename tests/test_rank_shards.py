@@ -1,6 +1,7 @@
-"""``convert --tp N``: each rank's files hold exactly vLLM's tensor-parallel slices of every routed expert
-(gate/up rows, down columns), the index lists only the replicated shards, verify covers every rank's bytes,
-and what cannot be split per rank is refused in one line."""
+"""``convert --tp N`` / ``--ep N``: each rank's files hold exactly vLLM's tensor-parallel slices of every routed
+expert (gate/up rows, down columns), or under expert parallelism the whole experts vLLM's linear placement
+gives that rank; the index lists only the replicated shards, verify covers every rank's bytes, and what
+cannot be split per rank is refused in one line."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.fixtures import build_fixture
+from moeprep.rank_shards import linear_placement
 from tests.conftest import run_cli
 
 
@@ -46,6 +48,40 @@ def test_rank_files_hold_vllm_tensor_parallel_slices(tmp_path: Path, family: str
     assert f"TP {tp}" in shown and f"of them {tp * len(expert_names)} in per-rank files" in shown
 
 
+@pytest.mark.parametrize(("family", "ep"), [("glm4-moe", 2), ("qwen2-moe", 3)])
+def test_expert_parallel_rank_files_hold_whole_experts_of_linear_placement(
+    tmp_path: Path, family: str, ep: int
+) -> None:
+    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    dest = tmp_path / "ep"
+    result = run_cli("convert", source, dest, "--ep", str(ep))
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(dest)
+    assert (manifest.target.ep_size, manifest.target.tp_size, len(manifest.rank_tensors)) == (ep, 1, ep)
+    original = open_local(source)
+    config = json.loads((source / "config.json").read_text())
+    experts = config.get("n_routed_experts") or config["num_experts"]
+    seen = set()
+    for rank, records in enumerate(manifest.rank_tensors):
+        stored = load_file(dest / f"model-rank-{rank}-part-00001.safetensors")
+        owned = {int(name.split(".experts.")[1].split(".")[0]) for name in records}
+        assert owned == set(linear_placement(experts, ep, rank))
+        for name in records:
+            assert torch.equal(stored[name], original.read(name))
+        seen |= set(records)
+    assert seen == {name for name in original.tensor_names if ".mlp.experts." in name}
+    assert run_cli("verify", dest).returncode == 0
+    assert f"--tensor-parallel-size {ep} --enable-expert-parallel" in " ".join(result.stdout.split())
+
+
+def test_linear_placement_is_vllms() -> None:
+    vllm_maps = pytest.importorskip("vllm.model_executor.layers.fused_moe.expert_map_manager")
+    for experts, ep in ((8, 2), (8, 3), (60, 7), (256, 16), (5, 5)):
+        for rank in range(ep):
+            _, expert_map, _ = vllm_maps.determine_expert_map(ep, rank, experts)
+            assert list(linear_placement(experts, ep, rank)) == (expert_map >= 0).nonzero().flatten().tolist()
+
+
 def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> None:
     dest = tmp_path / "tp"
     assert run_cli("convert", tiny("glm4-moe"), dest, "--tp", "2").returncode == 0
@@ -65,6 +101,9 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
         ("glm4-moe", ["--tp", "2", "--fuse-shared-experts"], "--tp with --fuse-shared-experts is not supported yet"),
         ("mixtral", ["--tp", "2"], "no mlp.experts"),
         ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
+        ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),
+        ("glm4-moe", ["--ep", "3", "--tp", "2"], "a multiple of the TP size"),
+        ("gpt-oss", ["--ep", "2", "--backend", "marlin"], "--ep with --backend marlin is not supported yet"),
     ],
 )
 def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: str, extra: list, message: str) -> None:
