@@ -187,17 +187,14 @@ class MoeprepConfig(QuantizationConfig):
         self.tracker = PreparedTensorTracker(prepared | set(self.rank_records()))
 
     def rank_records(self) -> dict[str, TensorRecord]:
-        """This rank's own expert tensors: by expert-parallel rank for ``--ep`` folders, else by tensor-parallel
-        rank (none for a single-partition folder)."""
+        """This tensor-parallel rank's own expert tensors (none for a single-partition folder; ``--ep`` folders
+        are refused before this is asked)."""
         assert self.manifest is not None
         if not self.manifest.rank_tensors:
             return {}
-        from vllm.distributed import get_ep_group, get_tensor_model_parallel_rank
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-        expert_parallel = self.manifest.target.ep_size > 1
-        return self.manifest.rank_tensors[
-            get_ep_group().rank_in_group if expert_parallel else get_tensor_model_parallel_rank()
-        ]
+        return self.manifest.rank_tensors[get_tensor_model_parallel_rank()]
 
     def fused_shared_contract(self) -> dict[str, Any]:
         """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""

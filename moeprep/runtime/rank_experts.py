@@ -1,10 +1,9 @@
-"""Per-rank folders (``convert --tp N`` / ``--ep N``): each rank fills its experts from its own files.
+"""Tensor-parallel folders (``convert --tp N``): each rank fills its experts from its own files.
 
 vLLM's loader reads the replicated shards the index lists; the per-rank files are not in the index, so
 no rank reads another's experts. This method is vLLM's own unquantized MoE method; before vLLM's
-post-processing it copies this rank's gate/up/down slices (TP) or whole experts (EP, at vLLM's local
-expert index) into ``w13_weight`` ([gate; up] per expert) and ``w2_weight``, exactly where vLLM's expert
-weight loader would have put them.
+post-processing it copies this rank's gate/up/down slices into ``w13_weight`` ([gate; up] per expert) and
+``w2_weight``, exactly where vLLM's expert weight loader would have put them.
 """
 
 from __future__ import annotations
@@ -57,12 +56,7 @@ class RankExpertsMoEMethod(UnquantizedFusedMoEMethod):
     def _copy(self, layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         match = EXPERT_TENSOR.fullmatch(name)
         assert match is not None, name
-        expert, proj = layer._map_global_expert_id_to_local_expert_id(int(match[1])), match[2]
-        if expert < 0:
-            raise PreparedCheckpointMismatch(
-                f"moeprep: this rank's file holds {name}, but vLLM placed that expert on another rank; serve with "
-                "the default (linear) expert placement the folder was converted for"
-            )
+        expert, proj = int(match[1]), match[2]  # without expert parallelism every rank holds every expert
         width = layer.w2_weight.shape[-1]  # this rank's intermediate size
         target = {
             "gate_proj": layer.w13_weight.data[expert, :width],
