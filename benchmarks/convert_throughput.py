@@ -35,8 +35,9 @@ def child_copy(src: Path, dest: Path) -> None:
 
 def child_convert(src: Path, dest: Path, backend: str, device: str) -> None:
     from moeprep.convert import convert, load_plan
+    from moeprep.plan import PlanOptions
 
-    source, plan = load_plan(str(src), backend, device=device)
+    source, plan = load_plan(str(src), backend, options=PlanOptions(device=device))
     convert(source, plan, dest, overwrite=True)
 
 

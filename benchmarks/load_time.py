@@ -108,12 +108,13 @@ def main() -> None:
 
     from moeprep.convert import convert, load_plan
     from moeprep.fixtures import build_fixture
+    from moeprep.plan import PlanOptions
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     src, prepared = args.workdir / "original", args.workdir / f"prepared-{args.backend}"
     fixture_s = timed(build_fixture, "gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
     copy_s = timed(shutil.copytree, src, args.workdir / "copy", dirs_exist_ok=True)
-    source, plan = load_plan(str(src), args.backend, device="cuda")
+    source, plan = load_plan(str(src), args.backend, options=PlanOptions(device="cuda"))
     convert_s = timed(convert, source, plan, prepared, overwrite=True)
     size_gb = sum(p.stat().st_size for p in src.iterdir()) / 1e9
     original = load_in_subprocess(src, args.workdir / "original.json", args.workdir / "original.log", args.moe_backend)

@@ -26,7 +26,7 @@ from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, o
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
-from moeprep.plan import Plan, TensorJob, build_plan
+from moeprep.plan import Plan, PlanOptions, TensorJob, build_plan
 
 LORA_FOLDER = "lora"
 
@@ -100,18 +100,10 @@ def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, 
 
 
 def load_plan(
-    src: str,
-    backend: str,
-    revision: str | None = None,
-    arch: str | None = None,
-    device: str = "cpu",
-    fuse_shared_replicas: int = 0,
-    requantize_shared: bool = False,
-    tp_size: int = 1,
-    ep_size: int = 1,
+    src: str, backend: str, revision: str | None = None, options: PlanOptions | None = None
 ) -> tuple[CheckpointSource, Plan]:
     source = open_source(src, revision)
-    return source, build_plan(source, backend, arch, device, fuse_shared_replicas, requantize_shared, tp_size, ep_size)
+    return source, build_plan(source, backend, options or PlanOptions())
 
 
 def convert(

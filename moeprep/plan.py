@@ -119,6 +119,29 @@ def dim0_chunks(
         yield transform(rows) if transform else rows
 
 
+def padded_chunk(tensor: torch.Tensor, index: int, width: int, dim: int) -> torch.Tensor:
+    """Columns (``dim=-1``) or rows (``dim=0``) ``[index*width, (index+1)*width)`` of ``tensor``, zero-padded
+    past its end."""
+    start = index * width
+    part = tensor.narrow(dim, start, max(0, min(width, tensor.shape[dim] - start)))
+    if part.shape[dim] == width:
+        return part.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = width
+    out = torch.zeros(shape, dtype=tensor.dtype)
+    out.narrow(dim, 0, part.shape[dim]).copy_(part)
+    return out
+
+
+def read_chunk(source: CheckpointSource, name: str, index: int, width: int, dim: int) -> torch.Tensor:
+    """``padded_chunk`` of the source tensor ``name``; a row chunk reads only its own rows."""
+    if dim != 0:
+        return padded_chunk(source.read(name), index, width, dim)
+    rows = source.tensor_meta(name)[1][0]
+    start = min(index * width, rows)
+    return padded_chunk(source.read_rows(name, start, min(start + width, rows)), 0, width, 0)
+
+
 def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
     dtype, shape = source.tensor_meta(name)
     return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, partial(dim0_chunks, name=name))
@@ -181,11 +204,12 @@ def backend_target(backend: str, arch: str | None) -> Target:
 
 
 def _rank_shard_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: str, tp_size: int, ep_size: int, fused: int
+    source: CheckpointSource, moe: MoeSpec, backend: str, options: PlanOptions
 ) -> tuple[list[TensorJob], set[str]]:
     from moeprep import rank_shards  # imports TensorJob from here
 
-    if backend != "none" or fused:
+    tp_size, ep_size = options.tp_size, options.ep_size
+    if backend != "none" or options.fuse_shared_replicas:
         option = "--ep" if ep_size > 1 else "--tp"
         what = f"--backend {backend}" if backend != "none" else "--fuse-shared-experts"
         raise UnsupportedModelError(
@@ -211,20 +235,23 @@ def _fused_shared_jobs(
     return jobs, consumed, {"fused_shared_experts": contract}
 
 
-def build_plan(
-    source: CheckpointSource,
-    backend: str = "none",
-    arch: str | None = None,
-    device: str = "cpu",
-    fuse_shared_replicas: int = 0,
-    requantize_shared: bool = False,
-    tp_size: int = 1,
-    ep_size: int = 1,
-) -> Plan:
-    """Validate the source against its family and list the jobs for ``backend``; layouts run on ``device``.
+@dataclass(frozen=True)
+class PlanOptions:
+    """How to prepare a checkpoint besides its backend: ``arch`` of the mxfp4 layouts, ``device`` they run on;
     ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots,
     ``requantize_shared`` lets those slots change format to the routed experts' one; ``tp_size`` or
     ``ep_size`` > 1 writes each rank's expert shards (TP slices, or whole experts under EP) into its own files."""
+
+    arch: str | None = None
+    device: str = "cpu"
+    fuse_shared_replicas: int = 0
+    requantize_shared: bool = False
+    tp_size: int = 1
+    ep_size: int = 1
+
+
+def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOptions = PlanOptions()) -> Plan:
+    """Validate the source against its family and list the jobs for ``backend`` with ``options``."""
     if backend not in BACKENDS:
         raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
     original_quant = source.config.get("quantization_config")
@@ -235,7 +262,7 @@ def build_plan(
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
     moe = family.moe_spec(source.config)
-    target = replace(backend_target(backend, arch), tp_size=tp_size, ep_size=ep_size)
+    target = replace(backend_target(backend, options.arch), tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     if backend == "none" and moe.expert_format == "mxfp4":
@@ -250,14 +277,14 @@ def build_plan(
                 "use --backend none"
             )
         module = MXFP4_BACKENDS[backend]
-        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(device))
-    if tp_size > 1 or ep_size > 1:
-        jobs, consumed = _rank_shard_jobs(source, moe, backend, tp_size, ep_size, fuse_shared_replicas)
+        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(options.device))
+    if options.tp_size > 1 or options.ep_size > 1:
+        jobs, consumed = _rank_shard_jobs(source, moe, backend, options)
     routing = None
     fused: list[TensorJob] = []
-    if fuse_shared_replicas:
+    if options.fuse_shared_replicas:
         fused, fused_consumed, routing = _fused_shared_jobs(
-            source, family, moe, fuse_shared_replicas, requantize_shared
+            source, family, moe, options.fuse_shared_replicas, options.requantize_shared
         )
         consumed |= fused_consumed
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]

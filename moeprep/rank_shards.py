@@ -14,13 +14,11 @@ from __future__ import annotations
 import re
 from functools import partial
 
-import torch
-
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import MoeSpec
-from moeprep.plan import TensorJob
+from moeprep.plan import TensorJob, dim0_chunks, read_chunk
 
 RECIPE_TP = "tp-shard"
 RECIPE_EP = "ep-expert"
@@ -63,22 +61,12 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
             )
         if ep_size > 1:
             expert = int(EXPERT_TENSOR.fullmatch(name)[2])  # type: ignore[index]
-            run = partial(_whole, name=name)
+            run = partial(dim0_chunks, name=name)
             jobs.append(TensorJob(TensorEntry(name, dtype, shape), (name,), RECIPE_EP, run, rank=owner[expert]))
             continue
         dim = 1 if name.endswith("down_proj.weight") else 0
         out_shape = (shape[0], width) if dim else (width, shape[1])
         for rank in range(tp_size):
-            run = partial(_rank_slice, name=name, start=rank * width, width=width, dim=dim)
+            run = partial(read_chunk, name=name, index=rank, width=width, dim=dim)
             jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (name,), RECIPE_TP, run, rank=rank))
     return jobs, set(names)
-
-
-def _whole(source: CheckpointSource, name: str) -> torch.Tensor:
-    return source.read(name)
-
-
-def _rank_slice(source: CheckpointSource, name: str, start: int, width: int, dim: int) -> torch.Tensor:
-    if dim == 0:
-        return source.read_rows(name, start, start + width)
-    return source.read(name).narrow(1, start, width).contiguous()

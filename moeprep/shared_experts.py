@@ -23,7 +23,7 @@ from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec, fp8_block
 from moeprep.families.common import GATE_UP_DOWN
-from moeprep.plan import TensorJob
+from moeprep.plan import TensorJob, padded_chunk, read_chunk
 
 RECIPE_SLOT = "shared-expert-slot"
 RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
@@ -36,20 +36,6 @@ TensorMetas = dict[str, tuple[str, tuple[int, ...]]]  # {name suffix: (dtype, sh
 
 def slot_count(shared_intermediate: int, expert_intermediate: int) -> int:
     return math.ceil(shared_intermediate / expert_intermediate)
-
-
-def slot_chunk(tensor: torch.Tensor, slot: int, width: int, dim: int) -> torch.Tensor:
-    """Columns (``dim=-1``) or rows (``dim=0``) ``[slot*width, (slot+1)*width)`` of ``tensor``, zero-padded
-    past its end."""
-    start = slot * width
-    part = tensor.narrow(dim, start, max(0, min(width, tensor.shape[dim] - start)))
-    if part.shape[dim] == width:
-        return part.contiguous()
-    shape = list(tensor.shape)
-    shape[dim] = width
-    out = torch.zeros(shape, dtype=tensor.dtype)
-    out.narrow(dim, 0, part.shape[dim]).copy_(part)
-    return out
 
 
 def _tensors_under(source: CheckpointSource, prefix: str) -> TensorMetas:
@@ -176,7 +162,7 @@ def _split_jobs(
         else:
             _check_exact_split(src, shape, out_shape, slots, dim)
         for s in range(slots):
-            run = partial(_read_chunk, name=src, slot=s, width=out_shape[dim], dim=dim)
+            run = partial(read_chunk, name=src, index=s, width=out_shape[dim], dim=dim)
             for name in _slot_names(moe, prefix, s, replicas, suffix):
                 jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (src,), RECIPE_SLOT, run))
     return jobs
@@ -231,12 +217,12 @@ class SlotConverter:
         self, source: CheckpointSource, slot: int, width: int, dim: int, suffix: str, dtype: torch.dtype
     ) -> torch.Tensor:
         if self.to_fp8:
-            weight = _read_chunk(source, f"{self.prefix}.weight", slot, width, dim)
+            weight = read_chunk(source, f"{self.prefix}.weight", slot, width, dim)
             quantized, scale = fp8_block.quantize(weight, self.block)
             return quantized if suffix == "weight" else scale
         scale = source.read(f"{self.prefix}.{fp8_block.SCALE_SUFFIX}")
         weight = fp8_block.dequantize(source.read(f"{self.prefix}.weight"), scale, self.block, torch.float32)
-        return slot_chunk(weight, slot, width, dim).to(dtype)
+        return padded_chunk(weight, slot, width, dim).to(dtype)
 
 
 def _check_paddable(src: str, shape: tuple[int, ...], out_shape: tuple[int, ...], slots: int, dim: int) -> None:
@@ -257,15 +243,6 @@ def _check_exact_split(src: str, shape: tuple[int, ...], out_shape: tuple[int, .
             f"--fuse-shared-experts: {src} is {list(shape)}; slots of the routed shape {list(out_shape)} need "
             f"exactly {expected} (quantized shared experts are split, not padded)"
         )
-
-
-def _read_chunk(source: CheckpointSource, name: str, slot: int, width: int, dim: int) -> torch.Tensor:
-    """Slot ``slot`` of ``name``; a row chunk reads only its own rows (each replica reads it again)."""
-    if dim != 0:
-        return slot_chunk(source.read(name), slot, width, dim)
-    rows = source.tensor_meta(name)[1][0]
-    start = min(slot * width, rows)
-    return slot_chunk(source.read_rows(name, start, min(start + width, rows)), 0, width, 0)
 
 
 def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> TensorJob:

@@ -70,8 +70,9 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     monkeypatch.setattr("moeprep.plan.CHUNK_BYTES", 64 * 1024)  # several expert chunks per tensor
     assert CHUNK_BYTES > 64 * 1024
     from moeprep.convert import convert, load_plan
+    from moeprep.plan import PlanOptions
 
-    source, plan = load_plan(str(src), backend, arch=None if arch == "any" else arch)
+    source, plan = load_plan(str(src), backend, options=PlanOptions(arch=None if arch == "any" else arch))
     convert(source, plan, tmp_path / "out")
     stored = {}
     for shard in (tmp_path / "out").glob("model-*.safetensors"):

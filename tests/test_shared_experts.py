@@ -17,7 +17,7 @@ from moeprep.checkpoint.source import open_local
 from moeprep.cli.app import with_optional_replicas
 from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
-from moeprep.shared_experts import slot_chunk
+from moeprep.plan import padded_chunk
 from tests.conftest import run_cli
 
 SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", "qwen2-moe": "shared_expert"}
@@ -113,11 +113,11 @@ def manifest_moe_layers(manifest: dict) -> list[int]:
     )
 
 
-def test_slot_chunk_pads_past_the_end_with_zeros() -> None:
+def test_padded_chunk_pads_past_the_end_with_zeros() -> None:
     t = torch.randn(3, 10)
-    assert torch.equal(slot_chunk(t, 0, 4, -1), t[:, :4])
-    assert torch.equal(slot_chunk(t, 2, 4, -1), torch.cat([t[:, 8:], torch.zeros(3, 2)], 1))
-    assert torch.equal(slot_chunk(t.T, 1, 4, 0), t.T[4:8])
+    assert torch.equal(padded_chunk(t, 0, 4, -1), t[:, :4])
+    assert torch.equal(padded_chunk(t, 2, 4, -1), torch.cat([t[:, 8:], torch.zeros(3, 2)], 1))
+    assert torch.equal(padded_chunk(t.T, 1, 4, 0), t.T[4:8])
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def test_bf16_shared_expert_is_requantized_to_the_routed_block_fp8(tmp_path: Pat
     for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", -1)):
         shared = original.read(f"{mlp}.shared_experts.{proj}.weight")
         for s, ids in enumerate(contract["slot_ids"]):
-            expected_q, expected_scale = reference_block_quantize(slot_chunk(shared, s, 128, dim))
+            expected_q, expected_scale = reference_block_quantize(padded_chunk(shared, s, 128, dim))
             weight = tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"]
             assert torch.equal(weight.view(torch.uint8), expected_q.view(torch.uint8)), (proj, s)
             assert torch.equal(tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight_scale_inv"], expected_scale)
@@ -246,7 +246,7 @@ def test_block_fp8_shared_expert_is_dequantized_to_the_routed_bf16(tmp_path: Pat
         for s, ids in enumerate(contract["slot_ids"]):
             slot = tensors[f"{mlp}.experts.{ids[0]}.{proj}.weight"]
             assert slot.dtype == torch.bfloat16 and f"{mlp}.experts.{ids[0]}.{proj}.weight_scale_inv" not in tensors
-            assert torch.equal(slot, slot_chunk(dequantized, s, 128, dim).bfloat16())
+            assert torch.equal(slot, padded_chunk(dequantized, s, 128, dim).bfloat16())
 
 
 def test_requantize_without_fusing_is_refused(tiny, tmp_path: Path) -> None:

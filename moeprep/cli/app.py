@@ -166,15 +166,15 @@ def convert(
     from moeprep.convert import convert as run_convert
     from moeprep.convert import load_plan
     from moeprep.modelcard import serve_command
+    from moeprep.plan import PlanOptions
 
     with user_errors():
         fused = fuse_shared_experts > 0
         check_convert_options(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
-        source, plan = load_plan(
-            src, backend.value, revision, arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep
-        )
+        options = PlanOptions(arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep)
+        source, plan = load_plan(src, backend.value, revision, options)
         if dry_run:
             print_plan(plan, as_json)
             return

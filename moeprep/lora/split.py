@@ -182,7 +182,7 @@ class ExpertLoras:
         assert present is not None
         gate = gate or LoraPair(present.a.new_zeros(0, h), present.b.new_zeros(i, 0), present.scaling)
         up = up or LoraPair(present.a.new_zeros(0, h), present.b.new_zeros(i, 0), present.scaling)
-        up_b = up.b if up.scaling == gate.scaling else (up.b.float() * (up.scaling / gate.scaling)).to(up.b.dtype)
+        up_b = b_at_scaling(up, gate.scaling)
         if torch.equal(gate.a, up.a):
             a, gate_b = gate.a, gate.b
         else:  # rank r_gate + r_up: [A_gate; A_up] with B_gate [B_gate, 0] and B_up [0, B_up]
@@ -256,6 +256,11 @@ def _add_fused_3d(
         experts.add(prefix, e, param, pair, module)
 
 
+def b_at_scaling(pair: LoraPair, scaling: float) -> torch.Tensor:
+    """``pair``'s B with its own scaling folded in, so that ``scaling * B @ A`` is the pair's update."""
+    return pair.b if pair.scaling == scaling else (pair.b.float() * (pair.scaling / scaling)).to(pair.b.dtype)
+
+
 def unify(modules: dict[str, LoraPair]) -> tuple[int, float, dict[str, LoraPair]]:
     """One rank (the largest; smaller ones zero-padded) and one scaling (the most common; other modules'
     scaling folded into B) for the whole adapter, since vLLM applies a single ``lora_alpha / r``."""
@@ -263,7 +268,7 @@ def unify(modules: dict[str, LoraPair]) -> tuple[int, float, dict[str, LoraPair]
     scaling = Counter(p.scaling for p in modules.values()).most_common(1)[0][0]
     out = {}
     for name, p in modules.items():
-        b = p.b if p.scaling == scaling else (p.b.float() * (p.scaling / scaling)).to(p.b.dtype)
+        b = b_at_scaling(p, scaling)
         out[name] = LoraPair(pad_to(p.a, (rank, p.a.shape[1])), pad_to(b, (b.shape[0], rank)), scaling)
     return rank, scaling, out
 
@@ -286,11 +291,15 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     if not expert_loras.pairs:
         raise LoraError(f"{adapter}: no expert LoRA found; use the adapter with vLLM as it is")
     three_d = base.family.vllm_3d_expert_lora
-    joined = expert_loras.gate_up_and_down() if three_d else {}
-    experts = {_key_name(key): pair for key, pair in joined.items()} if three_d else expert_loras.per_expert_modules()
+    if three_d:
+        joined = expert_loras.gate_up_and_down()
+        experts = {_key_name(key): pair for key, pair in joined.items()}
+    else:
+        experts = expert_loras.per_expert_modules()
     rank, scaling, modules = unify({**experts, **others})
     if three_d:
-        modules = {**stacked_3d(modules, joined, base, rank), **{m: modules[m] for m in others}}
+        prefixes = sorted({prefix for prefix, _, _ in joined})
+        modules = {**stacked_3d(modules, prefixes, base, rank), **{m: modules[m] for m in others}}
     targets = sorted({name.rpartition(".")[2] for name in modules} - {"base_layer"})
     tensors = {}
     for name, pair in sorted(modules.items()):
@@ -336,17 +345,15 @@ def _key_name(key: tuple[str, int, str]) -> str:
     return f"{prefix}.{expert}.{proj}"
 
 
-def stacked_3d(
-    modules: dict[str, LoraPair], joined: dict[tuple[str, int, str], LoraPair], base: BaseExperts, rank: int
-) -> dict[str, LoraPair]:
-    """vLLM's 3-D expert LoRA modules from the per-expert (rank-unified) ones: per layer ``{prefix}.base_layer``
+def stacked_3d(modules: dict[str, LoraPair], prefixes: list[str], base: BaseExperts, rank: int) -> dict[str, LoraPair]:
+    """vLLM's 3-D expert LoRA modules from the per-expert (rank-unified) ones: per experts ``prefix``, ``.base_layer``
     (gate_up) and ``{prefix}`` (down), A [E*r, in] with expert e in rows e*r..e*r+r-1, B [out, r*E] with
     expert e in columns j*E+e; experts the adapter leaves out are zeros."""
     h, i = base.hidden_padded, base.intermediate_padded
     some = next(iter(modules.values()))
     shapes = {"gate_up": ((rank, h), (2 * i, rank)), "down": ((rank, i), (h, rank))}
     out = {}
-    for prefix in sorted({prefix for prefix, _, _ in joined}):
+    for prefix in prefixes:
         for proj, module in (("gate_up", f"{prefix}.base_layer"), ("down", prefix)):
             a_shape, b_shape = shapes[proj]
             zero = LoraPair(some.a.new_zeros(a_shape), some.b.new_zeros(b_shape), some.scaling)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
+from moeprep.plan import PlanOptions
 from tests.gpu.test_mxfp4_gpu import OUT, generate
 
 TOLERANCE = {"none": 0.02, "fp8-block": 0.05}
@@ -36,7 +37,7 @@ def run(model: Path, name: str, *extra: str) -> dict:
 
 
 def fused(src: Path, dest: Path) -> Path:
-    source, plan = load_plan(str(src), "none", fuse_shared_replicas=1)
+    source, plan = load_plan(str(src), "none", options=PlanOptions(fuse_shared_replicas=1))
     convert(source, plan, dest)
     return dest
 

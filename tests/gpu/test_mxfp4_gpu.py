@@ -15,6 +15,7 @@ import torch
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.layouts.triton_hopper import swizzle_hopper_scale, swizzle_hopper_value
+from moeprep.plan import PlanOptions
 
 OUT = Path(os.environ.get("OUT", "/tmp/moeprep-gpu-out"))
 HERE = Path(__file__).parent
@@ -60,7 +61,9 @@ def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gpt-oss")
     folders = {"original": build_fixture("gpt-oss", root / "src")}
     for backend in VLLM_MOE_BACKEND:
-        source, plan = load_plan(str(folders["original"]), backend, arch="sm90" if backend == "triton" else None)
+        source, plan = load_plan(
+            str(folders["original"]), backend, options=PlanOptions(arch="sm90" if backend == "triton" else None)
+        )
         convert(source, plan, root / backend)
         folders[backend] = root / backend
     return folders
