@@ -116,14 +116,3 @@ def test_block_fp8_experts_are_not_split_per_rank_yet(tmp_path: Path) -> None:
     source = build_fixture("deepseek-v3", tmp_path / "src", quantization="fp8-block")
     result = run_cli("convert", source, tmp_path / "out", "--tp", "2")
     assert result.returncode == 2 and "per-rank expert shards are written for float experts" in result.stderr
-
-
-def test_lora_split_refuses_a_tensor_parallel_base(tiny, tmp_path: Path) -> None:
-    dest = tmp_path / "tp"
-    assert run_cli("convert", tiny("qwen2-moe"), dest, "--tp", "2").returncode == 0
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
-    )
-    result = run_cli("lora", "split", tmp_path / "adapter", "--base", dest, "--out", tmp_path / "split")
-    assert result.returncode == 2 and "single-partition bases" in result.stderr

@@ -15,6 +15,9 @@ adapter (vLLM ignores ``rank_pattern``/``alpha_pattern``), every other module pa
   ``...experts`` (down), A [E*r, in] expert-major, B [out, r*E] expert-minor. vLLM 0.26's per-expert
   path (``--enable-mixed-moe-lora-format``) adds the gate and up deltas to the two halves of w13's
   output, which is wrong for gpt-oss's interleaved kernels, so it is not used there.
+For a base converted with ``--tp N`` the adapter stays whole: vLLM slices MoE LoRA per rank at load
+(B rows of gate/up and A columns of down by ``[r*I/N, (r+1)*I/N)``), the very slices ``convert --tp`` writes
+into rank r's files, so one adapter fits every rank. Expert-parallel bases are refused (not served yet).
 Every input tensor is consumed or named in an error.
 """
 
@@ -64,6 +67,7 @@ class BaseExperts:
     intermediate_padded: int
     location: str
     backend: str
+    tp_size: int
     manifest_sha256: str | None
 
     @classmethod
@@ -84,10 +88,10 @@ class BaseExperts:
         records their files instead)."""
         family = family_for_config(config)
         moe = family.moe_spec(config)
-        if target.tp_size != 1 or target.ep_size != 1:
+        if target.ep_size != 1:
             raise LoraError(
-                f"the base is prepared for TP {target.tp_size} / EP {target.ep_size}; LoRA split supports "
-                "single-partition bases so far"
+                f"the base is prepared for expert parallelism {target.ep_size}, which moeprep does not serve yet; "
+                "split the adapter for a folder converted without --ep"
             )
         hidden, inter = int(config["hidden_size"]), moe.expert_intermediate
         return cls(
@@ -100,6 +104,7 @@ class BaseExperts:
             round_up(inter, target.padding.get("intermediate", 1)),
             location,
             target.backend,
+            target.tp_size,
             manifest_sha256,
         )
 
@@ -321,6 +326,7 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
         "base": base.location,
         "backend": base.backend,
         "padded_to": {"hidden": base.hidden_padded, "intermediate": base.intermediate_padded},
+        "tensor_parallel_size": base.tp_size,  # vLLM slices the whole adapter per rank as the base's rank files
         "source_adapter": str(Path(adapter).absolute()),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -330,6 +336,8 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     # vLLM 0.26 wraps gpt-oss's qkv projection for LoRA whatever the adapter holds, and its LoRA kernel then
     # fails an is_contiguous() assertion there: only the adapter's own modules may be wrapped.
     flags = (*_backend_lora_flags(base.backend), *(("--lora-target-modules", *targets) if three_d else ()))
+    if base.tp_size > 1:
+        flags += ("--tensor-parallel-size", str(base.tp_size))
     return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)
 
 
