@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,9 +69,11 @@ def tensor_records(jobs: dict[str, TensorJob], written: ShardedWrite) -> dict[st
 
 
 def source_record(source: CheckpointSource) -> Source:
+    """Provenance: every source file with its size and sha256 (weight files mostly hashed by the
+    conversion's own reads, see ``CheckpointSource.file_sha256``)."""
     indexes = [name for name in (SAFE_INDEX, BIN_INDEX) if (source.folder / name).is_file()]
     names = ["config.json", *source.aux_files, *indexes, *source.weight_files]
-    files = {name: _file_record(source.folder / name) for name in names}
+    files = {name: FileRecord((source.folder / name).stat().st_size, source.file_sha256(name)) for name in names}
     return Source(source.kind, source.location, source.revision, files)
 
 
@@ -120,13 +121,10 @@ def convert(
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
-    for job in plan.jobs:
+    # In source file order, so the reads hash the source files as they go (source_record).
+    for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash") as background,
-        AtomicFolder(out, overwrite) as tmp,
-    ):
-        src_future = background.submit(source_record, source)  # hashes the source while converting
+    with AtomicFolder(out, overwrite) as tmp:
         lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)
@@ -143,7 +141,7 @@ def convert(
             for rank, jobs in groups.items()
         }
         model_type = str(source.config["model_type"])
-        src_record = src_future.result()
+        src_record = source_record(source)
         (tmp / "README.md").write_text(
             render_model_card(
                 src_record, plan.target, model_type, {**plan.summary(), "lora": len(lora_records)}, served_as

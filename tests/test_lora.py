@@ -162,12 +162,14 @@ def per_expert_adapter(
     return tensors
 
 
-def test_per_expert_module_adapter_passes_through_bitwise(tiny, tmp_path: Path) -> None:
-    base = prepared(tiny, tmp_path, "qwen2-moe", "none")
+@pytest.mark.parametrize("family", ["qwen2-moe", "deepseek-v3"])
+def test_per_expert_module_adapter_passes_through_bitwise(tiny, tmp_path: Path, family: str) -> None:
+    base = prepared(tiny, tmp_path, family, "none")
     config = json.loads((base / "config.json").read_text())
-    h, i, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    moe = get_family(family).moe_spec(config)
+    h, i, experts = config["hidden_size"], moe.expert_intermediate, moe.num_experts
     shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    original = per_expert_adapter(tmp_path / "adapter", shapes, experts)
+    original = per_expert_adapter(tmp_path / "adapter", shapes, experts, layers=moe.moe_layers[:2])
     out = split(tmp_path / "adapter", base, tmp_path / "out")
     assert set(out) == set(original)
     for name, tensor in original.items():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import random
 import struct
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
+    SequentialSha256,
     TensorEntry,
     read_header,
     read_tensor,
@@ -20,6 +24,7 @@ from moeprep.checkpoint.safetensors_io import (
     sha256_ranges,
     write_safetensors,
 )
+from moeprep.checkpoint.source import open_local
 from moeprep.errors import CheckpointError
 
 
@@ -113,3 +118,38 @@ def test_truncated_and_oversized_header_length(tmp_path: Path) -> None:
     (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
     with pytest.raises(CheckpointError, match="exceeds the file size"):
         read_header(tmp_path / "long.safetensors")
+
+
+@pytest.mark.parametrize("order", ["in file order", "shuffled", "overlapping and partial"])
+def test_sequential_sha256_equals_the_file_hash_whatever_is_fed(tmp_path: Path, order: str) -> None:
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    cuts = sorted(random.Random(order).sample(range(1, len(data)), 40))
+    ranges = list(itertools.pairwise([0, *cuts, len(data)]))
+    if order == "shuffled":
+        random.Random(1).shuffle(ranges)
+    elif order == "overlapping and partial":  # re-reads, reads that start inside the hashed part, a gap at the end
+        ranges = [(0, 100), (50, 300), (10, 20), (300, 5000), (6000, 7000), (4000, 6500)]
+    hashes = SequentialSha256(path, header_bytes=7)
+    for begin, end in ranges:
+        hashes.feed(begin, memoryview(data[begin:end]))
+    if order == "in file order":
+        assert hashes.hashed_to == len(data)  # nothing left to read again
+    assert hashes.finish() == hashlib.sha256(data).hexdigest()
+    assert hashes.finish() == hashlib.sha256(data).hexdigest()  # idempotent
+
+
+def test_source_reads_hash_its_weight_files(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.randn(64, 33) for i in range(5)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    source = open_local(tmp_path)
+    names = sorted(tensors, key=lambda n: source.file_position(n))
+    for name in names[:3]:  # in file order, in row chunks
+        source.read_rows(name, 0, 10)
+        source.read_rows(name, 10, 64)
+    source.read(names[4])  # out of order: hashed from the file at the end
+    expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert source.file_sha256("model.safetensors") == expected
+    assert source.file_sha256("config.json") == hashlib.sha256(b"{}").hexdigest()

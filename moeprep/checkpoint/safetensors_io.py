@@ -14,10 +14,12 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -47,6 +49,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
 _CHUNK = 64 * 1024 * 1024
+FLUSH_BYTES = 512 * 1024 * 1024  # written bytes between write-behind flushes
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -266,7 +269,11 @@ def write_safetensors(
     tensor_hash, written = hashlib.sha256(), 0
     tensor_hashes: dict[str, str] = {}
     pending: Future[None] | None = None
-    with Path(path).open("wb") as f, ThreadPoolExecutor(1, thread_name_prefix="moeprep-hash") as hasher:
+    with (
+        Path(path).open("wb") as f,
+        ThreadPoolExecutor(1, thread_name_prefix="moeprep-hash") as hasher,
+        WriteBehind(f) as behind,
+    ):
         f.write(header)
         for name, data in background_iter(_tensor_chunks(entries, produce)):
             if data is None:
@@ -279,6 +286,7 @@ def write_safetensors(
                 continue
             f.write(data)
             written += len(data)
+            behind.wrote()
             if pending:
                 pending.result()
             pending = hasher.submit(tensor_hash.update, data)
@@ -293,9 +301,74 @@ def write_safetensors(
     return WrittenFile(Path(path), size, hashlib.sha256(header).hexdigest(), tensor_hashes, abs_offsets)
 
 
+class WriteBehind:
+    """Every FLUSH_BYTES written, make them durable and drop them from the page cache, on a thread of its own.
+    Writing many GB into the page cache and syncing once at the end lets dirty and cached pages pile up,
+    and the kernel then spends more time reclaiming them than the disk takes to write them (on the 2-core
+    CI box: 3-4x the system time and half the throughput)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.flushed = f, 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeprep-flush")
+        self._pending: Future[None] | None = None
+
+    def wrote(self) -> None:
+        """Call after each write."""
+        if self.f.tell() - self.flushed < FLUSH_BYTES:
+            return
+        self.f.flush()
+        end = self.f.tell()
+        if self._pending:
+            self._pending.result()
+        self._pending = self._pool.submit(_sync_and_drop, self.f.fileno(), self.flushed, end)
+        self.flushed = end
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+        if self._pending and not exc[0]:
+            self._pending.result()
+
+
+def _sync_and_drop(fd: int, begin: int, end: int) -> None:
+    os.fdatasync(fd)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
+
+
 def sha256_file(path: Path) -> str:
     """sha256 of a whole file, read in bounded chunks."""
     return sha256_ranges(path, {"file": (0, Path(path).stat().st_size)})["file"]
+
+
+class SequentialSha256:
+    """sha256 of a file fed with the byte ranges a conversion reads anyway: a range that reaches the end of
+    the part hashed so far extends it, any other is ignored, and ``finish`` reads only what was never fed.
+    Reads in file order hash the file in the same pass; any other order is still exact, only slower."""
+
+    def __init__(self, path: Path, header_bytes: int = 0) -> None:
+        """``header_bytes``: the length of the file's header, hashed now (tensor reads start after it)."""
+        self.path, self.hashed_to = Path(path), 0
+        self._hash, self._lock = hashlib.sha256(), threading.Lock()
+        self.feed(0, memoryview(read_bytes(self.path, 0, header_bytes)))
+
+    def feed(self, begin: int, data: memoryview) -> None:
+        """The file's bytes ``[begin, begin + len(data))``, as read."""
+        with self._lock:
+            if begin <= self.hashed_to < begin + len(data):
+                self._hash.update(data[self.hashed_to - begin :])
+                self.hashed_to = begin + len(data)
+
+    def finish(self) -> str:
+        """The file's sha256: the rest of the file is read and hashed."""
+        with self._lock, self.path.open("rb", buffering=0) as f:
+            f.seek(self.hashed_to)
+            while chunk := f.read(_CHUNK):
+                self._hash.update(chunk)
+                self.hashed_to += len(chunk)
+            return self._hash.hexdigest()
 
 
 def sha256_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> dict[str, str]:

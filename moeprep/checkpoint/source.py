@@ -18,10 +18,13 @@ import torch
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
     SafetensorsFile,
+    SequentialSha256,
     TensorInfo,
     map_tensor,
     read_header,
     read_tensor,
+    sha256_file,
+    tensor_bytes,
 )
 from moeprep.errors import CheckpointError
 
@@ -64,6 +67,7 @@ class CheckpointSource:
     aux_files: list[str]
     _safetensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(default_factory=dict, repr=False)
     _bin_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _file_hashes: dict[str, SequentialSha256] = field(default_factory=dict, repr=False)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -96,7 +100,7 @@ class CheckpointSource:
             info.begin + start * row_bytes,
             info.begin + stop * row_bytes,
         )
-        return map_tensor(file.path, rows)
+        return self._hashed(file, rows.begin, map_tensor(file.path, rows))
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._safetensors and (self._bin_state is None or name not in self._bin_state):
@@ -104,7 +108,25 @@ class CheckpointSource:
         if self._bin_state is not None:
             return self._bin_state[name].contiguous()
         file, info = self._safetensors[name]
-        return read_tensor(file.path, info)
+        return self._hashed(file, info.begin, read_tensor(file.path, info))
+
+    def _hashed(self, file: SafetensorsFile, begin: int, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as read from ``file`` at ``begin``, fed to that file's running sha256."""
+        self._file_hashes[file.path.name].feed(begin, tensor_bytes(tensor))
+        return tensor
+
+    def file_position(self, name: str) -> tuple[str, int]:
+        """(weight file, byte offset) of a tensor, ("", 0) where unknown: reading in this order lets
+        ``file_sha256`` hash the weight files in the same pass."""
+        if name not in self._safetensors:
+            return "", 0
+        file, info = self._safetensors[name]
+        return file.path.name, info.begin
+
+    def file_sha256(self, name: str) -> str:
+        """sha256 of the source file ``name``, from what tensor reads already hashed plus the rest."""
+        hashes = self._file_hashes.get(name)
+        return hashes.finish() if hashes else sha256_file(self.folder / name)
 
 
 def _read_json(path: Path) -> Any:
@@ -183,6 +205,8 @@ def open_local(
     source = CheckpointSource(folder, kind, location or str(folder.absolute()), revision, config, [], aux)
     if (folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file():
         source.weight_files, source._safetensors = _load_safetensors(folder)
+        headers = {file.path.name: file.data_start for file, _ in source._safetensors.values()}
+        source._file_hashes = {name: SequentialSha256(folder / name, end) for name, end in headers.items()}
     elif (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
         source.weight_files, source._bin_state = _load_bin(folder)
     else:

@@ -55,7 +55,13 @@ def _as_int32(bits: torch.Tensor) -> torch.Tensor:
 
 
 _TWIDDLE_LO, _TWIDDLE_HI = _build_twiddle_tables()
-_TWIDDLE_LO_U32, _TWIDDLE_HI_U32 = (t.numpy().view(np.uint32) for t in (_TWIDDLE_LO, _TWIDDLE_HI))
+# The same twiddle per byte of a group (b0, b1, b2, b3): word = T[0][b0] | T[1][b1] | T[2][b2] | T[3][b3].
+_BYTES = torch.arange(256, dtype=torch.int64)
+TWIDDLE_BY_BYTE = (
+    torch.stack([_TWIDDLE_LO[_BYTES], _TWIDDLE_LO[_BYTES << 8], _TWIDDLE_HI[_BYTES], _TWIDDLE_HI[_BYTES << 8]])
+    .numpy()
+    .view(np.uint32)
+)
 
 
 def hopper_value_storage_shape(experts: int, rows: int, k_bytes: int) -> tuple[int, int, int]:
@@ -83,7 +89,7 @@ def swizzle_hopper_value_fused(blocks: torch.Tensor) -> torch.Tensor:
     shape = hopper_value_storage_shape(*blocks.shape)
     out = torch.empty(shape, dtype=torch.uint8)
     words = out.view(torch.int32).numpy().view(np.uint32)
-    hopper_value_words(blocks.contiguous().numpy(), words, _TWIDDLE_LO_U32, _TWIDDLE_HI_U32)
+    hopper_value_words(blocks.contiguous().numpy(), words, TWIDDLE_BY_BYTE)
     return out
 
 
