@@ -34,6 +34,9 @@ def child_copy(src: Path, dest: Path) -> None:
 
 
 def child_convert(src: Path, dest: Path, backend: str, device: str) -> None:
+    from moeprep.checkpoint.pipeline import use_huge_page_buffers
+
+    use_huge_page_buffers()  # as the moeprep command does, before torch is imported
     from moeprep.convert import convert, load_plan
     from moeprep.plan import PlanOptions
 

@@ -352,18 +352,32 @@ class SequentialSha256:
         """``header_bytes``: the length of the file's header, hashed now (tensor reads start after it)."""
         self.path, self.hashed_to = Path(path), 0
         self._hash, self._lock = hashlib.sha256(), threading.Lock()
-        self.feed(0, memoryview(read_bytes(self.path, 0, header_bytes)))
+        self._hasher: ThreadPoolExecutor | None = None  # started by the first feed that extends the hash
+        self._pending: Future[None] | None = None
+        self._hash.update(read_bytes(self.path, 0, header_bytes))
+        self.hashed_to = header_bytes
 
     def feed(self, begin: int, data: memoryview) -> None:
-        """The file's bytes ``[begin, begin + len(data))``, as read."""
+        """The file's bytes ``[begin, begin + len(data))``, as read; hashed on a thread of its own, one chunk
+        in flight (the memoryview keeps its buffer alive until then)."""
         with self._lock:
-            if begin <= self.hashed_to < begin + len(data):
-                self._hash.update(data[self.hashed_to - begin :])
-                self.hashed_to = begin + len(data)
+            if not begin <= self.hashed_to < begin + len(data):
+                return
+            if self._pending:
+                self._pending.result()
+            self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash")
+            self._pending = self._hasher.submit(self._hash.update, data[self.hashed_to - begin :])
+            self.hashed_to = begin + len(data)
 
     def finish(self) -> str:
         """The file's sha256: the rest of the file is read and hashed."""
         with self._lock, self.path.open("rb", buffering=0) as f:
+            if self._hasher:
+                self._hasher.shutdown(wait=True)
+                self._hasher = None
+            if self._pending:
+                self._pending.result()
+                self._pending = None
             f.seek(self.hashed_to)
             while chunk := f.read(_CHUNK):
                 self._hash.update(chunk)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from moeprep.checkpoint.pipeline import use_huge_page_buffers
 from moeprep.errors import MoeprepError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def with_optional_replicas(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    use_huge_page_buffers()
     app(args=with_optional_replicas(sys.argv[1:]))
 
 
