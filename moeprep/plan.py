@@ -209,12 +209,16 @@ def _rank_shard_jobs(
     from moeprep import rank_shards  # imports TensorJob from here
 
     tp_size, ep_size = options.tp_size, options.ep_size
-    if backend != "none" or options.fuse_shared_replicas:
-        option = "--ep" if ep_size > 1 else "--tp"
-        what = f"--backend {backend}" if backend != "none" else "--fuse-shared-experts"
+    option = "--ep" if ep_size > 1 else "--tp"
+    if backend != "none":
         raise UnsupportedModelError(
-            f"{option} with {what} is not supported yet: per-rank files are written for unquantized per-expert "
-            "experts (--backend none) only"
+            f"{option} with --backend {backend} is not supported yet: per-rank files are written for unquantized "
+            "per-expert experts (--backend none) only"
+        )
+    if ep_size > 1 and options.fuse_shared_replicas:
+        raise UnsupportedModelError(
+            "--ep with --fuse-shared-experts is not supported yet (slot replicas are not placed over expert-parallel "
+            "ranks); use --tp, or --ep without fused slots"
         )
     if ep_size > 1 and ep_size % tp_size:
         raise UnsupportedModelError(
@@ -287,5 +291,9 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             source, family, moe, options.fuse_shared_replicas, options.requantize_shared
         )
         consumed |= fused_consumed
+        if options.tp_size > 1:
+            from moeprep import rank_shards
+
+            fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     return Plan(family, moe, target, jobs + fused, unknown, routing)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import re
 from functools import partial
 
+import torch
+
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import MoeSpec
-from moeprep.plan import TensorJob, dim0_chunks, read_chunk
+from moeprep.plan import TensorJob, dim0_chunks, padded_chunk, read_chunk
 
 RECIPE_TP = "tp-shard"
 RECIPE_EP = "ep-expert"
@@ -70,3 +72,32 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
             run = partial(read_chunk, name=name, index=rank, width=width, dim=dim)
             jobs.append(TensorJob(TensorEntry(name, dtype, out_shape), (name,), RECIPE_TP, run, rank=rank))
     return jobs, set(names)
+
+
+def tensor_parallel_slices(job: TensorJob, tp_size: int) -> list[TensorJob]:
+    """An expert tensor another job writes (a fused shared-expert slot) as every TP rank's slice of it, cut like
+    the routed experts' (gate/up rows, down columns); other tensors stay replicated."""
+    name = job.entry.name
+    if not EXPERT_TENSOR.fullmatch(name):
+        return [job]
+    dim = 1 if name.endswith("down_proj.weight") else 0
+    shape = job.entry.shape
+    width = shape[dim] // tp_size
+    out_shape = (shape[0], width) if dim else (width, shape[1])
+    recipe = f"{job.recipe}+{RECIPE_TP}"
+    return [
+        TensorJob(
+            TensorEntry(name, job.entry.dtype, out_shape),
+            job.sources,
+            recipe,
+            partial(_slice_of_job, job=job, index=rank, width=width, dim=dim),
+            rank=rank,
+        )
+        for rank in range(tp_size)
+    ]
+
+
+def _slice_of_job(source: CheckpointSource, job: TensorJob, index: int, width: int, dim: int) -> torch.Tensor:
+    produced = job.run(source)
+    tensor = produced if isinstance(produced, torch.Tensor) else torch.cat(list(produced))
+    return padded_chunk(tensor, index, width, dim)

@@ -74,6 +74,32 @@ def test_expert_parallel_rank_files_hold_whole_experts_of_linear_placement(
     assert f"--tensor-parallel-size {ep} --enable-expert-parallel" in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(("family", "replicas"), [("deepseek-v3", "1"), ("qwen2-moe", "2")])
+def test_fused_shared_slots_are_sliced_per_rank_like_routed_experts(tmp_path: Path, family: str, replicas: str) -> None:
+    """``--tp 2 --fuse-shared-experts``: each rank file holds its slice of every slot (gate/up rows, down
+    columns) of the single-partition fused folder, bitwise; the router (Qwen2-MoE's widened gate) stays
+    replicated."""
+    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    whole, split = tmp_path / "fused", tmp_path / "fused-tp2"
+    assert run_cli("convert", source, whole, f"--fuse-shared-experts={replicas}").returncode == 0
+    result = run_cli("convert", source, split, f"--fuse-shared-experts={replicas}", "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    whole_manifest, manifest = load_manifest(whole), load_manifest(split)
+    slots = {name for name, r in whole_manifest.tensors.items() if r.recipe != "passthrough" and ".experts." in name}
+    assert slots and not slots & set(manifest.tensors)
+    full = {name: t for f in whole.glob("model-0*.safetensors") for name, t in load_file(f).items()}
+    for rank, records in enumerate(manifest.rank_tensors):
+        stored = load_file(split / f"model-rank-{rank}-part-00001.safetensors")
+        assert slots <= set(records)
+        for name in slots:
+            dim = 1 if name.endswith("down_proj.weight") else 0
+            width = full[name].shape[dim] // 2
+            assert torch.equal(stored[name], full[name].narrow(dim, rank * width, width)), (rank, name)
+    for name, record in manifest.tensors.items():  # everything else as in the single-partition folder
+        assert record.sha256 == whole_manifest.tensors[name].sha256, name
+    assert run_cli("verify", split).returncode == 0
+
+
 def test_linear_placement_is_vllms() -> None:
     vllm_maps = pytest.importorskip("vllm.model_executor.layers.fused_moe.expert_map_manager")
     for experts, ep in ((8, 2), (8, 3), (60, 7), (256, 16), (5, 5)):
@@ -98,7 +124,7 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
     [
         ("glm4-moe", ["--tp", "3"], "does not split into 3 equal parts"),
         ("gpt-oss", ["--tp", "2", "--backend", "triton"], "--tp with --backend triton is not supported yet"),
-        ("glm4-moe", ["--tp", "2", "--fuse-shared-experts"], "--tp with --fuse-shared-experts is not supported yet"),
+        ("glm4-moe", ["--ep", "2", "--fuse-shared-experts"], "--ep with --fuse-shared-experts is not supported yet"),
         ("mixtral", ["--tp", "2"], "no mlp.experts"),
         ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
         ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),

@@ -134,5 +134,10 @@ def test_fused_slots_are_served_only_by_their_architecture() -> None:
     with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['GptOssForCausalLM'\\]"):
         check_architecture(plain, ["MoeprepFusedGlm4MoeForCausalLM"])
     parallel = type("Parallel", (), {"tensor_parallel_size": 2, "enable_expert_parallel": False, "enable_eplb": False})
-    with pytest.raises(PreparedCheckpointMismatch, match="tensor_parallel_size 1"):
+    check_fused_parallelism(parallel)  # tensor parallelism: served (tests/e2e/test_tensor_parallel_cpu.py)
+    parallel.enable_expert_parallel = True
+    with pytest.raises(PreparedCheckpointMismatch, match="not served with expert parallelism"):
+        check_fused_parallelism(parallel)
+    parallel.enable_expert_parallel, parallel.enable_eplb = False, True
+    with pytest.raises(PreparedCheckpointMismatch, match="--enable-eplb"):
         check_fused_parallelism(parallel)

@@ -182,6 +182,7 @@ class FusedSharedExpertsMoE(nn.Module):
             prefix=f"{prefix}.experts",
             router=SharedSlotRouter(inner, contract, self.slot_ids),
             router_logits_dtype=spec.gate_out_dtype,
+            reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
         )
         # What vLLM's MoE-model mixins read from a block (expert counts for EPLB bookkeeping).
         self.n_routed_experts = self.n_logical_experts = contract.num_experts
@@ -290,11 +291,12 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
 
 
 def check_fused_parallelism(parallel_config: Any) -> None:
-    """Fused slots are verified on one device; refuse the parallel modes they were not verified under."""
-    if parallel_config.tensor_parallel_size != 1 or parallel_config.enable_expert_parallel:
+    """Fused slots are verified on one device and under tensor parallelism (each rank holds its slice of every
+    slot, as of every routed expert); refuse the parallel modes they were not verified under."""
+    if parallel_config.enable_expert_parallel:
         raise PreparedCheckpointMismatch(
-            "moeprep: fused shared experts are served with tensor_parallel_size 1 and no expert parallelism "
-            "in this moeprep version; serve the original checkpoint for multi-GPU runs"
+            "moeprep: fused shared experts are not served with expert parallelism in this moeprep version; "
+            "serve without --enable-expert-parallel (tensor parallelism works) or serve the original checkpoint"
         )
     if parallel_config.enable_eplb:
         raise PreparedCheckpointMismatch("moeprep: fused shared experts do not support --enable-eplb")

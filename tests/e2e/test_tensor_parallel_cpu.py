@@ -1,6 +1,8 @@
 """``convert --tp 2`` served by vLLM CPU with tensor parallelism 2 (one core per rank): each rank fills its
-experts from its own files, and greedy tokens (float32) equal the original checkpoint's served the same way;
-a folder converted for TP 2 is refused at any other size; an expert-parallel folder is refused until verified."""
+experts from its own files, and greedy tokens (float32) equal the original checkpoint's served the same way,
+fused shared-expert slots included (sliced per rank like the routed experts, or sliced by vLLM from a
+single-partition fused folder); a folder converted for TP 2 is refused at any other size; an expert-parallel
+folder is refused until verified."""
 
 from __future__ import annotations
 
@@ -15,14 +17,28 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 
+@pytest.fixture(scope="module")
+def original_tp2(tiny, tmp_path_factory: pytest.TempPathFactory):
+    """``original_tp2(family)``: greedy generations of the original tiny fixture at TP 2 (float32), served once."""
+    generations: dict[str, list] = {}
+
+    def get(family: str) -> list:
+        if family not in generations:
+            log = tmp_path_factory.mktemp("original") / f"{family}.log"
+            generations[family] = serve_and_generate(tiny(family), log, dtype="float32", tp=2)
+        return generations[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", ["glm4-moe", "qwen2-moe"])
 def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
-    tiny, tmp_path: Path, family: str
+    tiny, original_tp2, tmp_path: Path, family: str
 ) -> None:
     prepared = tmp_path / "tp2"
     result = run_cli("convert", tiny(family), prepared, "--tp", "2")
     assert result.returncode == 0, result.stderr
-    original = serve_and_generate(tiny(family), tmp_path / "original.log", dtype="float32", tp=2)
+    original = original_tp2(family)
     served = serve_and_generate(prepared, tmp_path / "prepared.log", dtype="float32", tp=2)
     assert served == original
     assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
@@ -30,6 +46,22 @@ def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
     # the files of its own manifest records, which name only rank 1 files: tests/test_tensor_parallel.py.)
     reads = [line for line in (tmp_path / "prepared.log").read_text().splitlines() if "reads its experts from" in line]
     assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
+
+
+@pytest.mark.parametrize(
+    ("family", "tp_files"), [("deepseek-v3", True), ("glm4-moe", False)], ids=["deepseek-v3-rank-files", "glm4-moe"]
+)
+def test_fused_shared_experts_at_tp2_generate_the_original_tokens(
+    tiny, original_tp2, tmp_path: Path, family: str, tp_files: bool
+) -> None:
+    prepared = tmp_path / "fused"
+    extra = ["--tp", "2"] if tp_files else []
+    result = run_cli("convert", tiny(family), prepared, "--fuse-shared-experts", *extra)
+    assert result.returncode == 0, result.stderr
+    served = serve_and_generate(prepared, tmp_path / "fused.log", dtype="float32", tp=2)
+    original = original_tp2(family)
+    assert served == original
+    assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
 
 
 def test_tp2_folder_is_refused_at_tensor_parallel_size_1(tiny, tmp_path: Path) -> None:
