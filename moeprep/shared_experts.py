@@ -6,12 +6,16 @@ the matching down columns add up to the whole; a last chunk narrower than ``I`` 
 which contribute exactly nothing). Each slot is written ``replicas`` times, after the routed experts:
 slot ``s`` replica ``r`` is expert ``E + s * replicas + r``. The routing contract recorded in the manifest
 tells the runtime how to route to them: every token takes every slot (replica ``token % replicas``) at the
-slot weight, after the routed top-k was chosen and renormalised.
+slot weight, after the routed top-k was chosen and renormalised. Where the routing weight scales the
+expert's input (Llama 4), the slots run on extra copies of each token's row instead, so that the routed
+expert's input is scaled and the shared expert's is not (``router_weight_on_input`` in the contract).
+Experts stored as 3-D tensors (Llama 4) get the slots appended to those tensors, in their layout.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,11 +27,12 @@ from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec, fp8_block
 from moeprep.families.common import GATE_UP_DOWN
-from moeprep.plan import TensorJob, padded_chunk, read_chunk
+from moeprep.plan import TensorJob, dim0_chunks, padded_chunk, read_chunk
 
 RECIPE_SLOT = "shared-expert-slot"
 RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
 RECIPE_ROUTER = "router+shared-expert-gate"
+RECIPE_3D_SLOTS = "experts-3d+shared-expert-slots"
 CONTRACT_VERSION = 1
 SLOT_WEIGHT_ONE = "1"
 SLOT_WEIGHT_GATED = "sigmoid(shared_expert_gate(x))"
@@ -54,6 +59,7 @@ def routing_contract(
     the slots' format change, when the shared expert was stored in another format than the routed ones)."""
     slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
     experts = moe.num_experts
+    on_input = family.router_weight_on_input
     return {
         "version": CONTRACT_VERSION,
         "routed_experts": experts,
@@ -63,7 +69,11 @@ def routing_contract(
         "replica_rule": "token_index % replicas",
         "num_experts": experts + slots * replicas,
         "top_k": moe.top_k,
-        "fused_top_k": moe.top_k + slots,
+        "fused_top_k": moe.top_k if on_input else moe.top_k + slots,
+        "router_weight_on_input": on_input,
+        "slot_placement": "one extra row per slot and token, each routed to its slot alone"
+        if on_input
+        else "slots appended to every token's routed top-k",
         "expert_intermediate": moe.expert_intermediate,
         "shared_intermediate": moe.shared_intermediate,
         "slot_weight": SLOT_WEIGHT_GATED if family.shared_expert_gate_module else SLOT_WEIGHT_ONE,
@@ -85,10 +95,10 @@ def check_fusable(family: Family, moe: MoeSpec, replicas: int) -> None:
         raise UnsupportedModelError(f"--fuse-shared-experts: {family.shared_expert_fusion_blocker}")
     if not family.shared_expert_module or not moe.shared_intermediate:
         raise UnsupportedModelError(f"--fuse-shared-experts: this {family.name} model has no shared experts")
-    if moe.expert_format != "per-expert":
+    if moe.expert_format not in ("per-expert", "fused-3d"):
         raise UnsupportedModelError(
             f"--fuse-shared-experts: {family.name} experts are {moe.expert_format}; slots are cloned for per-expert "
-            "checkpoints only"
+            "and 3-D float experts only"
         )
 
 
@@ -106,6 +116,8 @@ def slot_jobs(
     """Every slot tensor of every MoE layer (and the gated families' widened router), the sources consumed,
     and the slots' format change when ``requantize`` had to bring the shared expert to the routed format."""
     slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
+    if moe.expert_format == "fused-3d":
+        return (*_experts_3d_jobs(source, family, moe, slots, replicas), None)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     requantized: str | None = None
@@ -243,6 +255,52 @@ def _check_exact_split(src: str, shape: tuple[int, ...], out_shape: tuple[int, .
             f"--fuse-shared-experts: {src} is {list(shape)}; slots of the routed shape {list(out_shape)} need "
             f"exactly {expected} (quantized shared experts are split, not padded)"
         )
+
+
+def _experts_3d_jobs(
+    source: CheckpointSource, family: Family, moe: MoeSpec, slots: int, replicas: int
+) -> tuple[list[TensorJob], set[str]]:
+    """Experts stored as 3-D tensors (Llama 4: ``experts.gate_up_proj`` [E, H, 2I], gate half first, and
+    ``experts.down_proj`` [E, I, H]) rewritten with the slots appended as experts ``E ...``, in that layout."""
+    width = moe.expert_intermediate
+    jobs, consumed = [], set()
+    for layer in moe.moe_layers:
+        block = f"model.layers.{layer}.{family.moe_block_module}"
+        for proj, parts, dim in (("gate_up_proj", ("gate_proj", "up_proj"), 0), ("down_proj", ("down_proj",), 1)):
+            name = f"{block}.experts.{proj}"
+            if name not in source.tensor_names:
+                raise UnsupportedModelError(
+                    f"--fuse-shared-experts: {name} not found; slots are cloned for text-only {family.name} "
+                    "checkpoints (model.layers.N...)"
+                )
+            dtype, shape = source.tensor_meta(name)
+            shared = tuple(f"{block}.{family.shared_expert_module}.{part}.weight" for part in parts)
+            for src in shared:
+                src_dtype, src_shape = source.tensor_meta(src)
+                if src_dtype != dtype or dtype not in FLOAT_DTYPES:
+                    raise UnsupportedModelError(
+                        f"--fuse-shared-experts: {src} is {src_dtype}, {name} {dtype}; 3-D experts take slots of "
+                        "the same float dtype"
+                    )
+                _check_paddable(src, src_shape, (width, shape[1]) if dim == 0 else (shape[2], width), slots, dim)
+            entry = TensorEntry(name, dtype, (shape[0] + slots * replicas, *shape[1:]))
+            run = partial(_experts_3d_with_slots, name=name, shared=shared, slots=slots, replicas=replicas)
+            run = partial(run, dim=dim, width=width)
+            jobs.append(TensorJob(entry, (name, *shared), RECIPE_3D_SLOTS, run))
+            consumed |= {name, *shared}
+    return jobs, consumed
+
+
+def _experts_3d_with_slots(
+    source: CheckpointSource, name: str, shared: tuple[str, ...], slots: int, replicas: int, dim: int, width: int
+) -> Iterator[torch.Tensor]:
+    """The routed experts' 3-D tensor in row chunks, then every replica of every slot as one more expert:
+    gate_up [H, 2I] = [gate rows; up rows].T of the slot's chunk, down [I, H] = the chunk's down columns.T."""
+    yield from dim0_chunks(source, name)
+    for s in range(slots):
+        slot = torch.cat([read_chunk(source, src, s, width, dim) for src in shared], dim).T.contiguous()
+        for _ in range(replicas):
+            yield slot.unsqueeze(0)
 
 
 def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> TensorJob:

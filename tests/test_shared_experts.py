@@ -113,6 +113,33 @@ def manifest_moe_layers(manifest: dict) -> list[int]:
     )
 
 
+@pytest.mark.parametrize(("replicas", "overrides"), [(2, None), (1, {"intermediate_size": 48})])
+def test_llama4_slots_are_appended_to_the_3d_experts(tmp_path: Path, replicas: int, overrides: dict | None) -> None:
+    """Llama 4 (3-D experts, router weight on the input): gate_up_proj [E+R, H, 2I] and down_proj [E+R, I, H]
+    end with the shared expert in that layout (gate half first), once per replica; routed experts unchanged;
+    the contract says the slots run on their own token rows, top-1."""
+    seed = int.from_bytes(os.urandom(3), "little")
+    source = build_fixture("llama4", tmp_path / "src", seed=seed, config_overrides=overrides)
+    tensors, manifest = converted(source, tmp_path / "fused", replicas)
+    original = open_local(source)
+    contract = manifest["routing"]["fused_shared_experts"]
+    experts = contract["routed_experts"]
+    assert contract["router_weight_on_input"] and contract["fused_top_k"] == 1
+    assert contract["slot_ids"] == [list(range(experts, experts + replicas))]
+    for layer in range(json.loads((source / "config.json").read_text())["num_hidden_layers"]):
+        ff = f"model.layers.{layer}.feed_forward"
+        gate_up, down = tensors[f"{ff}.experts.gate_up_proj"], tensors[f"{ff}.experts.down_proj"]
+        assert gate_up.shape[0] == down.shape[0] == experts + replicas
+        assert torch.equal(gate_up[:experts], original.read(f"{ff}.experts.gate_up_proj"))
+        assert torch.equal(down[:experts], original.read(f"{ff}.experts.down_proj"))
+        shared = {p: original.read(f"{ff}.shared_expert.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")}
+        for r in range(replicas):  # as transformers' Llama4TextExperts computes an expert
+            slot_gate_up, slot_down = gate_up[experts + r], down[experts + r]
+            assert torch.equal(slot_gate_up, torch.cat([shared["gate_proj"], shared["up_proj"]]).T)
+            assert torch.equal(slot_down, shared["down_proj"].T)
+        assert not any(name.startswith(f"{ff}.shared_expert.") for name in tensors)
+
+
 def test_padded_chunk_pads_past_the_end_with_zeros() -> None:
     t = torch.randn(3, 10)
     assert torch.equal(padded_chunk(t, 0, 4, -1), t[:, :4])
@@ -123,7 +150,6 @@ def test_padded_chunk_pads_past_the_end_with_zeros() -> None:
 @pytest.mark.parametrize(
     ("family", "backend", "message"),
     [
-        ("llama4", "none", "applies the router weight to the expert's input"),
         ("qwen3-moe", "none", "has no shared experts"),
         ("mixtral", "none", "has no shared experts"),
         ("gpt-oss", "dequant", "has no shared experts"),

@@ -72,6 +72,8 @@ class Family:
     shared_expert_gate_module: ClassVar[str | None] = None
     fused_shared_architecture: ClassVar[str | None] = None
     shared_expert_fusion_blocker: ClassVar[str | None] = None
+    moe_block_module: ClassVar[str] = "mlp"  # the decoder layer's MoE block: model.layers.N.<this>
+    router_weight_on_input: ClassVar[bool] = False  # the routing weight scales the expert's input (Llama 4)
 
     def tiny_config(self) -> dict[str, Any]:
         """A complete config.json for a CPU-sized model in the family's exact format."""

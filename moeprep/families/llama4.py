@@ -31,10 +31,9 @@ class Llama4(Family):
     model_types = ("llama4", "llama4_text")
     architecture = "Llama4ForCausalLM"
     shared_expert_module = "shared_expert"
-    shared_expert_fusion_blocker = (
-        "Llama 4 applies the router weight to the expert's input (top-1, apply_router_weight_on_input), so routed "
-        "and shared slots would need different inputs; vLLM's grouped MoE kernels take one input per token"
-    )
+    fused_shared_architecture = "MoeprepFusedLlama4ForCausalLM"
+    moe_block_module = "feed_forward"
+    router_weight_on_input = True
 
     def tiny_config(self) -> dict[str, Any]:
         layers = 2

@@ -4,7 +4,9 @@ The prepared config.json names one of the architectures below. Each is vLLM's ow
 its MoE block replaced by ``FusedSharedExpertsMoE``: the router (vLLM's, over the routed experts only)
 picks the top-k, then ``SharedSlotRouter`` appends the shared-expert slots with the weight the manifest's
 routing contract gives; the MoE layer holds ``E + slots * replicas`` experts and runs ``top_k + slots``
-per token. No shared-expert MLP is built, loaded or run.
+per token. Llama 4, whose routing weight scales the routed expert's input, gets ``FusedSlotRowsMoE`` instead:
+each token runs as ``1 + slots`` rows through one top-1 MoE layer (row 0 routed, row ``1 + s`` to slot ``s``
+at weight 1) and the rows' outputs are summed. No shared-expert MLP is built, loaded or run.
 """
 
 from __future__ import annotations
@@ -196,6 +198,80 @@ class FusedSharedExpertsMoE(nn.Module):
         return self.experts(hidden_states=flat, router_logits=router_logits).view(shape)
 
 
+class SlotRowsRouter(BaseRouter):
+    """For a MoE layer whose routing weight scales the expert's input (Llama 4, top-1): the hidden states come
+    as ``1 + slots`` blocks of the same T token rows; block 0 is routed by the family's router, block ``1 + s``
+    goes to slot ``s`` (replica ``token % replicas``) at weight 1, so its input stays unscaled."""
+
+    def __init__(self, inner: BaseRouter, contract: SlotContract) -> None:
+        super().__init__(top_k=contract.top_k, global_num_experts=contract.num_experts)
+        self.inner, self.contract = inner, contract
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+    def _compute_routing(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        indices_type: torch.dtype | None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.contract
+        tokens = hidden_states.shape[0] // (1 + c.slots)
+        weights, ids = self.inner._compute_routing(
+            hidden_states[:tokens], router_logits[:tokens], indices_type, input_ids=input_ids
+        )
+        slot_ids = slot_id_table(c, tokens).to(device=ids.device, dtype=ids.dtype).T.reshape(-1, 1)
+        slot_weights = torch.ones(slot_ids.shape, dtype=weights.dtype, device=weights.device)
+        return torch.cat([weights, slot_weights]), torch.cat([ids, slot_ids])
+
+
+class FusedSlotRowsMoE(nn.Module):
+    """Llama 4's MoE block with its shared expert in slots: vLLM's router and top-1 routing (sigmoid weight on
+    the routed expert's input), and one MoE layer of ``E + slots * replicas`` experts run on ``1 + slots``
+    copies of the token rows (``SlotRowsRouter``), whose outputs are summed. No shared-expert MLP is built."""
+
+    routing_function: Callable  # the original block's top-1 + sigmoid routing
+
+    def __init__(self, vllm_config: Any, prefix: str = "", **_: Any) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        contract = current_contract()
+        self.contract = contract
+        self.router = GateLinear(config.hidden_size, contract.routed_experts, prefix=f"{prefix}.router")
+        inner = create_fused_moe_router(
+            top_k=contract.top_k,
+            global_num_experts=contract.routed_experts,
+            renormalize=False,
+            custom_routing_function=self.routing_function,
+        )
+        self.experts = MOE_LAYER(
+            num_experts=contract.num_experts,
+            top_k=contract.top_k,
+            hidden_size=config.hidden_size,
+            intermediate_size=contract.expert_intermediate,
+            apply_router_weight_on_input=True,
+            renormalize=False,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.experts",
+            router=SlotRowsRouter(inner, contract),
+            reduce_results=True,
+        )
+        self.n_routed_experts = self.n_logical_experts = contract.num_experts
+        self.n_physical_experts = self.n_local_physical_experts = contract.num_experts
+        self.n_shared_experts = self.n_redundant_experts = 0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        blocks = 1 + self.contract.slots
+        router_logits, _ = self.router(hidden_states)
+        rows = hidden_states.repeat(blocks, 1)
+        out = self.experts(hidden_states=rows, router_logits=router_logits.repeat(blocks, 1))
+        return out.view(blocks, *hidden_states.shape).sum(0)
+
+
 def deepseek_routing(config: Any) -> GateAndRouting:
     from vllm.model_executor.models.deepseek_v2 import _get_moe_router_dtype
 
@@ -251,11 +327,17 @@ def load_slot_tensor(params: dict[str, nn.Parameter], mapping: list, name: str, 
     raise PreparedCheckpointMismatch(f"moeprep: shared-expert slot tensor {name} has no parameter to load into")
 
 
-def fused_model_class(arch: str, module_name: str, parent_name: str, block_name: str, routing: Callable) -> type:
-    """``arch``: vLLM's ``parent_name`` model with its ``block_name`` MoE blocks fused."""
+def fused_model_class(arch: str, module_name: str, parent_name: str, block_name: str, routing: Callable | None) -> type:
+    """``arch``: vLLM's ``parent_name`` model with its ``block_name`` MoE blocks fused (``routing`` mirrors the
+    family's router; None: Llama 4's routing with the weight on the input, ``FusedSlotRowsMoE`` with the block's
+    own ``custom_routing_function``)."""
     module = importlib.import_module(module_name)
     parent = getattr(module, parent_name)
-    block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
+    if routing is None:
+        original = staticmethod(getattr(module, block_name).custom_routing_function)
+        block = type(block_name, (FusedSlotRowsMoE,), {"routing_function": original, "__module__": __name__})
+    else:
+        block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
         check_fused_parallelism(vllm_config.parallel_config)
@@ -305,7 +387,7 @@ def check_fused_parallelism(parallel_config: Any) -> None:
 def check_not_monolithic(model: nn.Module) -> None:
     """A monolithic MoE kernel routes from the logits itself and would skip the slots: refuse it."""
     for name, module in model.named_modules():
-        if isinstance(module, FusedSharedExpertsMoE) and module.experts.is_monolithic:
+        if isinstance(module, FusedSharedExpertsMoE | FusedSlotRowsMoE) and module.experts.is_monolithic:
             raise PreparedCheckpointMismatch(
                 f"moeprep: vLLM chose a monolithic MoE kernel for {name}, which routes by itself and would skip "
                 "the shared-expert slots; select a modular MoE backend (e.g. --moe-backend triton)"
@@ -331,6 +413,7 @@ FUSED_MODELS = {
         "Qwen2MoeSparseMoeBlock",
         qwen2_moe_routing,
     ),
+    "MoeprepFusedLlama4ForCausalLM": ("vllm.model_executor.models.llama4", "Llama4ForCausalLM", "Llama4MoE", None),
 }
 
 

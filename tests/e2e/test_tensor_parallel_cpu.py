@@ -43,7 +43,7 @@ def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
     assert served == original
     assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
     # vLLM prints INFO lines of the first worker only: rank 0 read rank 0's file and no other. (Rank 1 opens
-    # the files of its own manifest records, which name only rank 1 files: tests/test_tensor_parallel.py.)
+    # the files of its own manifest records, which name only rank 1 files: tests/test_rank_shards.py.)
     reads = [line for line in (tmp_path / "prepared.log").read_text().splitlines() if "reads its experts from" in line]
     assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
