@@ -1,8 +1,8 @@
 """On the H100 with vLLM 0.26: folders converted with ``--fuse-shared-experts`` (one Triton MoE kernel for
 routed experts and shared-expert slots) score the original's greedy continuations like the original does
 (teacher-forced log-probabilities), for DeepSeek-V3 (grouped sigmoid routing with correction bias,
-routed_scaling_factor 2.5; bf16 and DeepSeek's own block-fp8 format, slots split with their block scales)
-and GLM-4-MoE.
+routed_scaling_factor 2.5; bf16 and DeepSeek's own block-fp8 format, slots split with their block scales),
+GLM-4-MoE and Llama 4 (router weight on the routed expert's input; slots on their own token rows).
 
 Tolerances (mean |Δ logprob| in nats): bf16 0.02 (vLLM CPU measures ~0.005 for the same comparison);
 block-fp8 0.05: vLLM runs it w8a8, quantizing activations to e4m3 per 128-group, and the slot's
@@ -58,7 +58,8 @@ def mean_delta(scored: dict, original: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("family", "quantization"), [("deepseek-v3", "none"), ("glm4-moe", "none"), ("deepseek-v3", "fp8-block")]
+    ("family", "quantization"),
+    [("deepseek-v3", "none"), ("glm4-moe", "none"), ("deepseek-v3", "fp8-block"), ("llama4", "none")],
 )
 def test_fused_shared_experts_score_like_the_original(tmp_path: Path, family: str, quantization: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
