@@ -121,7 +121,8 @@ def convert(
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
-    # In source file order, so the reads hash the source files as they go (source_record).
+    # In source file order, so that the reads hash the source files as they go (source_record).
+    source.hash_reads()
     for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
     with AtomicFolder(out, overwrite) as tmp:

@@ -145,6 +145,7 @@ def test_source_reads_hash_its_weight_files(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     source = open_local(tmp_path)
+    source.hash_reads()
     names = sorted(tensors, key=lambda n: source.file_position(n))
     for name in names[:3]:  # in file order, in row chunks
         source.read_rows(name, 0, 10)

@@ -110,9 +110,16 @@ class CheckpointSource:
         file, info = self._safetensors[name]
         return self._hashed(file, info.begin, read_tensor(file.path, info))
 
+    def hash_reads(self) -> None:
+        """From now on, feed what tensor reads return to each weight file's running sha256 (``file_sha256``)."""
+        self._file_hashes = {
+            file.path.name: SequentialSha256(file.path, file.data_start) for file, _ in self._safetensors.values()
+        }
+
     def _hashed(self, file: SafetensorsFile, begin: int, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` as read from ``file`` at ``begin``, fed to that file's running sha256."""
-        self._file_hashes[file.path.name].feed(begin, tensor_bytes(tensor))
+        """``tensor`` as read from ``file`` at ``begin``, fed to that file's running sha256 if ``hash_reads``."""
+        if hashes := self._file_hashes.get(file.path.name):
+            hashes.feed(begin, tensor_bytes(tensor))
         return tensor
 
     def file_position(self, name: str) -> tuple[str, int]:
@@ -124,7 +131,7 @@ class CheckpointSource:
         return file.path.name, info.begin
 
     def file_sha256(self, name: str) -> str:
-        """sha256 of the source file ``name``, from what tensor reads already hashed plus the rest."""
+        """sha256 of the source file ``name``: what tensor reads hashed since ``hash_reads``, plus the rest."""
         hashes = self._file_hashes.get(name)
         return hashes.finish() if hashes else sha256_file(self.folder / name)
 
@@ -205,8 +212,6 @@ def open_local(
     source = CheckpointSource(folder, kind, location or str(folder.absolute()), revision, config, [], aux)
     if (folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file():
         source.weight_files, source._safetensors = _load_safetensors(folder)
-        headers = {file.path.name: file.data_start for file, _ in source._safetensors.values()}
-        source._file_hashes = {name: SequentialSha256(folder / name, end) for name, end in headers.items()}
     elif (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
         source.weight_files, source._bin_state = _load_bin(folder)
     else:

@@ -9,7 +9,7 @@ import numpy as np
 
 
 @numba.njit(inline="always")
-def _byte_or_zero(src: np.ndarray, e: int, row: int, col: int) -> np.uint32:  # pragma: no cover
+def _byte_or_zero(src: np.ndarray, e: int, row: int, col: int) -> int:  # pragma: no cover
     rows, k_bytes = src.shape[1], src.shape[2]
     return src[e, row, col] if row < rows and col < k_bytes else 0
 

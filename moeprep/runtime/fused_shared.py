@@ -85,21 +85,27 @@ def slot_id_table(contract: SlotContract, rows: int) -> torch.Tensor:
     return first_replica.unsqueeze(0) + replica.unsqueeze(1)
 
 
-class SharedSlotRouter(BaseRouter):
+class SlotRouter(BaseRouter):
+    """A custom router: the family's own router (``inner``) over the routed experts, plus the slots."""
+
+    def __init__(self, inner: BaseRouter, contract: SlotContract, top_k: int) -> None:
+        super().__init__(top_k=top_k, global_num_experts=contract.num_experts)
+        self.inner, self.contract = inner, contract
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return RoutingMethodType.Custom
+
+
+class SharedSlotRouter(SlotRouter):
     """The family's router over the routed experts, plus every slot per token (replica ``token % replicas``)
     at weight 1, or ``sigmoid`` of the gate's extra logit row for gated shared experts. Slot ids and unit
     weights are sliced from tables built once, so a decode step adds only the two concatenations."""
 
     def __init__(self, inner: BaseRouter, contract: SlotContract, slot_ids: torch.Tensor) -> None:
-        super().__init__(top_k=contract.top_k + contract.slots, global_num_experts=contract.num_experts)
-        self.inner = inner
-        self.contract = contract
+        super().__init__(inner, contract, contract.top_k + contract.slots)
         self.slot_ids = slot_ids
         self.unit_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
-
-    @property
-    def routing_method_type(self) -> RoutingMethodType:
-        return RoutingMethodType.Custom
 
     def _compute_routing(
         self,
@@ -198,18 +204,13 @@ class FusedSharedExpertsMoE(nn.Module):
         return self.experts(hidden_states=flat, router_logits=router_logits).view(shape)
 
 
-class SlotRowsRouter(BaseRouter):
+class SlotRowsRouter(SlotRouter):
     """For a MoE layer whose routing weight scales the expert's input (Llama 4, top-1): the hidden states come
     as ``1 + slots`` blocks of the same T token rows; block 0 is routed by the family's router, block ``1 + s``
     goes to slot ``s`` (replica ``token % replicas``) at weight 1, so its input stays unscaled."""
 
     def __init__(self, inner: BaseRouter, contract: SlotContract) -> None:
-        super().__init__(top_k=contract.top_k, global_num_experts=contract.num_experts)
-        self.inner, self.contract = inner, contract
-
-    @property
-    def routing_method_type(self) -> RoutingMethodType:
-        return RoutingMethodType.Custom
+        super().__init__(inner, contract, contract.top_k)
 
     def _compute_routing(
         self,
