@@ -48,18 +48,18 @@ def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
     assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
 
-@pytest.mark.parametrize(
-    ("family", "tp_files"), [("deepseek-v3", True), ("glm4-moe", False)], ids=["deepseek-v3-rank-files", "glm4-moe"]
-)
+@pytest.mark.parametrize("tp_files", [True, False], ids=["rank-files", "single-partition"])
 def test_fused_shared_experts_at_tp2_generate_the_original_tokens(
-    tiny, original_tp2, tmp_path: Path, family: str, tp_files: bool
+    tiny, original_tp2, tmp_path: Path, tp_files: bool
 ) -> None:
+    """GLM-4-MoE (whose original at TP 2 the first test serves already); DeepSeek-V3 and Qwen2-MoE slot slices
+    are checked bitwise per rank in tests/test_rank_shards.py."""
     prepared = tmp_path / "fused"
     extra = ["--tp", "2"] if tp_files else []
-    result = run_cli("convert", tiny(family), prepared, "--fuse-shared-experts", *extra)
+    result = run_cli("convert", tiny("glm4-moe"), prepared, "--fuse-shared-experts", *extra)
     assert result.returncode == 0, result.stderr
     served = serve_and_generate(prepared, tmp_path / "fused.log", dtype="float32", tp=2)
-    original = original_tp2(family)
+    original = original_tp2("glm4-moe")
     assert served == original
     assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
 
