@@ -77,11 +77,9 @@ def main() -> None:
         print(json.dumps({"seconds": run_stage(stage, Path(src), Path(dest), device)}))
         return
 
-    from moeprep.fixtures import build_fixture
+    from convert_throughput import synthetic_gpt_oss
 
-    src = args.workdir / f"gpt-oss-{args.preset}-{args.layers}l"
-    if not (src / "config.json").exists():
-        build_fixture("gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
+    src = synthetic_gpt_oss(args.workdir, args.preset, args.layers)
     seconds = {}
     for stage in STAGES:
         command = [sys.executable, __file__, "--child", stage, str(src), str(args.workdir / f"stage-{stage}")]

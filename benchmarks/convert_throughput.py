@@ -44,6 +44,16 @@ def child_convert(src: Path, dest: Path, backend: str, device: str) -> None:
     convert(source, plan, dest, overwrite=True)
 
 
+def synthetic_gpt_oss(workdir: Path, preset: str, layers: int) -> Path:
+    """The synthetic gpt-oss checkpoint (real expert dims) under ``workdir``, built once."""
+    from moeprep.fixtures import build_fixture
+
+    src = workdir / f"gpt-oss-{preset}-{layers}l"
+    if not (src / "config.json").exists():
+        build_fixture("gpt-oss", src, preset=preset, num_layers=layers, overwrite=True)
+    return src
+
+
 def run_child(*args: str) -> dict[str, float]:
     """Run this script as a child doing one job; returns its wall time and peak RSS."""
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
@@ -77,11 +87,7 @@ def main() -> None:
         print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}))
         return
 
-    from moeprep.fixtures import build_fixture
-
-    src = args.workdir / f"gpt-oss-{args.preset}-{args.layers}l"
-    if not (src / "config.json").exists():
-        build_fixture("gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
+    src = synthetic_gpt_oss(args.workdir, args.preset, args.layers)
     copies, converts = [], []
     for _ in range(args.rounds):  # alternate, so disk writeback state hits both sides alike
         copies.append(run_child("copy", str(src), str(args.workdir / "copy")))

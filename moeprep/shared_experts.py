@@ -284,8 +284,9 @@ def _experts_3d_jobs(
                     )
                 _check_paddable(src, src_shape, (width, shape[1]) if dim == 0 else (shape[2], width), slots, dim)
             entry = TensorEntry(name, dtype, (shape[0] + slots * replicas, *shape[1:]))
-            run = partial(_experts_3d_with_slots, name=name, shared=shared, slots=slots, replicas=replicas)
-            run = partial(run, dim=dim, width=width)
+            run = partial(
+                _experts_3d_with_slots, name=name, shared=shared, slots=slots, replicas=replicas, dim=dim, width=width
+            )
             jobs.append(TensorJob(entry, (name, *shared), RECIPE_3D_SLOTS, run))
             consumed |= {name, *shared}
     return jobs, consumed
