@@ -19,12 +19,14 @@ from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
-from moeprep.layouts import cpu_amx, dequant, marlin, triton
+from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, PreparedExpertTensor, contiguous_strides
 
 PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
-MXFP4_BACKENDS: dict[str, ModuleType] = {module.NAME: module for module in (triton, marlin, cpu_amx, dequant)}
+MXFP4_BACKENDS: dict[str, ModuleType] = {
+    module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
+}
 BACKENDS = ("none", *MXFP4_BACKENDS)
 # Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
 # OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
@@ -155,13 +157,8 @@ def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[
 def _mxfp4_jobs(
     source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device
 ) -> tuple[list[TensorJob], set[str]]:
-    config = source.config
     dims = Mxfp4ExpertDims.padded(
-        moe.num_experts,
-        config["hidden_size"],
-        moe.expert_intermediate,
-        backend.HIDDEN_MULTIPLE,
-        backend.INTERMEDIATE_MULTIPLE,
+        moe.num_experts, source.config["hidden_size"], moe.expert_intermediate, *padding_multiples(backend, arch)
     )
     jobs, consumed = [], set()
     for layer in moe.moe_layers:
@@ -186,10 +183,22 @@ def transform_device(device: str) -> torch.device:
     return resolved
 
 
-def backend_target(backend: str, arch: str | None) -> Target:
-    if backend == "none":
+def padding_multiples(module: ModuleType, arch: str) -> tuple[int, int]:
+    """(hidden, intermediate) multiples a layout module pads to on ``arch``."""
+    return getattr(module, "ARCH_PADDING", {}).get(arch, (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE))
+
+
+def mxfp4_module(backend: str, expert_format: str) -> ModuleType | None:
+    """The layout module writing mxfp4 experts for ``backend`` (``none``: padding only), None for other experts."""
+    if expert_format != "mxfp4":
+        return None
+    return padded if backend == "none" else MXFP4_BACKENDS[backend]
+
+
+def backend_target(backend: str, arch: str | None, module: ModuleType | None = None) -> Target:
+    """The manifest target of ``backend``; ``module`` lays out the mxfp4 experts (None: tensors pass through)."""
+    if module is None:
         return Target(backend, PASSTHROUGH, 1, list(PASSTHROUGH_VERIFIED_VLLM))
-    module = MXFP4_BACKENDS[backend]
     arch = arch or module.ARCHES[0]
     if arch not in module.ARCHES:
         raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(module.ARCHES)}, not {arch!r}")
@@ -198,7 +207,7 @@ def backend_target(backend: str, arch: str | None) -> Target:
         recipe=f"{backend}-{arch}",
         recipe_version=module.RECIPE_VERSION,
         vllm_versions=list(module.VERIFIED_VLLM),
-        padding={"hidden": module.HIDDEN_MULTIPLE, "intermediate": module.INTERMEDIATE_MULTIPLE},
+        padding=dict(zip(("hidden", "intermediate"), padding_multiples(module, arch), strict=True)),
         knobs={"arch": arch, **module.KNOBS},
     )
 
@@ -266,21 +275,16 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     family = family_for_config(source.config)
     unknown = check_inventory(source, family)
     moe = family.moe_spec(source.config)
-    target = replace(backend_target(backend, options.arch), tp_size=options.tp_size, ep_size=options.ep_size)
+    if backend in MXFP4_BACKENDS and moe.expert_format != "mxfp4":
+        raise UnsupportedModelError(
+            f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
+            "use --backend none"
+        )
+    module = mxfp4_module(backend, moe.expert_format)
+    target = replace(backend_target(backend, options.arch, module), tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
-    if backend == "none" and moe.expert_format == "mxfp4":
-        raise UnsupportedModelError(
-            f"{family.name} mxfp4 experts need a layout backend: --backend triton or marlin (GPU), "
-            "or --backend dequant (CPU without AMX)"
-        )
-    if backend in MXFP4_BACKENDS:
-        if moe.expert_format != "mxfp4":
-            raise UnsupportedModelError(
-                f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
-                "use --backend none"
-            )
-        module = MXFP4_BACKENDS[backend]
+    if module is not None:
         jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(options.device))
     if options.tp_size > 1 or options.ep_size > 1:
         jobs, consumed = _rank_shard_jobs(source, moe, backend, options)

@@ -42,3 +42,50 @@ def marlin_inputs(seed: int, e: int, n: int, k: int) -> dict[str, torch.Tensor]:
         "w13_bias": torch.randn(e, 2 * n, generator=gen).to(torch.bfloat16),
         "w2_bias": torch.randn(e, k, generator=gen).to(torch.bfloat16),
     }
+
+
+# (seed, experts, hidden, intermediate) of the flashinfer-trtllm golden hashes
+# (recorded by scripts/make_golden_flashinfer_trtllm.py)
+TRTLLM_CASES = [(21, 2, 2880, 2880), (22, 3, 192, 96), (23, 2, 512, 768)]
+
+
+def gpt_oss_expert_inputs(gen: torch.Generator, experts: int, hidden: int, inter: int) -> dict[str, torch.Tensor]:
+    """Random gpt-oss checkpoint expert tensors (blocks [E, N, K/32, 16] u8, e8m0 scales, bf16 biases)."""
+
+    def u8(*shape: int, lo: int = 0, hi: int = 256) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)
+
+    return {
+        "gate_up_proj_blocks": u8(experts, 2 * inter, hidden // 32, 16),
+        "gate_up_proj_scales": u8(experts, 2 * inter, hidden // 32, lo=110, hi=135),
+        "gate_up_proj_bias": torch.randn(experts, 2 * inter, generator=gen).to(torch.bfloat16),
+        "down_proj_blocks": u8(experts, hidden, inter // 32, 16),
+        "down_proj_scales": u8(experts, hidden, inter // 32, lo=110, hi=135),
+        "down_proj_bias": torch.randn(experts, hidden, generator=gen).to(torch.bfloat16),
+    }
+
+
+def vllm_padded_params(
+    inputs: dict[str, torch.Tensor], hidden: int, inter: int, hidden_multiple: int, inter_multiple: int
+) -> tuple[torch.Tensor, ...]:
+    """vLLM's mxfp4 expert parameters after loading: zeros of the padded sizes with the checkpoint's bytes
+    in their leading corner. ``(w13, w2, w13_scale, w2_scale, w13_bias, w2_bias)``."""
+    h = -(-hidden // hidden_multiple) * hidden_multiple
+    i = -(-inter // inter_multiple) * inter_multiple
+
+    def param(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        value = inputs[name]
+        value = value.reshape(*value.shape[:2], -1) if name.endswith("blocks") else value
+        out = torch.zeros(shape, dtype=dtype)
+        out[tuple(slice(0, d) for d in value.shape)] = value
+        return out
+
+    e = inputs["gate_up_proj_blocks"].shape[0]
+    return (
+        param("gate_up_proj_blocks", (e, 2 * i, h // 2), torch.uint8),
+        param("down_proj_blocks", (e, h, i // 2), torch.uint8),
+        param("gate_up_proj_scales", (e, 2 * i, h // 32), torch.uint8),
+        param("down_proj_scales", (e, h, i // 32), torch.uint8),
+        param("gate_up_proj_bias", (e, 2 * i), torch.bfloat16),
+        param("down_proj_bias", (e, h), torch.bfloat16),
+    )

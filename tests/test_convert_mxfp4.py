@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from moeprep.checkpoint.source import open_local
-from moeprep.layouts import cpu_amx, marlin, triton_blackwell, triton_hopper
+from moeprep.layouts import cpu_amx, flashinfer_trtllm, marlin, triton_blackwell, triton_hopper
 from moeprep.layouts.padding import pad_to, round_up
 from moeprep.plan import CHUNK_BYTES
 from tests.conftest import run_cli
@@ -23,7 +23,16 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
     """Independent composition of padding + layout for layer 1 of the fixture."""
     source = open_local(src)
     hidden, inter = source.config["hidden_size"], source.config["intermediate_size"]
-    h_mult, i_mult = {"marlin": (256, 128), "triton": (1, 64), "dequant": (1, 1), "cpu": (32, 32)}[backend]
+    h_mult, i_mult = {
+        ("marlin", "any"): (256, 128),
+        ("triton", "sm90"): (1, 64),
+        ("triton", "sm100"): (1, 64),
+        ("dequant", "any"): (1, 1),
+        ("cpu", "any"): (32, 32),
+        ("none", "sm90"): (1, 64),
+        ("none", "sm100"): (256, 256),
+        ("flashinfer-trtllm", "sm100"): (256, 256),
+    }[backend, arch]
     h, i = round_up(hidden, h_mult), round_up(inter, i_mult)
     out = {}
     for proj, rows, k in (("w13", 2 * i, h), ("w2", h, i)):
@@ -32,7 +41,7 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
         blocks = pad_to(blocks.reshape(blocks.shape[0], blocks.shape[1], -1), (blocks.shape[0], rows, k // 2))
         scales = pad_to(source.read(f"{EXPERTS}.{name}_scales"), (blocks.shape[0], rows, k // 32))
         bias = pad_to(source.read(f"{EXPERTS}.{name}_bias"), (blocks.shape[0], rows))
-        if backend == "dequant":  # the checkpoint's bytes in vLLM's mxfp4 parameter shapes
+        if backend in ("dequant", "none"):  # the checkpoint's bytes in vLLM's (padded) mxfp4 parameters
             out.update(
                 {f"moeprep_{proj}_weight": blocks, f"moeprep_{proj}_scale": scales, f"moeprep_{proj}_bias": bias}
             )
@@ -45,6 +54,13 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
                     f"moeprep_{proj}_bias": bias.float(),
                 }
             )
+            continue
+        if backend == "flashinfer-trtllm":
+            swap = proj == "w13"
+            out[f"moeprep_{proj}_weight"] = flashinfer_trtllm.shuffle_rows(blocks, swap)
+            scale = flashinfer_trtllm.interleave_block_scales(flashinfer_trtllm.shuffle_rows(scales, swap))
+            out[f"moeprep_{proj}_scale"] = scale.view(torch.float8_e4m3fn)
+            out[f"moeprep_{proj}_bias"] = flashinfer_trtllm.shuffle_rows(bias.float(), swap)
             continue
         if backend == "marlin":
             out[f"moeprep_{proj}_weight"] = marlin.repack_marlin_weight(blocks)
@@ -61,7 +77,16 @@ def expected_tensors(src: Path, backend: str, arch: str) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize(
     ("backend", "arch"),
-    [("triton", "sm90"), ("triton", "sm100"), ("marlin", "any"), ("dequant", "any"), ("cpu", "any")],
+    [
+        ("triton", "sm90"),
+        ("triton", "sm100"),
+        ("marlin", "any"),
+        ("flashinfer-trtllm", "sm100"),
+        ("dequant", "any"),
+        ("cpu", "any"),
+        ("none", "sm90"),
+        ("none", "sm100"),
+    ],
 )
 def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, arch: str
@@ -73,6 +98,7 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     from moeprep.plan import PlanOptions
 
     source, plan = load_plan(str(src), backend, options=PlanOptions(arch=None if arch == "any" else arch))
+    assert plan.target.recipe == f"{backend}-{arch}"
     convert(source, plan, tmp_path / "out")
     stored = {}
     for shard in (tmp_path / "out").glob("model-*.safetensors"):
@@ -104,10 +130,13 @@ def test_mxfp4_scales_of_the_wrong_length_are_refused(tiny, tmp_path: Path) -> N
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_backend_none_refuses_mxfp4_experts(tiny, tmp_path: Path) -> None:
+def test_backend_none_pads_mxfp4_experts_for_the_default_kernel_of_its_arch(tiny, tmp_path: Path) -> None:
     result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out")
-    assert result.returncode == 2 and "--backend dequant" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert result.returncode == 0, result.stderr
+    target = json.loads((tmp_path / "out" / "moeprep.json").read_text())["target"]
+    assert target["recipe"] == "none-sm90" and target["padding"] == {"hidden": 1, "intermediate": 64}
+    refused = run_cli("convert", tiny("gpt-oss"), tmp_path / "other", "--arch", "sm80")
+    assert refused.returncode == 2 and "--arch sm90, sm100" in refused.stderr and not (tmp_path / "other").exists()
 
 
 def test_backend_for_mxfp4_refuses_bf16_experts(tiny, tmp_path: Path) -> None:

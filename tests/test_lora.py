@@ -86,8 +86,9 @@ BY_PARAMETERS = {
         ("qwen3-moe", "none", BY_PARAMETERS, ("gate_proj", "up_proj", "down_proj"), False),
         ("gpt-oss", "triton", BY_PARAMETERS, (), True),  # vLLM's 3-D layout
         ("gpt-oss", "marlin", BY_PARAMETERS, (), True),
+        ("gpt-oss", "none", BY_PARAMETERS, (), True),  # padding only
     ],
-    ids=["qwen3-moe-modules", "qwen3-moe-parameters", "gpt-oss-triton", "gpt-oss-marlin"],
+    ids=["qwen3-moe-modules", "qwen3-moe-parameters", "gpt-oss-triton", "gpt-oss-marlin", "gpt-oss-none"],
 )
 def test_3d_target_parameters_adapter_merges_like_peft(
     tiny, tmp_path: Path, family: str, backend: str, targets: dict, names: tuple[str, str, str], interleaved: bool
@@ -346,8 +347,9 @@ def test_serve_hint_names_the_flags_vllm_needs(tiny, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"] == ["experts", "q_proj"]
 
 
-def test_serve_hint_for_triton_bases_names_the_lora_capable_triton_kernel(tiny, tmp_path: Path) -> None:
-    base = prepared(tiny, tmp_path, "gpt-oss", "triton")
+@pytest.mark.parametrize("backend", ["triton", "none"])
+def test_serve_hint_for_triton_bases_names_the_lora_capable_triton_kernel(tiny, tmp_path: Path, backend: str) -> None:
+    base = prepared(tiny, tmp_path, "gpt-oss", backend)
     _, adapter = peft_adapter(tiny("gpt-oss"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
     result = run_cli("lora", "split", adapter, "--base", base, "--out", tmp_path / "out")
     assert "--moe-backend triton_unfused" in " ".join(result.stdout.split())

@@ -107,9 +107,10 @@ def test_prepared_records_of_one_experts_module() -> None:
         }
 
 
-def test_layouts_not_served_yet_say_why() -> None:
-    with pytest.raises(PreparedCheckpointMismatch, match="cannot serve backend 'cpu' yet: .*AMX"):
-        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "cpu"})
+@pytest.mark.parametrize(("backend", "why"), [("cpu", "AMX"), ("flashinfer-trtllm", "Blackwell")])
+def test_layouts_not_served_yet_say_why(backend: str, why: str) -> None:
+    with pytest.raises(PreparedCheckpointMismatch, match=f"cannot serve backend '{backend}' yet: .*{why}"):
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": backend})
 
 
 def test_unknown_backend_and_schema_are_refused() -> None:

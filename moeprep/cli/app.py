@@ -33,6 +33,7 @@ class Backend(str, Enum):
     none = "none"
     triton = "triton"
     marlin = "marlin"
+    flashinfer_trtllm = "flashinfer-trtllm"
     cpu = "cpu"
     dequant = "dequant"
 
@@ -123,7 +124,10 @@ def convert(
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
     backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
     arch: Annotated[
-        str | None, typer.Option(help="GPU architecture for mxfp4 layouts (triton: sm90 or sm100; marlin: any)")
+        str | None,
+        typer.Option(
+            help="GPU architecture for mxfp4 layouts (triton: sm90 or sm100; flashinfer-trtllm: sm100; marlin: any)"
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="where layouts are computed: cpu or cuda")] = "cpu",
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,

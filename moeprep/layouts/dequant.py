@@ -8,15 +8,11 @@ scales its e8m0 bytes [E, N, K/32], biases bf16 [E, N]; nothing is padded.
 
 from __future__ import annotations
 
-import torch
-
 from moeprep.layouts.mxfp4_experts import (
-    MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_projection,
     gate_up_and_down,
-    packed_blocks,
+    loaded_parameters,
 )
 
 NAME = "dequant"
@@ -31,20 +27,5 @@ VERIFIED_VLLM = ["0.32.0"]
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
-def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
-    """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k``: the checkpoint's bytes."""
-    keep = torch.Tensor.contiguous
-    return contiguous_projection(
-        prefix,
-        source,
-        "dequant",
-        [
-            ("weight", "blocks", "U8", (experts, rows, k // 2), packed_blocks),
-            ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), keep),
-            ("bias", "bias", "BF16", (experts, rows), keep),
-        ],
-    )
-
-
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
-    return gate_up_and_down(_projection, dims)
+    return gate_up_and_down(loaded_parameters("dequant"), dims)

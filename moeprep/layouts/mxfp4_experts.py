@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprep.layouts.padding import round_up
+from moeprep.layouts.padding import pad_to, round_up
 
 MXFP4_BLOCK = 32
 
@@ -104,3 +104,32 @@ def contiguous_projection(
         )
         for part, suffix, dtype, shape, fn in parts
     ]
+
+
+def loaded_parameters(recipe: str) -> Projection:
+    """The projection of vLLM's mxfp4 expert parameters as its loader fills them, before any kernel transform:
+    the checkpoint's packed e2m1 bytes [E, N, K/2] (gate/up rows interleaved), e8m0 scales [E, N, K/32] and bf16
+    biases [E, N] in the corner of zeros of the padded sizes; recipes ``{recipe}-weight`` ..."""
+
+    def projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
+        def weight(blocks: torch.Tensor) -> torch.Tensor:
+            return pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)).contiguous()
+
+        def scale(scales: torch.Tensor) -> torch.Tensor:
+            return pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)).contiguous()
+
+        def bias(values: torch.Tensor) -> torch.Tensor:
+            return pad_to(values, (values.shape[0], rows)).contiguous()
+
+        return contiguous_projection(
+            prefix,
+            source,
+            recipe,
+            [
+                ("weight", "blocks", "U8", (experts, rows, k // 2), weight),
+                ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), scale),
+                ("bias", "bias", "BF16", (experts, rows), bias),
+            ],
+        )
+
+    return projection

@@ -69,6 +69,7 @@ class BaseExperts:
     backend: str
     tp_size: int
     manifest_sha256: str | None
+    expert_format: str = "per-expert"
 
     @classmethod
     def of(cls, prepared: Path) -> BaseExperts:
@@ -106,6 +107,7 @@ class BaseExperts:
             target.backend,
             target.tp_size,
             manifest_sha256,
+            moe.expert_format,
         )
 
 
@@ -335,17 +337,21 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     write_json(folder / LORA_RECORD_NAME, record)
     # vLLM 0.26 wraps gpt-oss's qkv projection for LoRA whatever the adapter holds, and its LoRA kernel then
     # fails an is_contiguous() assertion there: only the adapter's own modules may be wrapped.
-    flags = (*_backend_lora_flags(base.backend), *(("--lora-target-modules", *targets) if three_d else ()))
+    flags = (
+        *_backend_lora_flags(base.backend, base.expert_format),
+        *(("--lora-target-modules", *targets) if three_d else ()),
+    )
     if base.tp_size > 1:
         flags += ("--tensor-parallel-size", str(base.tp_size))
     return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)
 
 
-def _backend_lora_flags(backend: str) -> tuple[str, ...]:
+def _backend_lora_flags(backend: str, expert_format: str) -> tuple[str, ...]:
     """The MoE kernel choice vLLM needs to apply LoRA on this backend's prepared layouts."""
-    from moeprep.plan import MXFP4_BACKENDS
+    from moeprep.plan import mxfp4_module
 
-    return MXFP4_BACKENDS[backend].LORA_SERVE_FLAGS if backend in MXFP4_BACKENDS else ()
+    module = mxfp4_module(backend, expert_format)
+    return module.LORA_SERVE_FLAGS if module is not None else ()
 
 
 def _key_name(key: tuple[str, int, str]) -> str:

@@ -23,7 +23,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
     """vLLM's gpt-oss mxfp4 MoE method with the load-time transform replaced by prepared bytes."""
 
     PARAMS: ClassVar[tuple[str, ...]]
-    BACKENDS: ClassVar[frozenset[str]]  # vLLM Mxfp4MoeBackend names this layout is for
+    BACKENDS: ClassVar[frozenset[str]]  # vLLM Mxfp4MoeBackend names this layout is for (empty: any)
     LAYOUT: ClassVar[str]
 
     def __init__(
@@ -31,7 +31,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
     ) -> None:
         """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
         super().__init__(moe)
-        if self.mxfp4_backend.name not in self.BACKENDS:
+        if self.BACKENDS and self.mxfp4_backend.name not in self.BACKENDS:
             raise PreparedCheckpointMismatch(
                 f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
                 f"folder holds {self.LAYOUT} layouts; serve with that backend or convert again"
@@ -46,14 +46,19 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel
-
         self.params.check_all_loaded()
         layer.register_parameter("w13_bias", layer.moeprep_w13_bias)
         layer.register_parameter("w2_bias", layer.moeprep_w2_bias)
         self.install(layer)
         for name in self.PARAMS:
             delattr(layer, name)  # the installed tensors keep the storage alive
+        self.build_kernel(layer)
+        self.tracker.layer_ready(self.prefix)
+
+    def build_kernel(self, layer: Any) -> None:
+        """vLLM's MoE kernel over the installed tensors."""
+        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel
+
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         if self.moe_quant_config is not None and self.experts_cls is not None:
             self.moe_kernel = make_mxfp4_moe_kernel(
@@ -64,7 +69,6 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
                 routing_tables=layer._expert_routing_tables(),
                 layer=layer,
             )
-        self.tracker.layer_ready(self.prefix)
 
     def install(self, layer: Any) -> None:
         """Give vLLM's kernel the prepared weights and scales in the objects it expects."""
@@ -116,6 +120,20 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
         self.w2_precision_config = PrecisionConfig(weight_scale=w2_scale, flex_ctx=FlexCtx(rhs_data=InFlexData()))
 
 
+# vLLM's names of the expert weights and scales -> the prepared parameters holding them
+WEIGHTS_AND_SCALES = (
+    ("w13_weight", "moeprep_w13_weight"),
+    ("w2_weight", "moeprep_w2_weight"),
+    ("w13_weight_scale", "moeprep_w13_scale"),
+    ("w2_weight_scale", "moeprep_w2_scale"),
+)
+
+
+def register_as_vllm_params(layer: Any) -> None:
+    for vllm_name, name in WEIGHTS_AND_SCALES:
+        layer.register_parameter(vllm_name, getattr(layer, name))
+
+
 class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain parameters."""
 
@@ -124,16 +142,26 @@ class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     LAYOUT = "Marlin"
 
     def install(self, layer: Any) -> None:
-        for vllm_name, name in (
-            ("w13_weight", "moeprep_w13_weight"),
-            ("w2_weight", "moeprep_w2_weight"),
-            ("w13_weight_scale", "moeprep_w13_scale"),
-            ("w2_weight_scale", "moeprep_w2_scale"),
-        ):
-            layer.register_parameter(vllm_name, getattr(layer, name))
+        register_as_vllm_params(layer)
+
+
+class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):
+    """``--backend none``: vLLM's mxfp4 parameters padded offline for the kernel vLLM picks on the folder's arch;
+    vLLM's own kernel transform runs at load (a kernel with other padding is refused by the size check)."""
+
+    PARAMS = expert_param_names("weight", "scale", "bias")
+    BACKENDS = frozenset()
+    LAYOUT = "padded (untransformed) mxfp4"
+
+    def install(self, layer: Any) -> None:
+        register_as_vllm_params(layer)
+
+    def build_kernel(self, layer: Any) -> None:
+        GptOssMxfp4MoEMethod.process_weights_after_loading(self, layer)
 
 
 PREPARED_METHODS: dict[str, type[PreparedMxfp4MoEMethod]] = {
     "triton": PreparedTritonMxfp4MoEMethod,
     "marlin": PreparedMarlinMxfp4MoEMethod,
+    "none": PaddedMxfp4MoEMethod,
 }

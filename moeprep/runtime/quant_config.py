@@ -38,6 +38,8 @@ RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
 NOT_SERVED_YET = {
     "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
     "or convert with --backend dequant for CPUs without AMX",
+    "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
+    "convert with --backend triton or marlin",
 }
 PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
@@ -229,7 +231,7 @@ class MoeprepConfig(QuantizationConfig):
 
             self.tracker.layer_built(prefix)
             return DequantMxfp4MoEMethod(layer.moe_config, prefix, self.prepared_records(prefix), self.tracker)
-        if self.backend != "none" and isinstance(layer, RoutedExperts):
+        if isinstance(layer, RoutedExperts) and (self.backend != "none" or self.prepared_records(prefix)):
             from moeprep.runtime.mxfp4 import PREPARED_METHODS
 
             assert self.manifest is not None

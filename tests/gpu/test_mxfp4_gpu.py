@@ -1,5 +1,6 @@
 """On an sm90 GPU with vLLM 0.26: the triton layout equals vLLM's own ``_swizzle_mxfp4`` bitwise, and a
-prepared tiny gpt-oss generates exactly the tokens of the original on the Triton mxfp4 backend."""
+prepared tiny gpt-oss (triton and marlin layouts, and ``none``: padding only, vLLM transforms at load)
+generates exactly the tokens of the original."""
 
 from __future__ import annotations
 
@@ -51,18 +52,22 @@ def generate(model: Path, name: str, *extra: str) -> list[list[int]]:
     return json.loads(out.read_text())["tokens"]
 
 
-# backend -> vLLM moe_backend that selects its kernel ("auto" picks TRITON on an H100)
-VLLM_MOE_BACKEND = {"triton": [], "marlin": ["--moe-backend", "marlin"]}
+# backend -> vLLM moe_backend that selects its kernel ("auto" picks TRITON on Hopper), and that kernel
+VLLM_MOE_BACKEND = {"triton": [], "marlin": ["--moe-backend", "marlin"], "none": []}
+VLLM_KERNEL = {"triton": "TRITON", "marlin": "MARLIN", "none": "TRITON"}
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("gpt-oss")
-    folders = {"original": build_fixture("gpt-oss", root / "src")}
+    # intermediate 160: every backend pads it (triton and none to 192, marlin to 256)
+    folders = {"original": build_fixture("gpt-oss", root / "src", config_overrides={"intermediate_size": 160})}
     for backend in VLLM_MOE_BACKEND:
         source, plan = load_plan(
-            str(folders["original"]), backend, options=PlanOptions(arch="sm90" if backend == "triton" else None)
+            str(folders["original"]),
+            backend,
+            options=PlanOptions(arch="sm90" if backend in ("triton", "none") else None),
         )
         convert(source, plan, root / backend)
         folders[backend] = root / backend
@@ -74,7 +79,7 @@ def test_prepared_generates_original_tokens(tiny_gpt_oss: dict[str, Path], backe
     original = generate(tiny_gpt_oss["original"], f"gpt-oss-original-{backend}", *VLLM_MOE_BACKEND[backend])
     converted = generate(tiny_gpt_oss[backend], f"gpt-oss-{backend}", *VLLM_MOE_BACKEND[backend])
     log = (OUT / f"gpt-oss-{backend}.log").read_text()
-    assert "quantization=moeprep" in log and f"Using '{backend.upper()}' Mxfp4 MoE backend" in log
+    assert "quantization=moeprep" in log and f"Using '{VLLM_KERNEL[backend]}' Mxfp4 MoE backend" in log
     assert converted == original
     assert all(len(set(t)) > 4 for t in original)
 
