@@ -20,7 +20,8 @@ from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
 from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
-from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, PreparedExpertTensor, contiguous_strides
+from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, Mxfp4Partition, PreparedExpertTensor, contiguous_strides
+from moeprep.layouts.padding import round_up
 
 PASSTHROUGH = "passthrough"
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
@@ -155,22 +156,48 @@ def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[
 
 
 def _mxfp4_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device
+    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device, tp_size: int = 1
 ) -> tuple[list[TensorJob], set[str]]:
-    dims = Mxfp4ExpertDims.padded(
-        moe.num_experts, source.config["hidden_size"], moe.expert_intermediate, *padding_multiples(backend, arch)
-    )
+    """The backend's prepared tensors of every MoE layer; with ``tp_size`` > 1, every rank's own, cut and padded
+    per partition as vLLM loads them (``Mxfp4Partition``)."""
+    hidden, inter = source.config["hidden_size"], moe.expert_intermediate
+    hidden_multiple, inter_multiple = padding_multiples(backend, arch)
     jobs, consumed = [], set()
-    for layer in moe.moe_layers:
-        source_prefix = f"model.layers.{layer}.mlp.experts"
-        param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
-        for recipe in backend.prepared_expert_tensors(dims, arch):
-            src = f"{source_prefix}.{recipe.source}"
-            entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
-            run = partial(dim0_chunks, name=src, transform=_on_device(recipe, device))
-            jobs.append(TensorJob(entry, (src,), recipe.recipe, run, recipe.view_shape, recipe.view_strides))
-            consumed.add(src)
+    for part in Mxfp4Partition.of(inter, tp_size):
+        dims = Mxfp4ExpertDims(
+            moe.num_experts,
+            hidden,
+            part.end - part.start,
+            round_up(hidden, hidden_multiple),
+            round_up(inter // tp_size, inter_multiple),
+        )
+        if not 0 < dims.intermediate <= dims.intermediate_padded:
+            raise UnsupportedModelError(
+                f"--tp {tp_size}: rank {part.rank} would get {dims.intermediate} of the experts' {inter} intermediate "
+                f"columns, and vLLM's per-partition parameters hold {dims.intermediate_padded} with "
+                f"{backend.NAME} padding; use another --tp"
+            )
+        rank = part.rank if tp_size > 1 else None
+        for layer in moe.moe_layers:
+            source_prefix = f"model.layers.{layer}.mlp.experts"
+            param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
+            for recipe in backend.prepared_expert_tensors(dims, arch):
+                src = f"{source_prefix}.{recipe.source}"
+                entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
+                transform = _on_device(recipe, device)
+                if rank is not None:
+                    transform = _after(partial(part.cut, recipe.source), transform)
+                name = recipe.recipe if rank is None else f"{recipe.recipe}+tp-shard"
+                run = partial(dim0_chunks, name=src, transform=transform)
+                jobs.append(TensorJob(entry, (src,), name, run, recipe.view_shape, recipe.view_strides, rank))
+                consumed.add(src)
     return jobs, consumed
+
+
+def _after(
+    first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda tensor: then(first(tensor))
 
 
 def transform_device(device: str) -> torch.device:
@@ -212,18 +239,11 @@ def backend_target(backend: str, arch: str | None, module: ModuleType | None = N
     )
 
 
-def _rank_shard_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: str, options: PlanOptions
-) -> tuple[list[TensorJob], set[str]]:
+def _rank_shard_jobs(source: CheckpointSource, moe: MoeSpec, options: PlanOptions) -> tuple[list[TensorJob], set[str]]:
+    """Per-rank files of experts that pass through (mxfp4 layouts are cut per rank by ``_mxfp4_jobs``)."""
     from moeprep import rank_shards  # imports TensorJob from here
 
     tp_size, ep_size = options.tp_size, options.ep_size
-    option = "--ep" if ep_size > 1 else "--tp"
-    if backend != "none":
-        raise UnsupportedModelError(
-            f"{option} with --backend {backend} is not supported yet: per-rank files are written for unquantized "
-            "per-expert experts (--backend none) only"
-        )
     if ep_size > 1 and options.fuse_shared_replicas:
         raise UnsupportedModelError(
             "--ep with --fuse-shared-experts is not supported yet (slot replicas are not placed over expert-parallel "
@@ -285,9 +305,15 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     if module is not None:
-        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], transform_device(options.device))
-    if options.tp_size > 1 or options.ep_size > 1:
-        jobs, consumed = _rank_shard_jobs(source, moe, backend, options)
+        if options.ep_size > 1:
+            raise UnsupportedModelError(
+                f"--ep with {moe.expert_format} experts is not supported yet (whole experts per rank are written "
+                "for unquantized per-expert families); use --tp"
+            )
+        device = transform_device(options.device)
+        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], device, options.tp_size)
+    elif options.tp_size > 1 or options.ep_size > 1:
+        jobs, consumed = _rank_shard_jobs(source, moe, options)
     routing = None
     fused: list[TensorJob] = []
     if options.fuse_shared_replicas:

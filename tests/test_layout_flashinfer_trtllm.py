@@ -14,6 +14,7 @@ import torch
 
 from moeprep.layouts import flashinfer_trtllm
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims
+from moeprep.layouts.padding import round_up
 from tests.golden_inputs import TRTLLM_CASES, gpt_oss_expert_inputs, vllm_padded_params
 from tests.reference import vllm_trtllm_mxfp4_conversion
 
@@ -32,9 +33,7 @@ PARAMS = {
 def prepared(inputs: dict[str, torch.Tensor], hidden: int, inter: int) -> dict[str, torch.Tensor]:
     """Our layout of checkpoint tensors, by vLLM's output name."""
     experts = inputs["gate_up_proj_blocks"].shape[0]
-    dims = Mxfp4ExpertDims.padded(
-        experts, hidden, inter, flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE
-    )
+    dims = Mxfp4ExpertDims(experts, hidden, inter, round_up(hidden, 256), round_up(inter, 256))
     by_param = {r.param: r.transform(inputs[r.source]) for r in flashinfer_trtllm.prepared_expert_tensors(dims)}
     return {name: by_param[param] for name, param in PARAMS.items()}
 

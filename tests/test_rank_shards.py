@@ -123,13 +123,13 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
     ("family", "extra", "message"),
     [
         ("glm4-moe", ["--tp", "3"], "does not split into 3 equal parts"),
-        ("gpt-oss", ["--tp", "2", "--backend", "triton"], "--tp with --backend triton is not supported yet"),
+        ("gpt-oss", ["--tp", "4", "--backend", "triton"], "rank 3 would get 0 of the experts' 192"),
         ("glm4-moe", ["--ep", "2", "--fuse-shared-experts"], "--ep with --fuse-shared-experts is not supported yet"),
         ("mixtral", ["--tp", "2"], "no mlp.experts"),
         ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
         ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),
         ("glm4-moe", ["--ep", "3", "--tp", "2"], "a multiple of the TP size"),
-        ("gpt-oss", ["--ep", "2", "--backend", "marlin"], "--ep with --backend marlin is not supported yet"),
+        ("gpt-oss", ["--ep", "2", "--backend", "marlin"], "--ep with mxfp4 experts is not supported yet"),
     ],
 )
 def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: str, extra: list, message: str) -> None:

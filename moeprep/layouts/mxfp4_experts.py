@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeprep.layouts.padding import pad_to, round_up
+from moeprep.layouts.padding import pad_to
 
 MXFP4_BLOCK = 32
 
@@ -27,14 +27,6 @@ class Mxfp4ExpertDims:
     intermediate: int
     hidden_padded: int
     intermediate_padded: int
-
-    @classmethod
-    def padded(
-        cls, experts: int, hidden: int, intermediate: int, hidden_multiple: int, inter_multiple: int
-    ) -> Mxfp4ExpertDims:
-        return cls(
-            experts, hidden, intermediate, round_up(hidden, hidden_multiple), round_up(intermediate, inter_multiple)
-        )
 
 
 @dataclass(frozen=True)
@@ -133,3 +125,34 @@ def loaded_parameters(recipe: str) -> Projection:
         )
 
     return projection
+
+
+@dataclass(frozen=True)
+class Mxfp4Partition:
+    """One tensor-parallel rank's share of the experts' intermediate size, as vLLM 0.26's gpt-oss loader cuts it:
+    ``cdiv(I/32, N)`` scale groups per rank, the last rank the rest (possibly fewer), intermediate columns
+    ``[start, end)``; the parameters it lands in hold ``round_up(I // N, multiple)`` (vLLM's per-partition size
+    rounded up by the kernel's padding rule)."""
+
+    rank: int
+    start: int
+    end: int
+
+    @staticmethod
+    def of(intermediate: int, tp_size: int) -> list[Mxfp4Partition]:
+        per_rank = -(-intermediate // MXFP4_BLOCK // tp_size) * MXFP4_BLOCK
+        return [
+            Mxfp4Partition(r, min(r * per_rank, intermediate), min((r + 1) * per_rank, intermediate))
+            for r in range(tp_size)
+        ]
+
+    def cut(self, source: str, experts: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a chunk of experts of the checkpoint tensor ``{experts}.{source}``: gate/up rows
+        ``[2*start, 2*end)`` (interleaved), down columns ``[start, end)``; the down bias on rank 0 only (vLLM
+        zeroes it on the others, since the ranks' outputs are summed)."""
+        if source.startswith("gate_up_proj"):
+            return experts[:, 2 * self.start : 2 * self.end].contiguous()
+        if source == "down_proj_bias":
+            return experts if self.rank == 0 else torch.zeros_like(experts)
+        groups = slice(self.start // MXFP4_BLOCK, self.end // MXFP4_BLOCK)
+        return experts[:, :, groups].contiguous()  # down blocks [E, H, I/32, 16] and scales [E, H, I/32]

@@ -8,6 +8,7 @@ its tokens were routed to, one at a time, and applies gpt-oss's clamped SwiGLU (
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +54,15 @@ class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
 
     PARAMS = expert_param_names("weight", "scale", "bias")
 
-    def __init__(self, moe: Any, prefix: str, records: dict[str, TensorRecord], tracker: PreparedTensorTracker) -> None:
+    def __init__(
+        self,
+        moe: Any,
+        prefix: str,
+        records: dict[str, TensorRecord],
+        tracker: PreparedTensorTracker,
+        rank_folder: Path | None = None,
+    ) -> None:
+        """``rank_folder``: the folder whose rank files hold ``records`` (``convert --tp N``)."""
         super().__init__(moe)
         if vllm_cpu_has_mxfp4_moe():
             raise PreparedCheckpointMismatch(
@@ -61,10 +70,12 @@ class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
                 "CPUs without it: serve the original checkpoint here"
             )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
-        self.prefix, self.tracker = prefix, tracker
+        self.prefix, self.tracker, self.rank_folder = prefix, tracker, rank_folder
         logger.info_once("moeprep: mxfp4 experts run through moeprep's per-expert dequantization (float32 math)")
 
     def process_weights_after_loading(self, layer: Any) -> None:
+        if self.rank_folder is not None:
+            self.params.load_rank_files(layer, self.rank_folder)
         self.params.check_all_loaded()
         self.tracker.layer_ready(self.prefix)
 

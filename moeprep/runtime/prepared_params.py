@@ -4,6 +4,7 @@ shapes, filled by vLLM's loader byte for byte, and checked to be complete before
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +96,15 @@ class PreparedExpertParams:
             self.tracker.tensor_loaded(self.full_names[name])
 
         return load
+
+    def load_rank_files(self, layer: Any, folder: Path) -> None:
+        """Fill the parameters from this rank's own files (vLLM's loader does not read them)."""
+        from moeprep.runtime.rank_files import each_rank_tensor
+
+        by_full_name = {full: short for short, full in self.full_names.items()}
+        for name, tensor in each_rank_tensor(folder, {self.full_names[p]: self.records[p] for p in self.names}):
+            short = by_full_name[name]
+            self._loader(short)(getattr(layer, short), tensor)
 
     def check_all_loaded(self) -> None:
         missing = [p for p in self.names if p not in self.loaded]

@@ -45,6 +45,11 @@ PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM mod
 FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
 
 
+def is_prepared_param(name: str) -> bool:
+    """A tensor moeprep laid out for a parameter it registers itself (``...experts.moeprep_w13_value``)."""
+    return name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
+
+
 def running_vllm_version() -> str:
     return str(vllm.__version__).split("+")[0]
 
@@ -107,6 +112,28 @@ def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
         )
 
 
+def check_rank_tensors(manifest: Manifest, expert_parallel: bool) -> None:
+    """A folder with per-rank expert files is one this runtime serves, in the parallelism it was written for."""
+    if manifest.rank_tensors and manifest.target.ep_size > 1:
+        raise PreparedCheckpointMismatch(
+            "moeprep: serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 "
+            "crashes under expert parallelism and no multi-GPU host was available); convert with --tp, or "
+            "serve the original checkpoint with --enable-expert-parallel"
+        )
+    prepared_ranks = manifest.rank_tensors and any(is_prepared_param(name) for name in manifest.rank_tensors[0])
+    if prepared_ranks and manifest.target.backend != "dequant":
+        raise PreparedCheckpointMismatch(
+            f"moeprep: serving tensor-parallel {manifest.target.backend} layouts (convert --tp with an mxfp4 GPU "
+            "backend) is not verified yet: it needs a multi-GPU host; serve a folder converted without --tp at "
+            "--tensor-parallel-size 1, or the original checkpoint"
+        )
+    if manifest.rank_tensors and expert_parallel:
+        raise PreparedCheckpointMismatch(
+            "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
+            "--enable-expert-parallel, or convert with --ep"
+        )
+
+
 @register_quantization_config(QUANT_METHOD)
 class MoeprepConfig(QuantizationConfig):
     """Quantization config for folders written by ``moeprep convert``."""
@@ -127,7 +154,7 @@ class MoeprepConfig(QuantizationConfig):
         return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        if self.original is not None:
+        if self.original is not None and self.backend != "dequant":  # dequant computes in float32, returns any
             return self.original.get_supported_act_dtypes()
         return [torch.bfloat16, torch.float16, torch.float32]
 
@@ -172,20 +199,10 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         check_architecture(manifest, list(model_config.architectures or []))
-        if manifest.rank_tensors and manifest.target.ep_size > 1:
-            raise PreparedCheckpointMismatch(
-                "moeprep: serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 "
-                "crashes under expert parallelism and no multi-GPU host was available); convert with --tp, or "
-                "serve the original checkpoint with --enable-expert-parallel"
-            )
-        if manifest.rank_tensors and parallel.enable_expert_parallel:
-            raise PreparedCheckpointMismatch(
-                "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
-                "--enable-expert-parallel, or convert with --ep"
-            )
+        check_rank_tensors(manifest, parallel.enable_expert_parallel)
         self.manifest, self.folder = manifest, folder
         serve_base(folder)
-        prepared = {name for name in manifest.tensors if name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)}
+        prepared = {name for name in manifest.tensors if is_prepared_param(name)}
         self.tracker = PreparedTensorTracker(prepared | set(self.rank_records()))
 
     def rank_records(self) -> dict[str, TensorRecord]:
@@ -205,32 +222,36 @@ class MoeprepConfig(QuantizationConfig):
         assert self.manifest is not None
         return fused_contract(self.manifest) or {}
 
-    def prepared_records(self, prefix: str) -> dict[str, TensorRecord]:
-        """Manifest records (by full tensor name) of the prepared parameters of the experts module at ``prefix``."""
+    def prepared_records(self, prefix: str, records: dict[str, TensorRecord] | None = None) -> dict[str, TensorRecord]:
+        """Manifest records (by full tensor name) of the prepared parameters of the experts module at ``prefix``,
+        among ``records`` (default: the replicated tensors)."""
         assert self.manifest is not None
         layer = prefix.removesuffix(".routed_experts")
         modules = {layer, f"{layer}.routed_experts"}
         return {
             name: record
-            for name, record in self.manifest.tensors.items()
-            if name.rpartition(".")[0] in modules and name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
+            for name, record in (self.manifest.tensors if records is None else records).items()
+            if name.rpartition(".")[0] in modules and is_prepared_param(name)
         }
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.manifest is None:
             self._load_and_check_manifest()
-        if self.manifest is not None and self.manifest.rank_tensors and isinstance(layer, RoutedExperts):
+        rank_records = self.rank_records()
+        if rank_records and isinstance(layer, RoutedExperts) and self.backend != "dequant":
             from moeprep.runtime.rank_experts import RankExpertsMoEMethod
 
             experts = prefix.removesuffix(".routed_experts") + "."
-            records = {n: r for n, r in self.rank_records().items() if n.startswith(experts)}
+            records = {n: r for n, r in rank_records.items() if n.startswith(experts)}
             self.tracker.layer_built(prefix)
             return RankExpertsMoEMethod(layer.moe_config, self.folder, prefix, records, self.tracker)
         if self.backend == "dequant" and isinstance(layer, RoutedExperts):
             from moeprep.runtime.cpu_mxfp4 import DequantMxfp4MoEMethod
 
             self.tracker.layer_built(prefix)
-            return DequantMxfp4MoEMethod(layer.moe_config, prefix, self.prepared_records(prefix), self.tracker)
+            records = self.prepared_records(prefix, rank_records or None)
+            folder = self.folder if rank_records else None
+            return DequantMxfp4MoEMethod(layer.moe_config, prefix, records, self.tracker, folder)
         if isinstance(layer, RoutedExperts) and (self.backend != "none" or self.prepared_records(prefix)):
             from moeprep.runtime.mxfp4 import PREPARED_METHODS
 

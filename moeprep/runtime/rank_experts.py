@@ -12,15 +12,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import FusedMoEConfig, UnquantizedFusedMoEMethod
 
 from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.rank_files import each_rank_tensor
 from moeprep.runtime.tracking import PreparedTensorTracker
 
-logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
 EXPERT_TENSOR = re.compile(r".*\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
@@ -41,15 +39,9 @@ class RankExpertsMoEMethod(UnquantizedFusedMoEMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if not self.records:
             raise PreparedCheckpointMismatch(f"moeprep: this rank's files hold no experts for {self.prefix}")
-        by_file: dict[str, list[str]] = {}
-        for name, record in self.records.items():
-            by_file.setdefault(record.file, []).append(name)
-        for file, names in sorted(by_file.items()):
-            logger.info_once(f"moeprep: this rank reads its experts from {file}")
-            with safe_open(str(self.folder / file), framework="pt") as shard:
-                for name in names:
-                    self._copy(layer, name, shard.get_tensor(name))
-                    self.tracker.tensor_loaded(name)
+        for name, tensor in each_rank_tensor(self.folder, self.records):
+            self._copy(layer, name, tensor)
+            self.tracker.tensor_loaded(name)
         super().process_weights_after_loading(layer)
         self.tracker.layer_ready(self.prefix)
 

@@ -48,6 +48,23 @@ def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
     assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
 
+def test_gpt_oss_dequant_tp2_folder_generates_the_tokens_of_the_single_partition_folder(tiny, tmp_path: Path) -> None:
+    """vLLM CPU cannot serve the original gpt-oss (no mxfp4 MoE kernel without AMX), so the reference is the
+    single-partition dequant folder at TP 1 (itself checked against transformers in test_gpt_oss_cpu.py), in
+    float32. Each rank's file holds its share cut and padded as vLLM's gpt-oss loader does
+    (tests/test_mxfp4_tensor_parallel.py); the down bias sits on rank 0 only, so the summed outputs count it once."""
+    single, sharded = tmp_path / "dequant", tmp_path / "dequant-tp2"
+    for dest, extra in ((single, []), (sharded, ["--tp", "2"])):
+        result = run_cli("convert", tiny("gpt-oss"), dest, "--backend", "dequant", *extra)
+        assert result.returncode == 0, result.stderr
+    reference = serve_and_generate(single, tmp_path / "single.log", max_tokens=64, dtype="float32")
+    served = serve_and_generate(sharded, tmp_path / "tp2.log", max_tokens=64, dtype="float32", tp=2)
+    assert served == reference
+    assert all(len(set(tokens)) > 4 for tokens in reference), "degenerate generations cannot tell models apart"
+    reads = [line for line in (tmp_path / "tp2.log").read_text().splitlines() if "reads its experts from" in line]
+    assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
+
+
 @pytest.mark.parametrize("tp_files", [True, False], ids=["rank-files", "single-partition"])
 def test_fused_shared_experts_at_tp2_generate_the_original_tokens(
     tiny, original_tp2, tmp_path: Path, tp_files: bool
