@@ -20,7 +20,13 @@ from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
 from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
-from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, Mxfp4Partition, PreparedExpertTensor, contiguous_strides
+from moeprep.layouts.mxfp4_experts import (
+    Mxfp4ExpertDims,
+    Mxfp4Partition,
+    PreparedExpertTensor,
+    contiguous_strides,
+    then,
+)
 from moeprep.layouts.padding import round_up
 
 PASSTHROUGH = "passthrough"
@@ -186,18 +192,12 @@ def _mxfp4_jobs(
                 entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
                 transform = _on_device(recipe, device)
                 if rank is not None:
-                    transform = _after(partial(part.cut, recipe.source), transform)
+                    transform = then(partial(part.cut, recipe.source), transform)
                 name = recipe.recipe if rank is None else f"{recipe.recipe}+tp-shard"
                 run = partial(dim0_chunks, name=src, transform=transform)
                 jobs.append(TensorJob(entry, (src,), name, run, recipe.view_shape, recipe.view_strides, rank))
                 consumed.add(src)
     return jobs, consumed
-
-
-def _after(
-    first: Callable[[torch.Tensor], torch.Tensor], then: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda tensor: then(first(tensor))
 
 
 def transform_device(device: str) -> torch.device:

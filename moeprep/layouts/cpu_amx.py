@@ -17,11 +17,9 @@ from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_projection,
     gate_up_and_down,
-    packed_blocks,
+    padded_projection,
 )
-from moeprep.layouts.padding import pad_to
 
 NAME = "cpu"
 ARCHES = ("any",)  # x86 with AMX: the only CPUs vLLM runs this kernel on
@@ -56,25 +54,15 @@ def pack_cpu_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
     """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k`` (padded)."""
-
-    def weight(blocks: torch.Tensor) -> torch.Tensor:
-        return pack_cpu_weight(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
-
-    def scale(scales: torch.Tensor) -> torch.Tensor:
-        return pack_cpu_scale(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)))
-
-    def bias(values: torch.Tensor) -> torch.Tensor:
-        return pad_to(values, (values.shape[0], rows)).to(torch.float32)
-
-    return contiguous_projection(
+    return padded_projection(
         prefix,
         source,
         "cpu",
-        [
-            ("weight", "blocks", "U8", (experts, rows, k // 2), weight),
-            ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), scale),
-            ("bias", "bias", "F32", (experts, rows), bias),
-        ],
+        rows,
+        k,
+        weight=("U8", (experts, rows, k // 2), pack_cpu_weight),
+        scale=("U8", (experts, rows, k // MXFP4_BLOCK), pack_cpu_scale),
+        bias=("F32", (experts, rows), lambda bias: bias.to(torch.float32)),
     )
 
 

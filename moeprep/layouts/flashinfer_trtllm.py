@@ -20,11 +20,9 @@ from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_projection,
     gate_up_and_down,
-    packed_blocks,
+    padded_projection,
 )
-from moeprep.layouts.padding import pad_to
 
 NAME = "flashinfer-trtllm"
 ARCHES = ("sm100",)
@@ -69,27 +67,20 @@ def shuffle_rows(tensor: torch.Tensor, swap_pairs: bool) -> torch.Tensor:
 def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
     """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k`` (padded); gate_up
     rows come in (gate, up) pairs that TRT-LLM wants as (up, gate)."""
-    swap_pairs = source == "gate_up_proj"
-
-    def weight(blocks: torch.Tensor) -> torch.Tensor:
-        return shuffle_rows(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)), swap_pairs)
-
-    def scale(scales: torch.Tensor) -> torch.Tensor:
-        shuffled = shuffle_rows(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)), swap_pairs)
-        return interleave_block_scales(shuffled).view(torch.float8_e4m3fn)
-
-    def bias(values: torch.Tensor) -> torch.Tensor:
-        return shuffle_rows(pad_to(values, (values.shape[0], rows)).to(torch.float32), swap_pairs)
-
-    return contiguous_projection(
+    swap = source == "gate_up_proj"
+    return padded_projection(
         prefix,
         source,
         "flashinfer-trtllm",
-        [
-            ("weight", "blocks", "U8", (experts, rows, k // 2), weight),
-            ("scale", "scales", "F8_E4M3", (experts, rows, k // MXFP4_BLOCK), scale),
-            ("bias", "bias", "F32", (experts, rows), bias),
-        ],
+        rows,
+        k,
+        weight=("U8", (experts, rows, k // 2), lambda blocks: shuffle_rows(blocks, swap)),
+        scale=(
+            "F8_E4M3",
+            (experts, rows, k // MXFP4_BLOCK),
+            lambda scales: interleave_block_scales(shuffle_rows(scales, swap)).view(torch.float8_e4m3fn),
+        ),
+        bias=("F32", (experts, rows), lambda bias: shuffle_rows(bias.to(torch.float32), swap)),
     )
 
 

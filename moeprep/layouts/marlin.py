@@ -15,11 +15,9 @@ from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
     PreparedExpertTensor,
-    contiguous_projection,
     gate_up_and_down,
-    packed_blocks,
+    padded_projection,
 )
-from moeprep.layouts.padding import pad_to
 
 TILE = 16
 
@@ -96,25 +94,15 @@ EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
     """Weight, scale and bias of one projection with ``rows`` outputs and reduction ``k`` (padded)."""
-
-    def weight(blocks: torch.Tensor) -> torch.Tensor:
-        return repack_marlin_weight(pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)))
-
-    def scale(scales: torch.Tensor) -> torch.Tensor:
-        return permute_marlin_scales(pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)))
-
-    def bias(values: torch.Tensor) -> torch.Tensor:
-        return permute_marlin_bias(pad_to(values, (values.shape[0], rows)))
-
-    return contiguous_projection(
+    return padded_projection(
         prefix,
         source,
         "marlin",
-        [
-            ("weight", "blocks", "I32", (experts, k // TILE, 2 * rows), weight),
-            ("scale", "scales", "F8_E8M0", (experts, k // MXFP4_BLOCK, rows), scale),
-            ("bias", "bias", "BF16", (experts, rows), bias),
-        ],
+        rows,
+        k,
+        weight=("I32", (experts, k // TILE, 2 * rows), repack_marlin_weight),
+        scale=("F8_E8M0", (experts, k // MXFP4_BLOCK, rows), permute_marlin_scales),
+        bias=("BF16", (experts, rows), permute_marlin_bias),
     )
 
 

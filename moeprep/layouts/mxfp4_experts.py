@@ -75,14 +75,36 @@ def gate_up_and_down(projection: Projection, dims: Mxfp4ExpertDims) -> list[Prep
     ]
 
 
-ProjectionPart = tuple[str, str, str, tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]
+Layout = tuple[str, tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]]  # dtype, stored shape, layout
 
 
-def contiguous_projection(
-    prefix: str, source: str, recipe: str, parts: list[ProjectionPart]
+def then(first: Callable[[torch.Tensor], torch.Tensor], second: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``second(first(x))``."""
+    return lambda tensor: second(first(tensor))
+
+
+def padded_projection(
+    prefix: str, source: str, recipe: str, rows: int, k: int, weight: Layout, scale: Layout, bias: Layout
 ) -> list[PreparedExpertTensor]:
-    """Prepared tensors held by vLLM as they are stored: ``(part, source suffix, dtype, shape, transform)``
-    -> ``{prefix}_{part}`` from ``{source}_{suffix}``, recipe ``{recipe}-{part}``."""
+    """Prepared tensors held by vLLM as they are stored: ``{prefix}_{weight,scale,bias}`` from
+    ``{source}_{blocks,scales,bias}`` (recipes ``{recipe}-weight`` ...), each the layout of the checkpoint tensor
+    zero-padded to ``rows`` outputs and reduction ``k`` as vLLM's loader fills its parameters: packed e2m1 bytes
+    [E, rows, k/2] (gate/up rows interleaved), e8m0 scales [E, rows, k/32], bf16 biases [E, rows]."""
+
+    def pad_weight(blocks: torch.Tensor) -> torch.Tensor:
+        return pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2))
+
+    def pad_scale(scales: torch.Tensor) -> torch.Tensor:
+        return pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK))
+
+    def pad_bias(values: torch.Tensor) -> torch.Tensor:
+        return pad_to(values, (values.shape[0], rows))
+
+    parts = (
+        ("weight", "blocks", pad_weight, weight),
+        ("scale", "scales", pad_scale, scale),
+        ("bias", "bias", pad_bias, bias),
+    )
     return [
         PreparedExpertTensor(
             f"{prefix}_{part}",
@@ -92,36 +114,26 @@ def contiguous_projection(
             shape,
             contiguous_strides(shape),
             f"{recipe}-{part}",
-            fn,
+            then(pad, layout),
         )
-        for part, suffix, dtype, shape, fn in parts
+        for part, suffix, pad, (dtype, shape, layout) in parts
     ]
 
 
 def loaded_parameters(recipe: str) -> Projection:
-    """The projection of vLLM's mxfp4 expert parameters as its loader fills them, before any kernel transform:
-    the checkpoint's packed e2m1 bytes [E, N, K/2] (gate/up rows interleaved), e8m0 scales [E, N, K/32] and bf16
-    biases [E, N] in the corner of zeros of the padded sizes; recipes ``{recipe}-weight`` ..."""
+    """The projection of vLLM's mxfp4 expert parameters as its loader fills them, before any kernel transform."""
 
     def projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
-        def weight(blocks: torch.Tensor) -> torch.Tensor:
-            return pad_to(packed_blocks(blocks), (blocks.shape[0], rows, k // 2)).contiguous()
-
-        def scale(scales: torch.Tensor) -> torch.Tensor:
-            return pad_to(scales, (scales.shape[0], rows, k // MXFP4_BLOCK)).contiguous()
-
-        def bias(values: torch.Tensor) -> torch.Tensor:
-            return pad_to(values, (values.shape[0], rows)).contiguous()
-
-        return contiguous_projection(
+        keep = torch.Tensor.contiguous
+        return padded_projection(
             prefix,
             source,
             recipe,
-            [
-                ("weight", "blocks", "U8", (experts, rows, k // 2), weight),
-                ("scale", "scales", "U8", (experts, rows, k // MXFP4_BLOCK), scale),
-                ("bias", "bias", "BF16", (experts, rows), bias),
-            ],
+            rows,
+            k,
+            weight=("U8", (experts, rows, k // 2), keep),
+            scale=("U8", (experts, rows, k // MXFP4_BLOCK), keep),
+            bias=("BF16", (experts, rows), keep),
         )
 
     return projection
