@@ -6,7 +6,8 @@ projection (``w13 = [gate; up]`` per expert, ``w2`` column-sharded). Expert para
 whole experts, placed as vLLM's default ``linear`` strategy does (``E // N`` each, the first ``E % N`` ranks
 one more, in order). ``convert --tp N`` / ``--ep N`` writes exactly those tensors per rank, under the
 checkpoint's own names, into ``model-rank-{r}-part-*.safetensors``, so a rank reads its experts' bytes and
-nothing of the other ranks'; everything else stays in the replicated shards vLLM shards itself as usual.
+nothing of the other ranks'; block-fp8 experts take their ``weight_scale_inv`` blocks along. Everything else
+stays in the replicated shards vLLM shards itself as usual.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import torch
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
-from moeprep.families import MoeSpec
+from moeprep.families import MoeSpec, fp8_block
+from moeprep.families.fp8_block import SCALE_SUFFIX
 from moeprep.plan import TensorJob, dim0_chunks, padded_chunk, read_chunk
 
 RECIPE_TP = "tp-shard"
 RECIPE_EP = "ep-expert"
-EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+EXPERT_TENSOR = re.compile(
+    r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)"
+)
 
 
 def linear_placement(num_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -35,7 +39,8 @@ def linear_placement(num_experts: int, ep_size: int, ep_rank: int) -> range:
 
 
 def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int) -> tuple[list[TensorJob], set[str]]:
-    """Every rank's expert tensors (TP slices, or whole experts under EP), and the source tensors they replace."""
+    """Every rank's expert tensors (TP slices, or whole experts under EP), and the source tensors they replace.
+    Block-fp8 experts (DeepSeek-V3 FP8) bring their ``weight_scale_inv`` along, sliced by whole blocks."""
     option = f"--ep {ep_size}" if ep_size > 1 else f"--tp {tp_size}"
     if moe.expert_format != "per-expert":
         raise UnsupportedModelError(
@@ -53,20 +58,20 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
     if not names:
         raise UnsupportedModelError(f"{option}: no mlp.experts.{{e}}.{{gate,up,down}}_proj weights found to split")
     owner = {e: r for r in range(ep_size) for e in linear_placement(moe.num_experts, ep_size, r)}
-    width = moe.expert_intermediate // tp_size
+    block = fp8_block.block_size(source.config)
     jobs = []
     for name in names:
         dtype, shape = source.tensor_meta(name)
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in (*FLOAT_DTYPES, "F8_E4M3", "F32"):
             raise UnsupportedModelError(
-                f"{option}: {name} is {dtype}; per-rank expert shards are written for float experts"
+                f"{option}: {name} is {dtype}; per-rank expert shards are written for float and block-fp8 experts"
             )
         if ep_size > 1:
             expert = int(EXPERT_TENSOR.fullmatch(name)[2])  # type: ignore[index]
             run = partial(dim0_chunks, name=name)
             jobs.append(TensorJob(TensorEntry(name, dtype, shape), (name,), RECIPE_EP, run, rank=owner[expert]))
             continue
-        dim = 1 if name.endswith("down_proj.weight") else 0
+        dim, width = tensor_parallel_cut(name, shape, moe.expert_intermediate // tp_size, block, option)
         out_shape = (shape[0], width) if dim else (width, shape[1])
         for rank in range(tp_size):
             run = partial(read_chunk, name=name, index=rank, width=width, dim=dim)
@@ -74,14 +79,34 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
     return jobs, set(names)
 
 
+def tensor_parallel_cut(
+    name: str, shape: tuple[int, ...], width: int, block: tuple[int, int] | None, option: str
+) -> tuple[int, int]:
+    """(dim, width per rank) of an expert tensor under TP: gate/up rows, down columns, ``width`` intermediate
+    entries each; a block-fp8 scale by whole blocks, so a rank's share must be a multiple of the block (vLLM
+    refuses other sizes for block-fp8 MoE too)."""
+    proj, kind = EXPERT_TENSOR.fullmatch(name).group(3, 4)  # type: ignore[union-attr]
+    dim = 1 if proj == "down_proj" else 0
+    if block is None:
+        return dim, width
+    if width % block[dim]:
+        raise UnsupportedModelError(
+            f"{option}: each rank's {width} intermediate columns are not whole fp8 blocks of {block[dim]} "
+            "(vLLM needs them to be); use another --tp"
+        )
+    return dim, width // block[dim] if kind == SCALE_SUFFIX else width
+
+
 def tensor_parallel_slices(job: TensorJob, tp_size: int) -> list[TensorJob]:
-    """An expert tensor another job writes (a fused shared-expert slot) as every TP rank's slice of it, cut like
-    the routed experts' (gate/up rows, down columns); other tensors stay replicated."""
+    """An expert tensor another job writes (a fused shared-expert slot, or its block-fp8 scale) as every TP rank's
+    slice of it, cut like the routed experts' (gate/up rows, down columns); other tensors stay replicated."""
     name = job.entry.name
     if not EXPERT_TENSOR.fullmatch(name):
         return [job]
-    dim = 1 if name.endswith("down_proj.weight") else 0
     shape = job.entry.shape
+    dim = 1 if ".down_proj." in name else 0  # a block-fp8 slot's scale splits with its weight, in blocks
+    if shape[dim] % tp_size:
+        raise UnsupportedModelError(f"--tp {tp_size}: {name} {list(shape)} does not split into {tp_size} equal parts")
     width = shape[dim] // tp_size
     out_shape = (shape[0], width) if dim else (width, shape[1])
     recipe = f"{job.recipe}+{RECIPE_TP}"

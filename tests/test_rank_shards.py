@@ -138,7 +138,49 @@ def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: 
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_block_fp8_experts_are_not_split_per_rank_yet(tmp_path: Path) -> None:
-    source = build_fixture("deepseek-v3", tmp_path / "src", quantization="fp8-block")
-    result = run_cli("convert", source, tmp_path / "out", "--tp", "2")
-    assert result.returncode == 2 and "per-rank expert shards are written for float experts" in result.stderr
+def fp8_deepseek(tmp_path: Path, moe_intermediate: int) -> Path:
+    return build_fixture(
+        "deepseek-v3",
+        tmp_path / f"fp8-{moe_intermediate}",
+        seed=int.from_bytes(os.urandom(3), "little"),
+        quantization="fp8-block",
+        config_overrides={"moe_intermediate_size": moe_intermediate},
+    )
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["routed", "fused-slots"])
+def test_block_fp8_rank_files_hold_weight_slices_with_their_block_scales(tmp_path: Path, fuse: bool) -> None:
+    """DeepSeek-V3 FP8 at TP 2, moe_intermediate 256: each rank gets 128 gate/up rows (one 128-row block of
+    scales) and 128 down columns (one block column), routed experts and fused shared-expert slots alike, as
+    vLLM's block-fp8 MoE loader narrows weights and ``weight_scale_inv`` per rank."""
+    source = fp8_deepseek(tmp_path, 256)
+    extra = ["--fuse-shared-experts"] if fuse else []
+    whole, dest = tmp_path / "whole", tmp_path / "tp"
+    for out, tp in ((whole, []), (dest, ["--tp", "2"])):
+        result = run_cli("convert", source, out, *extra, *tp)
+        assert result.returncode == 0, result.stderr
+    single = {}
+    for shard in whole.glob("model-*.safetensors"):
+        single.update(load_file(shard))
+    manifest = load_manifest(dest)
+    scales = [name for name in manifest.rank_tensors[0] if name.endswith("weight_scale_inv")]
+    assert scales and len(scales) * 2 == len(manifest.rank_tensors[0])
+    for rank, records in enumerate(manifest.rank_tensors):
+        stored = load_file(dest / f"model-rank-{rank}-part-00001.safetensors")
+        for name in records:
+            full = single[name]
+            dim = 1 if ".down_proj." in name else 0
+            width = full.shape[dim] // 2
+            assert width == (1 if name.endswith("weight_scale_inv") else 128), name
+            assert torch.equal(stored[name].view(torch.uint8), full.narrow(dim, rank * width, width).view(torch.uint8))
+    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.runtime.quant_config import check_rank_tensors
+
+    with pytest.raises(PreparedCheckpointMismatch, match="block-fp8 expert shards is not verified"):
+        check_rank_tensors(manifest, expert_parallel=False)
+
+
+def test_block_fp8_shares_that_are_not_whole_blocks_are_refused(tmp_path: Path) -> None:
+    result = run_cli("convert", fp8_deepseek(tmp_path, 128), tmp_path / "out", "--tp", "2")
+    assert result.returncode == 2 and "64 intermediate columns are not whole fp8 blocks of 128" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -127,6 +127,11 @@ def check_rank_tensors(manifest: Manifest, expert_parallel: bool) -> None:
             "backend) is not verified yet: it needs a multi-GPU host; serve a folder converted without --tp at "
             "--tensor-parallel-size 1, or the original checkpoint"
         )
+    if manifest.rank_tensors and any(name.endswith(".weight_scale_inv") for name in manifest.rank_tensors[0]):
+        raise PreparedCheckpointMismatch(
+            "moeprep: serving tensor-parallel block-fp8 expert shards is not verified yet (it needs a multi-GPU host); "
+            "serve a folder converted without --tp, which vLLM shards itself"
+        )
     if manifest.rank_tensors and expert_parallel:
         raise PreparedCheckpointMismatch(
             "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
