@@ -26,6 +26,7 @@ from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, Sha
 from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
 from moeprep.plan import Plan, PlanOptions, TensorJob, build_plan
+from moeprep.serving import unserved_reason
 
 LORA_FOLDER = "lora"
 
@@ -145,7 +146,12 @@ def convert(
         src_record = source_record(source)
         (tmp / "README.md").write_text(
             render_model_card(
-                src_record, plan.target, model_type, {**plan.summary(), "lora": len(lora_records)}, served_as
+                src_record,
+                plan.target,
+                model_type,
+                {**plan.summary(), "lora": len(lora_records)},
+                served_as,
+                unserved_reason(plan.target, list(groups.get(0, {}))),
             ),
             encoding="utf-8",
         )

@@ -36,9 +36,15 @@ def serve_command(model: str, target: Target, summary: dict[str, Any]) -> str:
 
 
 def render_model_card(
-    source: Source, target: Target, model_type: str, summary: dict[str, Any], served_as: str | None = None
+    source: Source,
+    target: Target,
+    model_type: str,
+    summary: dict[str, Any],
+    served_as: str | None = None,
+    unserved: str | None = None,
 ) -> str:
-    """``served_as``: the Hub repo the folder will be uploaded to, when known."""
+    """``served_as``: the Hub repo the folder will be uploaded to, when known; ``unserved``: why the moeprep
+    runtime does not serve the folder yet (``serving.unserved_reason``), in place of the serve command."""
     base = source.location if source.kind == "hub" else None
     front = ["---", "library_name: vllm"]
     if base:
@@ -66,11 +72,17 @@ def render_model_card(
             "",
             "## Serve",
             "",
-            "```bash",
-            "pip install moeprep  # registers the vLLM plugin",
-            serve_command(served_as or "<this repo id or folder>", target, summary),
-            "```",
-            "",
+            *(
+                [f"Not served by the moeprep plugin yet: {unserved}.", ""]
+                if unserved
+                else [
+                    "```bash",
+                    "pip install moeprep  # registers the vLLM plugin",
+                    serve_command(served_as or "<this repo id or folder>", target, summary),
+                    "```",
+                    "",
+                ]
+            ),
             "## Verification",
             "",
             f"- Layouts verified against vLLM {', '.join(target.vllm_versions)}; tensor parallel {target.tp_size}, "

@@ -142,3 +142,22 @@ def test_backend_none_pads_mxfp4_experts_for_the_default_kernel_of_its_arch(tiny
 def test_backend_for_mxfp4_refuses_bf16_experts(tiny, tmp_path: Path) -> None:
     result = run_cli("convert", tiny("glm4-moe"), tmp_path / "out", "--backend", "marlin")
     assert result.returncode == 2 and "use --backend none" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--backend", "flashinfer-trtllm"], "Blackwell"),
+        (["--backend", "cpu"], "AMX"),
+        (["--backend", "triton", "--tp", "2"], "tensor-parallel triton layouts"),
+    ],
+)
+def test_folders_the_plugin_does_not_serve_yet_say_why_instead_of_a_serve_command(
+    tiny, tmp_path: Path, extra: list[str], reason: str
+) -> None:
+    result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", *extra)
+    assert result.returncode == 0, result.stderr
+    printed = " ".join(result.stdout.split())
+    assert "does not serve it yet" in printed and reason in printed and "serve with" not in printed
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Not served by the moeprep plugin yet" in card and reason in card and "vllm serve" not in card

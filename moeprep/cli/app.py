@@ -173,6 +173,7 @@ def convert(
     from moeprep.convert import load_plan
     from moeprep.modelcard import serve_command
     from moeprep.plan import PlanOptions
+    from moeprep.serving import unserved_reason
 
     with user_errors():
         fused = fuse_shared_experts > 0
@@ -188,9 +189,15 @@ def convert(
             manifest = run_convert(
                 source, plan, dest, overwrite, parse_size(max_shard_size), advance, upload_repo, lora or []
             )
+        unserved = unserved_reason(manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else ())
+        then = (
+            f"the moeprep plugin does not serve it yet: {unserved}"
+            if unserved
+            else f"serve with: {serve_command(str(dest), plan.target, plan.summary())}"
+        )
         out.print(
             f"wrote {sum(1 for _ in manifest.all_tensor_records())} tensors in {len(manifest.files)} files to {dest} "
-            f"(backend {manifest.target.backend}); serve with: {serve_command(str(dest), plan.target, plan.summary())}"
+            f"(backend {manifest.target.backend}); {then}"
         )
         if upload_repo:
             run_upload(dest, upload_repo, private, upload_revision)

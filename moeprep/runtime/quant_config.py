@@ -32,22 +32,10 @@ from moeprep.errors import MoeprepError
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.lora_check import serve_base
 from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.serving import backend_not_served, is_prepared_param, unserved_reason
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
-# Layouts moeprep writes but its runtime cannot serve yet, with the reason.
-NOT_SERVED_YET = {
-    "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
-    "or convert with --backend dequant for CPUs without AMX",
-    "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
-    "convert with --backend triton or marlin",
-}
-PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
-
-
-def is_prepared_param(name: str) -> bool:
-    """A tensor moeprep laid out for a parameter it registers itself (``...experts.moeprep_w13_value``)."""
-    return name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
 
 
 def running_vllm_version() -> str:
@@ -114,24 +102,8 @@ def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
 
 def check_rank_tensors(manifest: Manifest, expert_parallel: bool) -> None:
     """A folder with per-rank expert files is one this runtime serves, in the parallelism it was written for."""
-    if manifest.rank_tensors and manifest.target.ep_size > 1:
-        raise PreparedCheckpointMismatch(
-            "moeprep: serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 "
-            "crashes under expert parallelism and no multi-GPU host was available); convert with --tp, or "
-            "serve the original checkpoint with --enable-expert-parallel"
-        )
-    prepared_ranks = manifest.rank_tensors and any(is_prepared_param(name) for name in manifest.rank_tensors[0])
-    if prepared_ranks and manifest.target.backend != "dequant":
-        raise PreparedCheckpointMismatch(
-            f"moeprep: serving tensor-parallel {manifest.target.backend} layouts (convert --tp with an mxfp4 GPU "
-            "backend) is not verified yet: it needs a multi-GPU host; serve a folder converted without --tp at "
-            "--tensor-parallel-size 1, or the original checkpoint"
-        )
-    if manifest.rank_tensors and any(name.endswith(".weight_scale_inv") for name in manifest.rank_tensors[0]):
-        raise PreparedCheckpointMismatch(
-            "moeprep: serving tensor-parallel block-fp8 expert shards is not verified yet (it needs a multi-GPU host); "
-            "serve a folder converted without --tp, which vLLM shards itself"
-        )
+    if reason := unserved_reason(manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else ()):
+        raise PreparedCheckpointMismatch(f"moeprep: {reason}")
     if manifest.rank_tensors and expert_parallel:
         raise PreparedCheckpointMismatch(
             "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
@@ -179,10 +151,8 @@ class MoeprepConfig(QuantizationConfig):
                 "install the moeprep version that wrote it or convert again"
             )
         backend = config.get("backend")
-        if backend in NOT_SERVED_YET:
-            raise PreparedCheckpointMismatch(
-                f"moeprep: cannot serve backend {backend!r} yet: {NOT_SERVED_YET[backend]}"
-            )
+        if reason := backend_not_served(str(backend)):
+            raise PreparedCheckpointMismatch(f"moeprep: {reason}")
         if backend not in RUNTIME_BACKENDS:
             raise PreparedCheckpointMismatch(
                 f"moeprep: backend {backend!r} is not supported by this moeprep runtime "

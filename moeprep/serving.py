@@ -1,0 +1,53 @@
+"""Which prepared folders the moeprep runtime serves, and why it refuses the others until they are verified.
+Shared by the plugin, which refuses them, and by ``convert`` and the model card, which say so instead of
+printing a serve command that would fail. No vLLM import here."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from moeprep.checkpoint.manifest import Target
+from moeprep.families.fp8_block import SCALE_SUFFIX
+
+PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
+# Layouts moeprep writes but its runtime cannot serve yet, with the reason.
+NOT_SERVED_YET = {
+    "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
+    "or convert with --backend dequant for CPUs without AMX",
+    "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
+    "convert with --backend triton or marlin",
+}
+
+
+def is_prepared_param(name: str) -> bool:
+    """A tensor moeprep laid out for a parameter it registers itself (``...experts.moeprep_w13_value``)."""
+    return name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
+
+
+def backend_not_served(backend: str) -> str | None:
+    return f"cannot serve backend {backend!r} yet: {NOT_SERVED_YET[backend]}" if backend in NOT_SERVED_YET else None
+
+
+def unserved_reason(target: Target, rank_tensors: Collection[str]) -> str | None:
+    """Why the runtime refuses a folder prepared for ``target`` whose first rank's own files hold ``rank_tensors``
+    (empty for a single-partition folder); None when it serves it."""
+    if reason := backend_not_served(target.backend):
+        return reason
+    if rank_tensors and target.ep_size > 1:
+        return (
+            "serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 crashes "
+            "under expert parallelism and no multi-GPU host was available); convert with --tp, or serve the "
+            "original checkpoint with --enable-expert-parallel"
+        )
+    if target.backend != "dequant" and any(is_prepared_param(name) for name in rank_tensors):
+        return (
+            f"serving tensor-parallel {target.backend} layouts (convert --tp with an mxfp4 GPU backend) is not "
+            "verified yet: it needs a multi-GPU host; serve a folder converted without --tp at "
+            "--tensor-parallel-size 1, or the original checkpoint"
+        )
+    if any(name.endswith(f".{SCALE_SUFFIX}") for name in rank_tensors):
+        return (
+            "serving tensor-parallel block-fp8 expert shards is not verified yet (it needs a multi-GPU host); "
+            "serve a folder converted without --tp, which vLLM shards itself"
+        )
+    return None
