@@ -212,7 +212,8 @@ def transform_device(device: str) -> torch.device:
 
 def padding_multiples(module: ModuleType, arch: str) -> tuple[int, int]:
     """(hidden, intermediate) multiples a layout module pads to on ``arch``."""
-    return getattr(module, "ARCH_PADDING", {}).get(arch, (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE))
+    per_arch = getattr(module, "ARCH_PADDING", None)  # modules whose padding depends on the arch
+    return per_arch[arch] if per_arch else (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE)
 
 
 def mxfp4_module(backend: str, expert_format: str) -> ModuleType | None:

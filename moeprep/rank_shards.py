@@ -62,7 +62,7 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
     jobs = []
     for name in names:
         dtype, shape = source.tensor_meta(name)
-        if dtype not in (*FLOAT_DTYPES, "F8_E4M3", "F32"):
+        if dtype not in (*FLOAT_DTYPES, "F8_E4M3"):  # block-fp8 weights; their scales are F32
             raise UnsupportedModelError(
                 f"{option}: {name} is {dtype}; per-rank expert shards are written for float and block-fp8 experts"
             )

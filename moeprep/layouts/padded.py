@@ -21,7 +21,6 @@ ARCH_PADDING = {
     "sm90": (triton.HIDDEN_MULTIPLE, triton.INTERMEDIATE_MULTIPLE),
     "sm100": (flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE),
 }
-HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE = ARCH_PADDING[ARCHES[0]]
 KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()
