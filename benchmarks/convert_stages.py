@@ -3,12 +3,11 @@
     python benchmarks/convert_stages.py --preset 120b --layers 4 [--device cuda]
 
 Uses the synthetic gpt-oss checkpoint of ``convert_throughput.py`` (built under --workdir if missing) and
-times, each in a fresh subprocess: the whole ``convert``; reading every source tensor in file order with
-the source files hashed as they are read; producing every output chunk (read + layout transform on
---device) without writing; writing and hashing as many bytes with moeprep's writer (write-behind, per-tensor
-sha256) from one reused chunk. A stage that
-alone takes nearly the whole conversion is the bound; stages that each take much less than the whole,
-together, point at poor overlap.
+times, each in a fresh subprocess: the whole ``convert``; hashing the source files as a conversion does
+(``hashing_weight_files``); producing every output chunk (read + layout transform on --device) without
+writing; writing and hashing as many bytes with moeprep's writer (write-behind, per-tensor sha256) from one
+reused chunk. A stage that alone takes nearly the whole conversion is the bound; stages that each take much
+less than the whole, together, point at poor overlap.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-STAGES = ("convert", "read_and_hash", "produce", "write")
+STAGES = ("convert", "hash_source", "produce", "write")
 
 
 def run_stage(stage: str, src: Path, dest: Path, device: str) -> float:
@@ -36,19 +35,16 @@ def run_stage(stage: str, src: Path, dest: Path, device: str) -> float:
 
     from moeprep.checkpoint.safetensors_io import TensorEntry, tensor_bytes, write_safetensors
     from moeprep.convert import convert, load_plan
-    from moeprep.plan import PlanOptions, dim0_chunks
+    from moeprep.plan import PlanOptions
 
     source, plan = load_plan(str(src), "triton", options=PlanOptions(device=device))
     start = time.perf_counter()
     if stage == "convert":
         convert(source, plan, dest, overwrite=True)
-    elif stage == "read_and_hash":
-        source.hash_reads()
-        for name in sorted(source.tensor_names, key=source.file_position):
-            for _ in dim0_chunks(source, name):
-                pass
-        for file in source.weight_files:
-            source.file_sha256(file)
+    elif stage == "hash_source":
+        with source.hashing_weight_files():
+            for file in source.weight_files:
+                source.file_sha256(file)
     elif stage == "produce":
         for job in plan.jobs:
             produced = job.run(source)

@@ -4,7 +4,8 @@
 
 Builds a synthetic gpt-oss checkpoint (real expert dims, E=128, H=I=2880 for 120b) once under
 --workdir, then times, each in a fresh subprocess and alternating for --rounds: copying its files
-(the baseline) and ``moeprep convert``. Prints the ratio of the medians and each side's peak RSS.
+(the baseline) and ``moeprep convert``. Prints the ratio of the medians and each side's peak RSS; for the
+conversion also the time in ``convert`` itself and the process startup before it (imports, CUDA context).
 """
 
 from __future__ import annotations
@@ -33,15 +34,32 @@ def child_copy(src: Path, dest: Path) -> None:
             os.fsync(f.fileno())
 
 
-def child_convert(src: Path, dest: Path, backend: str, device: str) -> None:
+def child_convert(src: Path, dest: Path, backend: str, device: str) -> dict[str, float]:
+    """Convert as the ``moeprep`` command does; returns the seconds spent in ``convert`` itself (the rest of the
+    process's time is importing torch and, with --device cuda, starting CUDA: a cost per run, not per byte)."""
     from moeprep.checkpoint.pipeline import use_huge_page_buffers
 
     use_huge_page_buffers()  # as the moeprep command does, before torch is imported
+    import torch
+
     from moeprep.convert import convert, load_plan
     from moeprep.plan import PlanOptions
 
+    if device == "cuda":
+        torch.zeros(1, device=device).sum().item()
     source, plan = load_plan(str(src), backend, options=PlanOptions(device=device))
+    start = time.perf_counter()
     convert(source, plan, dest, overwrite=True)
+    return {"convert_call_seconds": time.perf_counter() - start}
+
+
+def own_peak_rss_kib() -> int:
+    """This process's peak RSS since its exec (``VmHWM``). ``ru_maxrss`` would not do: Linux carries the
+    parent's peak over into a child it spawns, and the parent here built the checkpoint."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def synthetic_gpt_oss(workdir: Path, preset: str, layers: int) -> Path:
@@ -81,10 +99,10 @@ def main() -> None:
         job, *rest = args.child
         if job == "copy":
             child_copy(Path(rest[0]), Path(rest[1]))
+            parts = {}
         else:
-            child_convert(Path(rest[0]), Path(rest[1]), rest[2], rest[3])
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}))
+            parts = child_convert(Path(rest[0]), Path(rest[1]), rest[2], rest[3])
+        print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": own_peak_rss_kib() / 1024, **parts}))
         return
 
     src = synthetic_gpt_oss(args.workdir, args.preset, args.layers)
@@ -94,6 +112,7 @@ def main() -> None:
         converts.append(run_child("convert", str(src), str(args.workdir / "prepared"), args.backend, args.device))
     copy_s = statistics.median(c["seconds"] for c in copies)
     convert_s = statistics.median(c["seconds"] for c in converts)
+    convert_call_s = statistics.median(c["convert_call_seconds"] for c in converts)
     size = folder_bytes(src)
     result = {
         "preset": args.preset,
@@ -106,8 +125,12 @@ def main() -> None:
         "convert_s_median": convert_s,
         "ratio_convert_to_copy": convert_s / copy_s,
         "convert_gb_per_s": size / 1e9 / convert_s,
+        "convert_call_s_median": convert_call_s,
+        "convert_call_gb_per_s": size / 1e9 / convert_call_s,
+        "startup_s_median": statistics.median(c["seconds"] - c["convert_call_seconds"] for c in converts),
         "copy_s_all": [c["seconds"] for c in copies],
         "convert_s_all": [c["seconds"] for c in converts],
+        "convert_call_s_all": [c["convert_call_seconds"] for c in converts],
         "copy_peak_rss_mib": max(c["peak_rss_mib"] for c in copies),
         "convert_peak_rss_mib": max(c["peak_rss_mib"] for c in converts),
         "cpu_threads": os.cpu_count(),

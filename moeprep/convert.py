@@ -70,8 +70,8 @@ def tensor_records(jobs: dict[str, TensorJob], written: ShardedWrite) -> dict[st
 
 
 def source_record(source: CheckpointSource) -> Source:
-    """Provenance: every source file with its size and sha256 (weight files mostly hashed by the
-    conversion's own reads, see ``CheckpointSource.file_sha256``)."""
+    """Provenance: every source file with its size and sha256 (weight files hashed while the conversion
+    runs, see ``CheckpointSource.hashing_weight_files``)."""
     indexes = [name for name in (SAFE_INDEX, BIN_INDEX) if (source.folder / name).is_file()]
     names = ["config.json", *source.aux_files, *indexes, *source.weight_files]
     files = {name: FileRecord((source.folder / name).stat().st_size, source.file_sha256(name)) for name in names}
@@ -122,11 +122,9 @@ def convert(
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
-    # In source file order, so that the reads hash the source files as they go (source_record).
-    source.hash_reads()
     for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
-    with AtomicFolder(out, overwrite) as tmp:
+    with AtomicFolder(out, overwrite) as tmp, source.hashing_weight_files():
         lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
             shutil.copyfile(source.folder / name, tmp / name)

@@ -36,8 +36,9 @@ MXFP4_BACKENDS: dict[str, ModuleType] = {
 }
 BACKENDS = ("none", *MXFP4_BACKENDS)
 # Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
-# OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows.
-CHUNK_BYTES = 64 * 1024 * 1024
+# OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows. About five chunks are
+# in flight (one being produced, two queued, one written while the one before is still hashed).
+CHUNK_BYTES = 48 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,10 @@ def dim0_chunks(
     per_row = max(1, TensorEntry(name, dtype, shape).nbytes // shape[0])
     step = max(1, CHUNK_BYTES // per_row)
     for start in range(0, shape[0], step):
-        rows = source.read_rows(name, start, min(shape[0], start + step))
-        yield transform(rows) if transform else rows
+        stop = min(shape[0], start + step)
+        # No name holds the rows read here: the transform can let them go (``_on_device``), and the result
+        # is the consumer's alone once yielded.
+        yield transform(source.read_rows(name, start, stop)) if transform else source.read_rows(name, start, stop)
 
 
 def padded_chunk(tensor: torch.Tensor, index: int, width: int, dim: int) -> torch.Tensor:
@@ -157,8 +160,15 @@ def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
 
 
 def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Run ``recipe.transform`` on ``device`` and bring the result back to the CPU for writing."""
-    return lambda rows: recipe.transform(rows.to(device, non_blocking=True)).to("cpu")
+    """Run ``recipe.transform`` on ``device`` and bring the result back to the CPU for writing. Off the CPU, the
+    source rows (a map of the file) are let go once copied, before the result comes back into host memory."""
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        moved = rows.to(device, non_blocking=True)
+        del rows
+        return recipe.transform(moved).to("cpu")
+
+    return run
 
 
 def _mxfp4_jobs(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import random
 import struct
+import threading
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
-    SequentialSha256,
+    BackgroundFileHashes,
+    HashingStopped,
     TensorEntry,
     read_header,
     read_tensor,
@@ -120,37 +122,39 @@ def test_truncated_and_oversized_header_length(tmp_path: Path) -> None:
         read_header(tmp_path / "long.safetensors")
 
 
-@pytest.mark.parametrize("order", ["in file order", "shuffled", "overlapping and partial"])
-def test_sequential_sha256_equals_the_file_hash_whatever_is_fed(tmp_path: Path, order: str) -> None:
-    path = tmp_path / "f.bin"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    cuts = sorted(random.Random(order).sample(range(1, len(data)), 40))
-    ranges = list(itertools.pairwise([0, *cuts, len(data)]))
-    if order == "shuffled":
-        random.Random(1).shuffle(ranges)
-    elif order == "overlapping and partial":  # re-reads, reads that start inside the hashed part, a gap at the end
-        ranges = [(0, 100), (50, 300), (10, 20), (300, 5000), (6000, 7000), (4000, 6500)]
-    hashes = SequentialSha256(path, header_bytes=7)
-    for begin, end in ranges:
-        hashes.feed(begin, memoryview(data[begin:end]))
-    if order == "in file order":
-        assert hashes.hashed_to == len(data)  # nothing left to read again
-    assert hashes.finish() == hashlib.sha256(data).hexdigest()
-    assert hashes.finish() == hashlib.sha256(data).hexdigest()  # idempotent
+@pytest.mark.parametrize("size", [0, 1, 4096, (64 << 20) + 12345])  # empty, tiny, a page, many map slices
+def test_sha256_file_equals_hashlib(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    assert sha256_file(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
 
 
-def test_source_reads_hash_its_weight_files(tmp_path: Path) -> None:
+def test_background_hashes_are_the_file_hashes_and_stop_on_exit(tmp_path: Path) -> None:
+    files = {tmp_path / f"f{i}.bin": os.urandom(random.Random(i).randrange(1, 3 << 20)) for i in range(5)}
+    for path, data in files.items():
+        path.write_bytes(data)
+    with BackgroundFileHashes(files, workers=2) as hashes:
+        assert {p: hashes.sha256(p.name) for p in files} == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 256)  # 256 MiB: four slices
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashingStopped):
+        sha256_file(big, stop)
+    with BackgroundFileHashes([big], workers=1) as hashes:
+        pass  # leaving the block stops the hash (the file would take a while) and does not wait for it
+    with pytest.raises((HashingStopped, CancelledError)):
+        hashes.sha256(big.name)
+
+
+def test_source_hashes_its_weight_files_while_converting(tmp_path: Path) -> None:
     tensors = {f"t{i}": torch.randn(64, 33) for i in range(5)}
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text("{}")
     source = open_local(tmp_path)
-    source.hash_reads()
-    names = sorted(tensors, key=lambda n: source.file_position(n))
-    for name in names[:3]:  # in file order, in row chunks
-        source.read_rows(name, 0, 10)
-        source.read_rows(name, 10, 64)
-    source.read(names[4])  # out of order: hashed from the file at the end
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
-    assert source.file_sha256("model.safetensors") == expected
+    with source.hashing_weight_files():
+        source.read_rows("t3", 10, 64)
+        assert source.file_sha256("model.safetensors") == expected
+    assert source.file_sha256("model.safetensors") == expected  # outside the block: hashed on the spot
     assert source.file_sha256("config.json") == hashlib.sha256(b"{}").hexdigest()

@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
 _CHUNK = 64 * 1024 * 1024
+_HASH_SLICE = 8 * 1024 * 1024  # what sha256_file maps at a time
 FLUSH_BYTES = 512 * 1024 * 1024  # written bytes between write-behind flushes
+HASH_LAG = 1  # chunks whose output hash may still run when the writer takes the next chunk
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -261,14 +264,15 @@ def write_safetensors(
     """Stream ``entries`` into ``path``: ``produce(entry)`` returns the tensor, or an iterable of
     chunks whose bytes concatenate to it (so huge tensors never sit in memory whole).
 
-    Three stages overlap: chunks are produced in a background thread, written here, and hashed
-    (per-tensor sha256) on a second thread, with a couple of chunks in flight at most. The header
-    hash and the tensor hashes together cover every byte of the file, once."""
+    Three stages overlap: chunks are produced in a background thread, and each chunk is hashed (per-tensor
+    sha256) on a second thread while it is written here; the writer waits only when the hash falls more than
+    ``HASH_LAG`` chunks behind. The header hash and the tensor hashes together cover every byte of the file,
+    once."""
     header, rel_offsets = encode_header(entries, metadata)
     sizes = {e.name: e.nbytes for e in entries}
     tensor_hash, written = hashlib.sha256(), 0
     tensor_hashes: dict[str, str] = {}
-    pending: Future[None] | None = None
+    pending: deque[Future[None]] = deque()  # hashes of chunks written or being written, oldest first
     with (
         Path(path).open("wb") as f,
         ThreadPoolExecutor(1, thread_name_prefix="moeprep-hash") as hasher,
@@ -279,26 +283,29 @@ def write_safetensors(
             if data is None:
                 if written != sizes[name]:
                     raise CheckpointError(f"{path}: tensor {name!r} produced {written} bytes, expected {sizes[name]}")
-                if pending:
-                    pending.result()
+                _wait_all(pending)
                 tensor_hashes[name] = tensor_hash.hexdigest()
                 tensor_hash, written = hashlib.sha256(), 0
                 continue
+            pending.append(hasher.submit(tensor_hash.update, data))
             f.write(data)
             written += len(data)
             behind.wrote()
-            if pending:
-                pending.result()
-            pending = hasher.submit(tensor_hash.update, data)
+            while len(pending) > HASH_LAG:
+                pending.popleft().result()
             if on_bytes:
                 on_bytes(len(data))
-        if pending:
-            pending.result()
+        _wait_all(pending)
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()
     abs_offsets = {n: (len(header) + b, len(header) + e) for n, (b, e) in rel_offsets.items()}
     return WrittenFile(Path(path), size, hashlib.sha256(header).hexdigest(), tensor_hashes, abs_offsets)
+
+
+def _wait_all(futures: deque[Future[None]]) -> None:
+    while futures:
+        futures.popleft().result()
 
 
 class WriteBehind:
@@ -338,51 +345,57 @@ def _sync_and_drop(fd: int, begin: int, end: int) -> None:
         os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a whole file, read in bounded chunks."""
-    return sha256_ranges(path, {"file": (0, Path(path).stat().st_size)})["file"]
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a whole file, hashed straight from a read-only map in bounded slices: no read copy, and each
+    slice leaves this process's memory once hashed (it stays in the page cache for other readers). Raises
+    ``HashingStopped`` if ``stop`` gets set."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            for begin in range(0, size, _HASH_SLICE):
+                if stop is not None and stop.is_set():
+                    raise HashingStopped(path)
+                length = min(_HASH_SLICE, size - begin)
+                with memoryview(mapped)[begin : begin + length] as piece:
+                    digest.update(piece)
+                mapped.madvise(mmap.MADV_DONTNEED, begin, length)
+    return digest.hexdigest()
 
 
-class SequentialSha256:
-    """sha256 of a file fed with the byte ranges a conversion reads anyway: a range that reaches the end of
-    the part hashed so far extends it, any other is ignored, and ``finish`` reads only what was never fed.
-    Reads in file order hash the file in the same pass; any other order is still exact, only slower."""
+class HashingStopped(Exception):
+    """``sha256_file`` was asked to stop before the end of the file."""
 
-    def __init__(self, path: Path, header_bytes: int = 0) -> None:
-        """``header_bytes``: the length of the file's header, hashed now (tensor reads start after it)."""
-        self.path, self.hashed_to = Path(path), 0
-        self._hash, self._lock = hashlib.sha256(), threading.Lock()
-        self._hasher: ThreadPoolExecutor | None = None  # started by the first feed that extends the hash
-        self._pending: Future[None] | None = None
-        self._hash.update(read_bytes(self.path, 0, header_bytes))
-        self.hashed_to = header_bytes
 
-    def feed(self, begin: int, data: memoryview) -> None:
-        """The file's bytes ``[begin, begin + len(data))``, as read; hashed on a thread of its own, one chunk
-        in flight (the memoryview keeps its buffer alive until then)."""
-        with self._lock:
-            if not begin <= self.hashed_to < begin + len(data):
-                return
-            if self._pending:
-                self._pending.result()
-            self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="moeprep-source-hash")
-            self._pending = self._hasher.submit(self._hash.update, data[self.hashed_to - begin :])
-            self.hashed_to = begin + len(data)
+class BackgroundFileHashes:
+    """The sha256 of each of ``paths``, hashed on threads of their own from the moment this is made, so a
+    conversion reading the same files never waits on their hashes (several files hash side by side: sha256
+    is one sequential stream per file, about 1.2-1.7 GB/s per core). ``with``: stops what is left on exit."""
 
-    def finish(self) -> str:
-        """The file's sha256: the rest of the file is read and hashed."""
-        with self._lock, self.path.open("rb", buffering=0) as f:
-            if self._hasher:
-                self._hasher.shutdown(wait=True)
-                self._hasher = None
-            if self._pending:
-                self._pending.result()
-                self._pending = None
-            f.seek(self.hashed_to)
-            while chunk := f.read(_CHUNK):
-                self._hash.update(chunk)
-                self.hashed_to += len(chunk)
-            return self._hash.hexdigest()
+    def __init__(self, paths: Iterable[Path], workers: int) -> None:
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="moeprep-source-hash")
+        self._hashes = {Path(p).name: self._pool.submit(sha256_file, Path(p), self._stop) for p in paths}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._hashes
+
+    def sha256(self, name: str) -> str:
+        """The hash of file ``name`` (waits for it)."""
+        return self._hashes[name].result()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> BackgroundFileHashes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def sha256_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> dict[str, str]:

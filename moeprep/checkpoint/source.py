@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -17,14 +19,13 @@ import torch
 
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
+    BackgroundFileHashes,
     SafetensorsFile,
-    SequentialSha256,
     TensorInfo,
     map_tensor,
     read_header,
     read_tensor,
     sha256_file,
-    tensor_bytes,
 )
 from moeprep.errors import CheckpointError
 
@@ -67,7 +68,7 @@ class CheckpointSource:
     aux_files: list[str]
     _safetensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(default_factory=dict, repr=False)
     _bin_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    _file_hashes: dict[str, SequentialSha256] = field(default_factory=dict, repr=False)
+    _file_hashes: BackgroundFileHashes | None = field(default=None, repr=False)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -100,7 +101,7 @@ class CheckpointSource:
             info.begin + start * row_bytes,
             info.begin + stop * row_bytes,
         )
-        return self._hashed(file, rows.begin, map_tensor(file.path, rows))
+        return map_tensor(file.path, rows)
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._safetensors and (self._bin_state is None or name not in self._bin_state):
@@ -108,32 +109,34 @@ class CheckpointSource:
         if self._bin_state is not None:
             return self._bin_state[name].contiguous()
         file, info = self._safetensors[name]
-        return self._hashed(file, info.begin, read_tensor(file.path, info))
+        return read_tensor(file.path, info)
 
-    def hash_reads(self) -> None:
-        """From now on, feed what tensor reads return to each weight file's running sha256 (``file_sha256``)."""
-        self._file_hashes = {
-            file.path.name: SequentialSha256(file.path, file.data_start) for file, _ in self._safetensors.values()
-        }
-
-    def _hashed(self, file: SafetensorsFile, begin: int, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` as read from ``file`` at ``begin``, fed to that file's running sha256 if ``hash_reads``."""
-        if hashes := self._file_hashes.get(file.path.name):
-            hashes.feed(begin, tensor_bytes(tensor))
-        return tensor
+    @contextmanager
+    def hashing_weight_files(self) -> Iterator[None]:
+        """Within the block, the weight files are hashed on threads of their own (``file_sha256`` waits for
+        them), side by side with a conversion reading them in ``file_position`` order: in the same order,
+        one file per thread, a thread per 8 cores (one stream hashes faster than a conversion writes)."""
+        paths = [self.folder / name for name in sorted(self.weight_files)]
+        with BackgroundFileHashes(paths, min(len(paths), (os.cpu_count() or 1) // 8)) as hashes:
+            self._file_hashes = hashes
+            try:
+                yield
+            finally:
+                self._file_hashes = None
 
     def file_position(self, name: str) -> tuple[str, int]:
-        """(weight file, byte offset) of a tensor, ("", 0) where unknown: reading in this order lets
-        ``file_sha256`` hash the weight files in the same pass."""
+        """(weight file, byte offset) of a tensor, ("", 0) where unknown: reading in this order, the
+        conversion finds what ``hashing_weight_files`` read just before it in the page cache."""
         if name not in self._safetensors:
             return "", 0
         file, info = self._safetensors[name]
         return file.path.name, info.begin
 
     def file_sha256(self, name: str) -> str:
-        """sha256 of the source file ``name``: what tensor reads hashed since ``hash_reads``, plus the rest."""
-        hashes = self._file_hashes.get(name)
-        return hashes.finish() if hashes else sha256_file(self.folder / name)
+        """sha256 of the source file ``name`` (from ``hashing_weight_files`` where it runs)."""
+        if self._file_hashes is not None and name in self._file_hashes:
+            return self._file_hashes.sha256(name)
+        return sha256_file(self.folder / name)
 
 
 def _read_json(path: Path) -> Any:

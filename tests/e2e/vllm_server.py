@@ -31,9 +31,17 @@ def serve_env(plugins: bool, tp: int = 1) -> dict[str, str]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     if not plugins:
         env["VLLM_PLUGINS"] = "no-plugins-at-all"
-    if tp > 1:  # vLLM CPU binds each rank's threads to a NUMA node; one node here: one core per rank
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core % (os.cpu_count() or 1)) for core in range(tp))
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in server_cores(tp))
     return env
+
+
+def server_cores(tp: int) -> list[int]:
+    """One core per rank. Under pytest-xdist each worker's single-rank servers take a core of their own, so two
+    workers serve side by side; vLLM CPU would otherwise bind every server's threads to all cores."""
+    cores = os.cpu_count() or 1
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    first = worker if tp == 1 else 0
+    return [(first + rank) % cores for rank in range(tp)]
 
 
 def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1, extra: Sequence[str] = ()) -> list[str]:
