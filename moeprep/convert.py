@@ -149,7 +149,7 @@ def convert(
                 model_type,
                 {**plan.summary(), "lora": len(lora_records)},
                 served_as,
-                unserved_reason(plan.target, list(groups.get(0, {}))),
+                unserved_reason(plan.target, list(groups.get(0, {})), on_cpu=False),
             ),
             encoding="utf-8",
         )

@@ -255,11 +255,6 @@ def _rank_shard_jobs(source: CheckpointSource, moe: MoeSpec, options: PlanOption
     from moeprep import rank_shards  # imports TensorJob from here
 
     tp_size, ep_size = options.tp_size, options.ep_size
-    if ep_size > 1 and options.fuse_shared_replicas:
-        raise UnsupportedModelError(
-            "--ep with --fuse-shared-experts is not supported yet (slot replicas are not placed over expert-parallel "
-            "ranks); use --tp, or --ep without fused slots"
-        )
     if ep_size > 1 and ep_size % tp_size:
         raise UnsupportedModelError(
             f"--ep {ep_size} with --tp {tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
@@ -332,9 +327,16 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             source, family, moe, options.fuse_shared_replicas, options.requantize_shared
         )
         consumed |= fused_consumed
-        if options.tp_size > 1:
-            from moeprep import rank_shards
+        from moeprep import rank_shards
 
+        if options.ep_size > 1:
+            contract = routing["fused_shared_experts"]
+            placement = rank_shards.SpreadSlotPlacement.checked(
+                moe.num_experts, contract["slots"], options.fuse_shared_replicas, options.ep_size
+            )
+            jobs, fused = [placement.place(job) for job in jobs], [placement.place(job) for job in fused]
+            contract.update(placement.routing())
+        elif options.tp_size > 1:
             fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     return Plan(family, moe, target, jobs + fused, unknown, routing)

@@ -13,6 +13,7 @@ stays in the replicated shards vLLM shards itself as usual.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -36,6 +37,68 @@ def linear_placement(num_experts: int, ep_size: int, ep_rank: int) -> range:
     base, remainder = divmod(num_experts, ep_size)
     start = ep_rank * base + min(ep_rank, remainder)
     return range(start, start + base + (1 if ep_rank < remainder else 0))
+
+
+@dataclass(frozen=True)
+class SpreadSlotPlacement:
+    """Expert parallelism with fused shared-expert slots: every rank holds ``replicas / ep_size`` replicas of every
+    slot beside its ``E / ep_size`` routed experts, so the shared experts' work is spread over the ranks (token
+    ``t`` takes replica ``t % replicas``). vLLM places experts linearly (rank r: ids ``[r*B, (r+1)*B)``, ``B =
+    (E + slots * replicas) / ep_size``), so the ids are interleaved: rank r's block is its routed experts, then its
+    replicas. The checkpoint's ids (routed ``0..E-1``, then slot ``s`` replica ``p`` at ``E + s*replicas + p``)
+    are renamed to these; the routing contract maps the router's ids (``routed_ids``) and names the slots'."""
+
+    routed: int
+    slots: int
+    replicas: int
+    ep_size: int
+
+    @classmethod
+    def checked(cls, routed: int, slots: int, replicas: int, ep_size: int) -> SpreadSlotPlacement:
+        if routed % ep_size or replicas % ep_size:
+            raise UnsupportedModelError(
+                f"--ep {ep_size} with --fuse-shared-experts={replicas}: each rank holds replicas/{ep_size} replicas "
+                f"of every slot and {routed}/{ep_size} routed experts; use a replica count that is a multiple of "
+                f"{ep_size} (and an --ep that divides {routed})"
+            )
+        return cls(routed, slots, replicas, ep_size)
+
+    @property
+    def per_rank(self) -> int:
+        return (self.routed + self.slots * self.replicas) // self.ep_size
+
+    def global_id(self, checkpoint_id: int) -> int:
+        """The MoE layer's id of the checkpoint's expert ``checkpoint_id`` (routed, or a slot replica after them)."""
+        routed_per_rank = self.routed // self.ep_size
+        if checkpoint_id < self.routed:
+            rank, offset = divmod(checkpoint_id, routed_per_rank)
+            return rank * self.per_rank + offset
+        slot, replica = divmod(checkpoint_id - self.routed, self.replicas)
+        rank, offset = divmod(replica, self.replicas // self.ep_size)
+        return rank * self.per_rank + routed_per_rank + slot * (self.replicas // self.ep_size) + offset
+
+    def routing(self) -> dict[str, object]:
+        """What the routing contract records of this placement."""
+        return {
+            "placement": f"slot replicas spread over {self.ep_size} expert-parallel ranks (linear blocks of "
+            f"{self.per_rank}: each rank's routed experts, then its replicas)",
+            "routed_ids": [self.global_id(e) for e in range(self.routed)],
+            "slot_ids": [
+                [self.global_id(self.routed + s * self.replicas + p) for p in range(self.replicas)]
+                for s in range(self.slots)
+            ],
+        }
+
+    def place(self, job: TensorJob) -> TensorJob:
+        """``job`` under its expert's layer id, in the file of the rank that holds it (other tensors unchanged)."""
+        match = EXPERT_TENSOR.fullmatch(job.entry.name)
+        if not match:
+            return job
+        expert = self.global_id(int(match[2]))
+        name = f"model.layers.{match[1]}.mlp.experts.{expert}.{match[3]}.{match[4]}"
+        entry = TensorEntry(name, job.entry.dtype, job.entry.shape)
+        recipe = job.recipe if job.recipe == RECIPE_EP else f"{job.recipe}+{RECIPE_EP}"
+        return TensorJob(entry, job.sources, recipe, job.run, job.view_shape, job.view_strides, expert // self.per_rank)
 
 
 def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int) -> tuple[list[TensorJob], set[str]]:

@@ -28,16 +28,17 @@ def backend_not_served(backend: str) -> str | None:
     return f"cannot serve backend {backend!r} yet: {NOT_SERVED_YET[backend]}" if backend in NOT_SERVED_YET else None
 
 
-def unserved_reason(target: Target, rank_tensors: Collection[str]) -> str | None:
+def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool = True) -> str | None:
     """Why the runtime refuses a folder prepared for ``target`` whose first rank's own files hold ``rank_tensors``
-    (empty for a single-partition folder); None when it serves it."""
+    (empty for a single-partition folder), on vLLM CPU or (``on_cpu`` False) on GPUs; None when it serves it."""
     if reason := backend_not_served(target.backend):
         return reason
-    if rank_tensors and target.ep_size > 1:
+    if rank_tensors and target.ep_size > 1 and not on_cpu:
         return (
-            "serving per-rank expert-parallel folders (convert --ep) is not verified yet (vLLM CPU 0.32 crashes "
-            "under expert parallelism and no multi-GPU host was available); convert with --tp, or serve the "
-            "original checkpoint with --enable-expert-parallel"
+            "serving per-rank expert-parallel folders (convert --ep) on GPUs is not verified yet (it needs a "
+            f"multi-GPU host; vLLM CPU serves them: --tensor-parallel-size {target.ep_size} "
+            "--enable-expert-parallel); on GPUs convert with --tp, or serve the original checkpoint with "
+            "--enable-expert-parallel"
         )
     if target.backend != "dequant" and any(is_prepared_param(name) for name in rank_tensors):
         return (

@@ -133,7 +133,7 @@ def test_the_runtime_serves_tensor_parallel_mxfp4_only_through_dequant(tiny, tmp
         source, plan = load_plan(str(tiny("gpt-oss")), backend, options=PlanOptions(tp_size=2))
         convert(source, plan, tmp_path / backend)
     with pytest.raises(PreparedCheckpointMismatch, match="tensor-parallel triton layouts .* not verified"):
-        check_rank_tensors(load_manifest(tmp_path / "triton"), expert_parallel=False)
-    check_rank_tensors(load_manifest(tmp_path / "dequant"), expert_parallel=False)  # vLLM CPU serves it (e2e)
+        check_rank_tensors(load_manifest(tmp_path / "triton"), expert_parallel=False, on_cpu=False)
+    check_rank_tensors(load_manifest(tmp_path / "dequant"), expert_parallel=False, on_cpu=True)  # served (e2e)
     with pytest.raises(PreparedCheckpointMismatch, match="without --enable-expert-parallel"):
-        check_rank_tensors(load_manifest(tmp_path / "dequant"), expert_parallel=True)
+        check_rank_tensors(load_manifest(tmp_path / "dequant"), expert_parallel=True, on_cpu=True)

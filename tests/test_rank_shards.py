@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.fixtures import build_fixture
-from moeprep.rank_shards import linear_placement
+from moeprep.rank_shards import SpreadSlotPlacement, linear_placement
 from tests.conftest import run_cli
 
 
@@ -72,10 +72,18 @@ def test_expert_parallel_rank_files_hold_whole_experts_of_linear_placement(
     assert seen == {name for name in original.tensor_names if ".mlp.experts." in name}
     assert run_cli("verify", dest).returncode == 0
     printed = " ".join(result.stdout.split())
-    assert "the moeprep plugin does not serve it yet: serving per-rank expert-parallel folders" in printed
-    from moeprep.modelcard import serve_command  # the command, once such folders are served
+    assert "serving per-rank expert-parallel folders (convert --ep) on GPUs is not verified yet" in printed
+    assert f"vLLM CPU serves them: --tensor-parallel-size {ep} --enable-expert-parallel" in printed
+    from moeprep.modelcard import serve_command
 
     assert f"--tensor-parallel-size {ep} --enable-expert-parallel" in serve_command("x", manifest.target, {})
+    pytest.importorskip("vllm")
+    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.runtime.quant_config import check_rank_tensors
+
+    check_rank_tensors(manifest, expert_parallel=True, on_cpu=True)  # served by vLLM CPU (tests/e2e)
+    with pytest.raises(PreparedCheckpointMismatch, match="on GPUs is not verified yet"):
+        check_rank_tensors(manifest, expert_parallel=True, on_cpu=False)
 
 
 @pytest.mark.parametrize(("family", "replicas"), [("deepseek-v3", "1"), ("qwen2-moe", "2")])
@@ -104,6 +112,52 @@ def test_fused_shared_slots_are_sliced_per_rank_like_routed_experts(tmp_path: Pa
     assert run_cli("verify", split).returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("routed", "slots", "replicas", "ep"), [(8, 1, 2, 2), (8, 2, 4, 2), (12, 1, 6, 3), (256, 1, 8, 8)]
+)
+def test_spread_slot_placement_gives_every_rank_its_routed_experts_and_a_share_of_every_slot(
+    routed: int, slots: int, replicas: int, ep: int
+) -> None:
+    placement = SpreadSlotPlacement.checked(routed, slots, replicas, ep)
+    total = routed + slots * replicas
+    ids = [placement.global_id(e) for e in range(total)]
+    assert sorted(ids) == list(range(total))  # a renaming of the layer's experts
+    contract = placement.routing()
+    for rank in range(ep):
+        block = range(rank * total // ep, (rank + 1) * total // ep)  # what vLLM's linear placement gives the rank
+        assert list(block) == list(linear_placement(total, ep, rank))
+        assert sum(g in block for g in contract["routed_ids"]) == routed // ep
+        for replicas_of_slot in contract["slot_ids"]:
+            assert sum(g in block for g in replicas_of_slot) == replicas // ep
+    tokens_per_rank = [0] * ep  # token t takes replica t % replicas: each rank runs the shared expert as often
+    for token in range(replicas * 5):
+        tokens_per_rank[contract["slot_ids"][0][token % replicas] // (total // ep)] += 1
+    assert len(set(tokens_per_rank)) == 1
+
+
+def test_ep_fused_rank_files_hold_their_replicas_under_the_layer_ids(tiny, tmp_path: Path) -> None:
+    """``--ep 2 --fuse-shared-experts=2`` on GLM-4-MoE (8 routed experts): rank r holds routed experts
+    ``4r..4r+3`` as layer experts ``5r..5r+3`` and one replica of the shared expert as expert ``5r+4``, bitwise
+    the single-partition fused folder's; the contract maps the router's ids to those."""
+    whole, split = tmp_path / "fused", tmp_path / "fused-ep2"
+    assert run_cli("convert", tiny("glm4-moe"), whole, "--fuse-shared-experts=2").returncode == 0
+    result = run_cli("convert", tiny("glm4-moe"), split, "--fuse-shared-experts=2", "--ep", "2")
+    assert result.returncode == 0, result.stderr
+    full = {name: t for f in whole.glob("model-0*.safetensors") for name, t in load_file(f).items()}
+    manifest = load_manifest(split)
+    contract = manifest.routing["fused_shared_experts"]
+    assert contract["routed_ids"] == [0, 1, 2, 3, 5, 6, 7, 8] and contract["slot_ids"] == [[4, 9]]
+    layer = "model.layers.1.mlp.experts"  # the fixture's first MoE layer
+    for rank, records in enumerate(manifest.rank_tensors):
+        stored = load_file(split / f"model-rank-{rank}-part-00001.safetensors")
+        for checkpoint_id, layer_id in [*((4 * rank + i, 5 * rank + i) for i in range(4)), (8 + rank, 5 * rank + 4)]:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"{layer}.{layer_id}.{proj}.weight"
+                assert torch.equal(stored[name], full[f"{layer}.{checkpoint_id}.{proj}.weight"]), (rank, name)
+        assert {int(n.split(".experts.")[1].split(".")[0]) for n in records} == set(range(5 * rank, 5 * rank + 5))
+    assert run_cli("verify", split).returncode == 0
+
+
 def test_linear_placement_is_vllms() -> None:
     vllm_maps = pytest.importorskip("vllm.model_executor.layers.fused_moe.expert_map_manager")
     for experts, ep in ((8, 2), (8, 3), (60, 7), (256, 16), (5, 5)):
@@ -128,7 +182,7 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
     [
         ("glm4-moe", ["--tp", "3"], "does not split into 3 equal parts"),
         ("gpt-oss", ["--tp", "4", "--backend", "triton"], "rank 3 would get 0 of the experts' 192"),
-        ("glm4-moe", ["--ep", "2", "--fuse-shared-experts"], "--ep with --fuse-shared-experts is not supported yet"),
+        ("glm4-moe", ["--ep", "2", "--fuse-shared-experts"], "use a replica count that is a multiple of 2"),
         ("mixtral", ["--tp", "2"], "no mlp.experts"),
         ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
         ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),
@@ -181,7 +235,7 @@ def test_block_fp8_rank_files_hold_weight_slices_with_their_block_scales(tmp_pat
     from moeprep.runtime.quant_config import check_rank_tensors
 
     with pytest.raises(PreparedCheckpointMismatch, match="block-fp8 expert shards is not verified"):
-        check_rank_tensors(manifest, expert_parallel=False)
+        check_rank_tensors(manifest, expert_parallel=False, on_cpu=True)
 
 
 def test_block_fp8_shares_that_are_not_whole_blocks_are_refused(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def test_unknown_backend_and_schema_are_refused() -> None:
 
 
 def test_fused_slots_are_served_only_by_their_architecture() -> None:
-    from moeprep.runtime.fused_shared import check_fused_parallelism
+    from moeprep.runtime.fused_shared import SlotContract, check_fused_parallelism
     from moeprep.runtime.quant_config import check_architecture
 
     plain = manifest("none")
@@ -135,10 +135,38 @@ def test_fused_slots_are_served_only_by_their_architecture() -> None:
     with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['GptOssForCausalLM'\\]"):
         check_architecture(plain, ["MoeprepFusedGlm4MoeForCausalLM"])
     parallel = type("Parallel", (), {"tensor_parallel_size": 2, "enable_expert_parallel": False, "enable_eplb": False})
-    check_fused_parallelism(parallel)  # tensor parallelism: served (tests/e2e/test_tensor_parallel_cpu.py)
+    single = SlotContract(8, 1, 2, 2, 64, False, 1.0, True, slot_ids=((8, 9),))
+    spread = dataclasses.replace(single, slot_ids=((4, 9),), routed_ids=(0, 1, 2, 3, 5, 6, 7, 8))  # --ep 2
+    check_fused_parallelism(parallel, single)  # tensor parallelism: served (tests/e2e/test_tensor_parallel_cpu.py)
     parallel.enable_expert_parallel = True
-    with pytest.raises(PreparedCheckpointMismatch, match="not served with expert parallelism"):
-        check_fused_parallelism(parallel)
+    with pytest.raises(PreparedCheckpointMismatch, match="not placed for expert parallelism"):
+        check_fused_parallelism(parallel, single)  # vLLM would put both replicas on the last rank
+    check_fused_parallelism(parallel, spread)  # served (tests/e2e/test_tensor_parallel_cpu.py)
     parallel.enable_expert_parallel, parallel.enable_eplb = False, True
     with pytest.raises(PreparedCheckpointMismatch, match="--enable-eplb"):
-        check_fused_parallelism(parallel)
+        check_fused_parallelism(parallel, single)
+
+
+def test_local_routing_sends_other_ranks_experts_to_local_zero_at_weight_zero() -> None:
+    """What vLLM CPU's unquantized MoE kernel gets under expert parallelism (it ignores the expert map)."""
+    import torch
+
+    from moeprep.rank_shards import linear_placement
+    from moeprep.runtime.rank_experts import local_routing
+
+    experts, ranks = 10, 3
+    ids = torch.randint(0, experts, (64, 4), dtype=torch.int32)
+    weights = torch.rand(64, 4)
+    total = torch.zeros(64)
+    for rank in range(ranks):
+        mine = linear_placement(experts, ranks, rank)
+        expert_map = torch.full((experts,), -1, dtype=torch.int32)
+        expert_map[mine.start : mine.stop] = torch.arange(len(mine), dtype=torch.int32)
+        local_weights, local_ids = local_routing(expert_map, weights, ids)
+        here = (ids >= mine.start) & (ids < mine.stop)
+        assert local_ids.dtype == ids.dtype and local_ids.is_contiguous()
+        assert torch.equal(local_ids[here], ids[here] - mine.start)
+        assert torch.all(local_ids[~here] == 0) and torch.all(local_weights[~here] == 0)
+        assert torch.equal(local_weights[here], weights[here])
+        total += local_weights.sum(-1)
+    assert torch.allclose(total, weights.sum(-1))  # every routed weight counted on exactly one rank

@@ -3,6 +3,7 @@ and the runtime's slot router on vLLM CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -185,6 +186,7 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
         gated=True,
         routed_scaling_factor=1.0,
         renormalize=False,
+        slot_ids=((8, 9, 10), (11, 12, 13)),
     )
     inner = create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False)
     router = SharedSlotRouter(inner, contract, slot_id_table(contract, 4))
@@ -195,6 +197,25 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
     token = torch.arange(7).unsqueeze(1)
     assert torch.equal(ids[:, 2:].long(), 8 + 3 * torch.arange(2).unsqueeze(0) + token % 3)  # 7 > 4 table rows too
     torch.testing.assert_close(weights[:, 2:], torch.sigmoid(logits[:, 8:9]).expand(7, 2))
+
+    from moeprep.rank_shards import SpreadSlotPlacement  # --ep 2: the layer's ids interleave routed and replicas
+
+    placed = SpreadSlotPlacement.checked(8, 1, 2, 2).routing()
+    spread = dataclasses.replace(
+        contract,
+        slots=1,
+        replicas=2,
+        gated=False,
+        slot_ids=tuple(map(tuple, placed["slot_ids"])),
+        routed_ids=tuple(placed["routed_ids"]),
+    )
+    router = SharedSlotRouter(
+        inner, spread, slot_id_table(spread, 4), torch.tensor(spread.routed_ids, dtype=torch.int32)
+    )
+    weights, ids = router.select_experts(hidden, logits[:, :8].contiguous())
+    expected = torch.tensor(spread.routed_ids)[routed_ids.long()]
+    assert torch.equal(ids[:, :2].long(), expected) and torch.equal(weights[:, :2], routed_weights)
+    assert ids[:, 2].tolist() == [[4, 9][t % 2] for t in range(7)] and torch.all(weights[:, 2] == 1)
 
 
 def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:

@@ -189,7 +189,9 @@ def convert(
             manifest = run_convert(
                 source, plan, dest, overwrite, parse_size(max_shard_size), advance, upload_repo, lora or []
             )
-        unserved = unserved_reason(manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else ())
+        unserved = unserved_reason(
+            manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else (), on_cpu=False
+        )
         then = (
             f"the moeprep plugin does not serve it yet: {unserved}"
             if unserved

@@ -46,6 +46,8 @@ class SlotContract:
     gated: bool
     routed_scaling_factor: float
     renormalize: bool
+    slot_ids: tuple[tuple[int, ...], ...]  # [slot][replica] -> the MoE layer's expert id
+    routed_ids: tuple[int, ...] | None = None  # router's expert -> the layer's id (None: the same)
 
     @property
     def num_experts(self) -> int:
@@ -53,6 +55,7 @@ class SlotContract:
 
     @classmethod
     def from_manifest(cls, contract: dict[str, Any]) -> SlotContract:
+        routed_ids = contract.get("routed_ids")
         return cls(
             routed_experts=int(contract["routed_experts"]),
             slots=int(contract["slots"]),
@@ -62,6 +65,8 @@ class SlotContract:
             gated=contract["shared_gate_row"] is not None,
             routed_scaling_factor=float(contract["routed_scaling_factor"]),
             renormalize=bool(contract["renormalize"]),
+            slot_ids=tuple(tuple(int(e) for e in replicas) for replicas in contract["slot_ids"]),
+            routed_ids=tuple(int(e) for e in routed_ids) if routed_ids is not None else None,
         )
 
 
@@ -80,9 +85,9 @@ class GateAndRouting:
 
 def slot_id_table(contract: SlotContract, rows: int) -> torch.Tensor:
     """``[rows, slots]`` expert ids: row ``t`` takes replica ``t % replicas`` of every slot."""
-    first_replica = contract.routed_experts + contract.replicas * torch.arange(contract.slots, dtype=torch.int32)
-    replica = torch.arange(rows, dtype=torch.int32) % contract.replicas
-    return first_replica.unsqueeze(0) + replica.unsqueeze(1)
+    ids = torch.tensor(contract.slot_ids, dtype=torch.int32)  # [slots, replicas]
+    replica = torch.arange(rows) % contract.replicas
+    return ids[:, replica].T.contiguous()
 
 
 class SlotRouter(BaseRouter):
@@ -102,9 +107,12 @@ class SharedSlotRouter(SlotRouter):
     at weight 1, or ``sigmoid`` of the gate's extra logit row for gated shared experts. Slot ids and unit
     weights are sliced from tables built once, so a decode step adds only the two concatenations."""
 
-    def __init__(self, inner: BaseRouter, contract: SlotContract, slot_ids: torch.Tensor) -> None:
+    def __init__(
+        self, inner: BaseRouter, contract: SlotContract, slot_ids: torch.Tensor, routed_ids: torch.Tensor | None = None
+    ) -> None:
+        """``routed_ids``: the router's expert -> the layer's id, when they differ (``contract.routed_ids``)."""
         super().__init__(inner, contract, contract.top_k + contract.slots)
-        self.slot_ids = slot_ids
+        self.slot_ids, self.routed_ids = slot_ids, routed_ids
         self.unit_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
 
     def _compute_routing(
@@ -118,6 +126,8 @@ class SharedSlotRouter(SlotRouter):
         c = self.contract
         routed_logits = router_logits[:, : c.routed_experts].contiguous() if c.gated else router_logits
         weights, ids = self.inner._compute_routing(hidden_states, routed_logits, indices_type, input_ids=input_ids)
+        if self.routed_ids is not None:
+            ids = self.routed_ids[ids.long()].to(ids.dtype)
         tokens = ids.shape[0]
         if tokens <= self.slot_ids.shape[0]:
             slot_ids = self.slot_ids[:tokens]
@@ -169,6 +179,10 @@ class FusedSharedExpertsMoE(nn.Module):
             self.gate.e_score_correction_bias = bias
         rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
         self.register_buffer("slot_ids", slot_id_table(contract, rows), persistent=False)
+        routed_ids = None
+        if contract.routed_ids is not None:
+            routed_ids = torch.tensor(contract.routed_ids, dtype=torch.int32)
+            self.register_buffer("routed_ids", routed_ids, persistent=False)
         inner = create_fused_moe_router(
             top_k=contract.top_k,
             global_num_experts=contract.routed_experts,
@@ -188,7 +202,7 @@ class FusedSharedExpertsMoE(nn.Module):
             renormalize=contract.renormalize,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
-            router=SharedSlotRouter(inner, contract, self.slot_ids),
+            router=SharedSlotRouter(inner, contract, self.slot_ids, getattr(self, "routed_ids", None)),
             router_logits_dtype=spec.gate_out_dtype,
             reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
         )
@@ -341,7 +355,7 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
         block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
-        check_fused_parallelism(vllm_config.parallel_config)
+        check_fused_parallelism(vllm_config.parallel_config, current_contract())
         with replaced(module, block_name, block):
             parent.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self.moeprep_contract = current_contract()
@@ -373,13 +387,15 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
     return type(arch, (parent,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__})
 
 
-def check_fused_parallelism(parallel_config: Any) -> None:
-    """Fused slots are verified on one device and under tensor parallelism (each rank holds its slice of every
-    slot, as of every routed expert); refuse the parallel modes they were not verified under."""
-    if parallel_config.enable_expert_parallel:
+def check_fused_parallelism(parallel_config: Any, contract: SlotContract) -> None:
+    """Fused slots are verified on one device, under tensor parallelism (each rank holds its slice of every
+    slot, as of every routed expert) and, for folders converted with ``--ep``, under expert parallelism (each
+    rank holds its share of every slot's replicas); refuse the parallel modes they were not verified under."""
+    if parallel_config.enable_expert_parallel and contract.routed_ids is None:
         raise PreparedCheckpointMismatch(
-            "moeprep: fused shared experts are not served with expert parallelism in this moeprep version; "
-            "serve without --enable-expert-parallel (tensor parallelism works) or serve the original checkpoint"
+            "moeprep: this folder's fused shared-expert slots are not placed for expert parallelism (vLLM would put "
+            "them all on the last rank); serve without --enable-expert-parallel (tensor parallelism works), or "
+            "convert with --ep N --fuse-shared-experts=R (R a multiple of N) to spread the replicas over the ranks"
         )
     if parallel_config.enable_eplb:
         raise PreparedCheckpointMismatch("moeprep: fused shared experts do not support --enable-eplb")

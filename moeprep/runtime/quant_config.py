@@ -17,6 +17,7 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.platforms import current_platform
 
 from moeprep.checkpoint.manifest import (
     MANIFEST_NAME,
@@ -100,11 +101,12 @@ def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
         )
 
 
-def check_rank_tensors(manifest: Manifest, expert_parallel: bool) -> None:
+def check_rank_tensors(manifest: Manifest, expert_parallel: bool, on_cpu: bool) -> None:
     """A folder with per-rank expert files is one this runtime serves, in the parallelism it was written for."""
-    if reason := unserved_reason(manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else ()):
+    rank_tensors = manifest.rank_tensors[0] if manifest.rank_tensors else ()
+    if reason := unserved_reason(manifest.target, rank_tensors, on_cpu):
         raise PreparedCheckpointMismatch(f"moeprep: {reason}")
-    if manifest.rank_tensors and expert_parallel:
+    if manifest.rank_tensors and expert_parallel and manifest.target.ep_size == 1:
         raise PreparedCheckpointMismatch(
             "moeprep: this folder holds tensor-parallel expert shards (convert --tp); serve it without "
             "--enable-expert-parallel, or convert with --ep"
@@ -174,21 +176,23 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         check_architecture(manifest, list(model_config.architectures or []))
-        check_rank_tensors(manifest, parallel.enable_expert_parallel)
+        check_rank_tensors(manifest, parallel.enable_expert_parallel, current_platform.is_cpu())
         self.manifest, self.folder = manifest, folder
         serve_base(folder)
         prepared = {name for name in manifest.tensors if is_prepared_param(name)}
         self.tracker = PreparedTensorTracker(prepared | set(self.rank_records()))
 
     def rank_records(self) -> dict[str, TensorRecord]:
-        """This tensor-parallel rank's own expert tensors (none for a single-partition folder; ``--ep`` folders
-        are refused before this is asked)."""
+        """This rank's own expert tensors: its tensor-parallel rank's (``--tp``) or its expert-parallel rank's
+        (``--ep``); none for a single-partition folder."""
         assert self.manifest is not None
         if not self.manifest.rank_tensors:
             return {}
         from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import get_ep_group
 
-        return self.manifest.rank_tensors[get_tensor_model_parallel_rank()]
+        ep = self.manifest.target.ep_size > 1
+        return self.manifest.rank_tensors[get_ep_group().rank_in_group if ep else get_tensor_model_parallel_rank()]
 
     def fused_shared_contract(self) -> dict[str, Any]:
         """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""

@@ -54,13 +54,20 @@ def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1, 
 
 @contextmanager
 def vllm_server(
-    model: Path, log: Path, plugins: bool = True, timeout: float = 300, dtype: str = "bfloat16", tp: int = 1
+    model: Path,
+    log: Path,
+    plugins: bool = True,
+    timeout: float = 300,
+    dtype: str = "bfloat16",
+    tp: int = 1,
+    extra: Sequence[str] = (),
 ) -> Iterator[str]:
-    """Serve ``model``; yields the base URL once /health answers. Fails with the log tail if vLLM exits."""
+    """Serve ``model`` (``extra``: more ``vllm serve`` flags); yields the base URL once /health answers. Fails
+    with the log tail if vLLM exits."""
     port = free_port()
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            serve_command(model, port, dtype, tp),
+            serve_command(model, port, dtype, tp, extra),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=serve_env(plugins, tp),
@@ -150,8 +157,8 @@ def sequence_logprobs(url: str, model: Path, token_ids: list[int]) -> list[float
 
 
 def serve_and_generate(
-    model: Path, log: Path, max_tokens: int = 32, dtype: str = "bfloat16", tp: int = 1
+    model: Path, log: Path, max_tokens: int = 32, dtype: str = "bfloat16", tp: int = 1, extra: Sequence[str] = ()
 ) -> list[list[int]]:
     """One server for ``model``; the prompts are sent one at a time so batching cannot change numerics."""
-    with vllm_server(model, log, dtype=dtype, tp=tp) as url:
+    with vllm_server(model, log, dtype=dtype, tp=tp, extra=extra) as url:
         return [greedy_token_ids(url, model, p, max_tokens) for p in PROMPTS]
