@@ -115,17 +115,22 @@ def check_inventory(source: CheckpointSource, family: Family) -> list[str]:
 
 
 def dim0_chunks(
-    source: CheckpointSource, name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    source: CheckpointSource,
+    name: str,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: range | None = None,
 ) -> Iterator[torch.Tensor]:
-    """``name`` read in slices along dim 0 of at most CHUNK_BYTES, each passed through ``transform``."""
+    """``name`` (only its dim-0 ``rows``, when given) read in slices along dim 0 of at most CHUNK_BYTES, each
+    passed through ``transform``."""
     dtype, shape = source.tensor_meta(name)
     if not shape or shape[0] == 0:
         yield source.read(name)
         return
     per_row = max(1, TensorEntry(name, dtype, shape).nbytes // shape[0])
     step = max(1, CHUNK_BYTES // per_row)
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
+    rows = rows or range(shape[0])
+    for start in range(rows.start, rows.stop, step):
+        stop = min(rows.stop, start + step)
         # No name holds the rows read here: the transform can let them go (``_on_device``), and the result
         # is the consumer's alone once yielded.
         yield transform(source.read_rows(name, start, stop)) if transform else source.read_rows(name, start, stop)
@@ -172,20 +177,36 @@ def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[
 
 
 def _mxfp4_jobs(
-    source: CheckpointSource, moe: MoeSpec, backend: ModuleType, arch: str, device: torch.device, tp_size: int = 1
+    source: CheckpointSource,
+    moe: MoeSpec,
+    backend: ModuleType,
+    arch: str,
+    device: torch.device,
+    tp_size: int = 1,
+    ep_size: int = 1,
 ) -> tuple[list[TensorJob], set[str]]:
     """The backend's prepared tensors of every MoE layer; with ``tp_size`` > 1, every rank's own, cut and padded
-    per partition as vLLM loads them (``Mxfp4Partition``)."""
+    per partition as vLLM loads them (``Mxfp4Partition``); with ``ep_size`` > 1, every rank's whole experts as
+    vLLM's linear placement gives them (``E // N`` each, the first ``E % N`` one more)."""
+    from moeprep.rank_shards import RECIPE_EP, RECIPE_TP, linear_placement  # imports TensorJob from here
+
     hidden, inter = source.config["hidden_size"], moe.expert_intermediate
     hidden_multiple, inter_multiple = padding_multiples(backend, arch)
+    if ep_size > 1:
+        whole = Mxfp4Partition.of(inter, 1)[0]
+        shares = [(rank, whole, linear_placement(moe.num_experts, ep_size, rank)) for rank in range(ep_size)]
+    else:
+        every = range(moe.num_experts)
+        shares = [(part.rank if tp_size > 1 else None, part, every) for part in Mxfp4Partition.of(inter, tp_size)]
+    tp_share = 1 if ep_size > 1 else tp_size  # under expert parallelism vLLM does not split the experts
     jobs, consumed = [], set()
-    for part in Mxfp4Partition.of(inter, tp_size):
+    for rank, part, experts in shares:
         dims = Mxfp4ExpertDims(
-            moe.num_experts,
+            len(experts),
             hidden,
             part.end - part.start,
             round_up(hidden, hidden_multiple),
-            round_up(inter // tp_size, inter_multiple),
+            round_up(inter // tp_share, inter_multiple),
         )
         if not 0 < dims.intermediate <= dims.intermediate_padded:
             raise UnsupportedModelError(
@@ -193,7 +214,6 @@ def _mxfp4_jobs(
                 f"columns, and vLLM's per-partition parameters hold {dims.intermediate_padded} with "
                 f"{backend.NAME} padding; use another --tp"
             )
-        rank = part.rank if tp_size > 1 else None
         for layer in moe.moe_layers:
             source_prefix = f"model.layers.{layer}.mlp.experts"
             param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
@@ -201,10 +221,13 @@ def _mxfp4_jobs(
                 src = f"{source_prefix}.{recipe.source}"
                 entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
                 transform = _on_device(recipe, device)
-                if rank is not None:
+                name = recipe.recipe
+                if rank is not None and ep_size > 1:
+                    name = f"{recipe.recipe}+{RECIPE_EP}"
+                elif rank is not None:
                     transform = then(partial(part.cut, recipe.source), transform)
-                name = recipe.recipe if rank is None else f"{recipe.recipe}+tp-shard"
-                run = partial(dim0_chunks, name=src, transform=transform)
+                    name = f"{recipe.recipe}+{RECIPE_TP}"
+                run = partial(dim0_chunks, name=src, transform=transform, rows=experts)
                 jobs.append(TensorJob(entry, (src,), name, run, recipe.view_shape, recipe.view_strides, rank))
                 consumed.add(src)
     return jobs, consumed
@@ -254,13 +277,7 @@ def _rank_shard_jobs(source: CheckpointSource, moe: MoeSpec, options: PlanOption
     """Per-rank files of experts that pass through (mxfp4 layouts are cut per rank by ``_mxfp4_jobs``)."""
     from moeprep import rank_shards  # imports TensorJob from here
 
-    tp_size, ep_size = options.tp_size, options.ep_size
-    if ep_size > 1 and ep_size % tp_size:
-        raise UnsupportedModelError(
-            f"--ep {ep_size} with --tp {tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
-            "a multiple of the TP size"
-        )
-    return rank_shards.rank_jobs(source, moe, tp_size, ep_size)
+    return rank_shards.rank_jobs(source, moe, options.tp_size, options.ep_size)
 
 
 def _fused_shared_jobs(
@@ -310,14 +327,18 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     target = replace(backend_target(backend, options.arch, module), tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
+    if options.ep_size > 1 and options.ep_size % options.tp_size:
+        raise UnsupportedModelError(
+            f"--ep {options.ep_size} with --tp {options.tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
+            "a multiple of the TP size"
+        )
     if module is not None:
-        if options.ep_size > 1:
-            raise UnsupportedModelError(
-                f"--ep with {moe.expert_format} experts is not supported yet (whole experts per rank are written "
-                "for unquantized per-expert families); use --tp"
-            )
+        if options.ep_size > moe.num_experts:
+            raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
         device = transform_device(options.device)
-        jobs, consumed = _mxfp4_jobs(source, moe, module, target.knobs["arch"], device, options.tp_size)
+        jobs, consumed = _mxfp4_jobs(
+            source, moe, module, target.knobs["arch"], device, options.tp_size, options.ep_size
+        )
     elif options.tp_size > 1 or options.ep_size > 1:
         jobs, consumed = _rank_shard_jobs(source, moe, options)
     routing = None

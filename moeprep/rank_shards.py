@@ -13,7 +13,7 @@ stays in the replicated shards vLLM shards itself as usual.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -96,9 +96,8 @@ class SpreadSlotPlacement:
             return job
         expert = self.global_id(int(match[2]))
         name = f"model.layers.{match[1]}.mlp.experts.{expert}.{match[3]}.{match[4]}"
-        entry = TensorEntry(name, job.entry.dtype, job.entry.shape)
         recipe = job.recipe if job.recipe == RECIPE_EP else f"{job.recipe}+{RECIPE_EP}"
-        return TensorJob(entry, job.sources, recipe, job.run, job.view_shape, job.view_strides, expert // self.per_rank)
+        return replace(job, entry=replace(job.entry, name=name), recipe=recipe, rank=expert // self.per_rank)
 
 
 def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int) -> tuple[list[TensorJob], set[str]]:

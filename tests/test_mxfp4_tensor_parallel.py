@@ -121,9 +121,35 @@ def test_a_rank_share_larger_than_vllms_partition_is_refused(gpt_oss_160: Path, 
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_expert_parallel_mxfp4_is_refused(gpt_oss_160: Path, tmp_path: Path) -> None:
-    result = run_cli("convert", gpt_oss_160, tmp_path / "out", "--backend", "triton", "--ep", "2")
-    assert result.returncode == 2 and "--ep with mxfp4 experts" in result.stderr
+@pytest.mark.parametrize("backend", ["dequant", "triton", "marlin", "none"])
+def test_expert_parallel_rank_files_hold_whole_experts_in_the_backend_layout(
+    gpt_oss_160: Path, tmp_path: Path, backend: str
+) -> None:
+    """``--ep 3``: rank r's file holds the experts vLLM's linear placement gives it (the tiny gpt-oss has 8: 3, 3,
+    2), each exactly as the single-partition folder lays it out (every layout is per expert), biases whole."""
+    from moeprep.rank_shards import linear_placement
+
+    whole, split = tmp_path / "whole", tmp_path / "ep3"
+    for dest, extra in ((whole, []), (split, ["--ep", "3"])):
+        result = run_cli("convert", gpt_oss_160, dest, "--backend", backend, *extra)
+        assert result.returncode == 0, result.stderr
+    manifest, whole_manifest = load_manifest(split), load_manifest(whole)
+    experts = open_local(gpt_oss_160).config["num_local_experts"]
+    layer_params = {n for n in whole_manifest.tensors if n.startswith(EXPERTS.replace(".mlp.experts", ".mlp."))}
+    layer_params = {n for n in layer_params if whole_manifest.tensors[n].recipe != "passthrough"}
+    assert layer_params and not layer_params & set(manifest.tensors)
+    for rank, records in enumerate(manifest.rank_tensors):
+        placed = linear_placement(experts, 3, rank)
+        assert layer_params <= set(records)
+        with (
+            safe_open(split / records[next(iter(layer_params))].file, "pt") as part,
+            safe_open(whole / whole_manifest.tensors[next(iter(layer_params))].file, "pt") as full,
+        ):
+            for name in layer_params:
+                expected = full.get_tensor(name)[placed.start : placed.stop]
+                assert torch.equal(part.get_tensor(name).view(torch.uint8), expected.view(torch.uint8)), (rank, name)
+                assert records[name].shape == [len(placed), *whole_manifest.tensors[name].shape[1:]], name
+    assert run_cli("verify", split).returncode == 0
 
 
 def test_the_runtime_serves_tensor_parallel_mxfp4_only_through_dequant(tiny, tmp_path: Path) -> None:

@@ -187,7 +187,9 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
         ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
         ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),
         ("glm4-moe", ["--ep", "3", "--tp", "2"], "a multiple of the TP size"),
-        ("gpt-oss", ["--ep", "2", "--backend", "marlin"], "--ep with mxfp4 experts is not supported yet"),
+        ("gpt-oss", ["--ep", "9", "--backend", "marlin"], "the model has only 8 experts"),
+        ("gpt-oss", ["--ep", "3", "--tp", "2", "--backend", "dequant"], "a multiple of the TP size"),
+        ("llama4", ["--ep", "2"], "fused-3d experts are not split per rank yet"),
     ],
 )
 def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: str, extra: list, message: str) -> None:

@@ -49,21 +49,27 @@ def test_tp2_folder_generates_the_original_tokens_reading_only_its_rank_files(
     assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
 
-def test_gpt_oss_dequant_tp2_folder_generates_the_tokens_of_the_single_partition_folder(tiny, tmp_path: Path) -> None:
+def test_gpt_oss_dequant_tp2_and_ep2_folders_generate_the_tokens_of_the_single_partition_folder(
+    tiny, tmp_path: Path
+) -> None:
     """vLLM CPU cannot serve the original gpt-oss (no mxfp4 MoE kernel without AMX), so the reference is the
     single-partition dequant folder at TP 1 (itself checked against transformers in test_gpt_oss_cpu.py), in
-    float32. Each rank's file holds its share cut and padded as vLLM's gpt-oss loader does
-    (tests/test_mxfp4_tensor_parallel.py); the down bias sits on rank 0 only, so the summed outputs count it once."""
-    single, sharded = tmp_path / "dequant", tmp_path / "dequant-tp2"
-    for dest, extra in ((single, []), (sharded, ["--tp", "2"])):
-        result = run_cli("convert", tiny("gpt-oss"), dest, "--backend", "dequant", *extra)
+    float32. With ``--tp 2`` each rank's file holds its share cut and padded as vLLM's gpt-oss loader does
+    (tests/test_mxfp4_tensor_parallel.py); the down bias sits on rank 0 only, so the summed outputs count it once.
+    With ``--ep 2`` each rank's file holds its whole experts (vLLM's linear placement), served with expert
+    parallelism over the two ranks."""
+    folders = {"single": [], "tp2": ["--tp", "2"], "ep2": ["--ep", "2"]}
+    for name, extra in folders.items():
+        result = run_cli("convert", tiny("gpt-oss"), tmp_path / name, "--backend", "dequant", *extra)
         assert result.returncode == 0, result.stderr
-    reference = serve_and_generate(single, tmp_path / "single.log", max_tokens=64, dtype="float32")
-    served = serve_and_generate(sharded, tmp_path / "tp2.log", max_tokens=64, dtype="float32", tp=2)
-    assert served == reference
+    reference = serve_and_generate(tmp_path / "single", tmp_path / "single.log", max_tokens=64, dtype="float32")
     assert all(len(set(tokens)) > 4 for tokens in reference), "degenerate generations cannot tell models apart"
-    reads = [line for line in (tmp_path / "tp2.log").read_text().splitlines() if "reads its experts from" in line]
-    assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
+    for name, extra in (("tp2", []), ("ep2", ["--enable-expert-parallel"])):
+        log = tmp_path / f"{name}.log"
+        served = serve_and_generate(tmp_path / name, log, max_tokens=64, dtype="float32", tp=2, extra=extra)
+        assert served == reference, name
+        reads = [line for line in log.read_text().splitlines() if "reads its experts from" in line]
+        assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
 
 @pytest.mark.parametrize("tp_files", [True, False], ids=["rank-files", "single-partition"])
