@@ -128,7 +128,7 @@ def dim0_chunks(
         return
     per_row = max(1, TensorEntry(name, dtype, shape).nbytes // shape[0])
     step = max(1, CHUNK_BYTES // per_row)
-    rows = rows or range(shape[0])
+    rows = range(shape[0]) if rows is None else rows
     for start in range(rows.start, rows.stop, step):
         stop = min(rows.stop, start + step)
         # No name holds the rows read here: the transform can let them go (``_on_device``), and the result
