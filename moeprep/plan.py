@@ -222,7 +222,7 @@ def _mxfp4_jobs(
                 entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
                 transform = _on_device(recipe, device)
                 name = recipe.recipe
-                if rank is not None and ep_size > 1:
+                if ep_size > 1:
                     name = f"{recipe.recipe}+{RECIPE_EP}"
                 elif rank is not None:
                     transform = then(partial(part.cut, recipe.source), transform)
@@ -332,9 +332,9 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             f"--ep {options.ep_size} with --tp {options.tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
             "a multiple of the TP size"
         )
+    if options.ep_size > moe.num_experts:
+        raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
     if module is not None:
-        if options.ep_size > moe.num_experts:
-            raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
         device = transform_device(options.device)
         jobs, consumed = _mxfp4_jobs(
             source, moe, module, target.knobs["arch"], device, options.tp_size, options.ep_size
@@ -356,7 +356,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
                 moe.num_experts, contract["slots"], options.fuse_shared_replicas, options.ep_size
             )
             jobs, fused = [placement.place(job) for job in jobs], [placement.place(job) for job in fused]
-            contract.update(placement.routing())
+            contract.update(placement.routing(contract["slot_ids"]))
         elif options.tp_size > 1:
             fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]

@@ -77,16 +77,13 @@ class SpreadSlotPlacement:
         rank, offset = divmod(replica, self.replicas // self.ep_size)
         return rank * self.per_rank + routed_per_rank + slot * (self.replicas // self.ep_size) + offset
 
-    def routing(self) -> dict[str, object]:
-        """What the routing contract records of this placement."""
+    def routing(self, slot_ids: list[list[int]]) -> dict[str, object]:
+        """What the routing contract records of this placement, ``slot_ids`` being the contract's checkpoint ids."""
         return {
             "placement": f"slot replicas spread over {self.ep_size} expert-parallel ranks (linear blocks of "
             f"{self.per_rank}: each rank's routed experts, then its replicas)",
             "routed_ids": [self.global_id(e) for e in range(self.routed)],
-            "slot_ids": [
-                [self.global_id(self.routed + s * self.replicas + p) for p in range(self.replicas)]
-                for s in range(self.slots)
-            ],
+            "slot_ids": [[self.global_id(e) for e in replicas] for replicas in slot_ids],
         }
 
     def place(self, job: TensorJob) -> TensorJob:
@@ -113,8 +110,6 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
             f"--tp {tp_size}: the experts' intermediate size {moe.expert_intermediate} does not split into "
             f"{tp_size} equal parts (vLLM needs it to)"
         )
-    if ep_size > moe.num_experts:
-        raise UnsupportedModelError(f"--ep {ep_size}: the model has only {moe.num_experts} experts")
     layers = set(moe.moe_layers)
     names = [n for n in source.tensor_names if (m := EXPERT_TENSOR.fullmatch(n)) and int(m[1]) in layers]
     if not names:

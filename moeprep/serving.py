@@ -28,7 +28,7 @@ def backend_not_served(backend: str) -> str | None:
     return f"cannot serve backend {backend!r} yet: {NOT_SERVED_YET[backend]}" if backend in NOT_SERVED_YET else None
 
 
-def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool = True) -> str | None:
+def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool) -> str | None:
     """Why the runtime refuses a folder prepared for ``target`` whose first rank's own files hold ``rank_tensors``
     (empty for a single-partition folder), on vLLM CPU or (``on_cpu`` False) on GPUs; None when it serves it."""
     if reason := backend_not_served(target.backend):

@@ -122,7 +122,8 @@ def test_spread_slot_placement_gives_every_rank_its_routed_experts_and_a_share_o
     total = routed + slots * replicas
     ids = [placement.global_id(e) for e in range(total)]
     assert sorted(ids) == list(range(total))  # a renaming of the layer's experts
-    contract = placement.routing()
+    checkpoint_slot_ids = [[routed + s * replicas + p for p in range(replicas)] for s in range(slots)]
+    contract = placement.routing(checkpoint_slot_ids)
     for rank in range(ep):
         block = range(rank * total // ep, (rank + 1) * total // ep)  # what vLLM's linear placement gives the rank
         assert list(block) == list(linear_placement(total, ep, rank))

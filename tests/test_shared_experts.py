@@ -200,7 +200,7 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
 
     from moeprep.rank_shards import SpreadSlotPlacement  # --ep 2: the layer's ids interleave routed and replicas
 
-    placed = SpreadSlotPlacement.checked(8, 1, 2, 2).routing()
+    placed = SpreadSlotPlacement.checked(8, 1, 2, 2).routing([[8, 9]])
     spread = dataclasses.replace(
         contract,
         slots=1,

@@ -179,10 +179,8 @@ class FusedSharedExpertsMoE(nn.Module):
             self.gate.e_score_correction_bias = bias
         rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
         self.register_buffer("slot_ids", slot_id_table(contract, rows), persistent=False)
-        routed_ids = None
-        if contract.routed_ids is not None:
-            routed_ids = torch.tensor(contract.routed_ids, dtype=torch.int32)
-            self.register_buffer("routed_ids", routed_ids, persistent=False)
+        routed_ids = None if contract.routed_ids is None else torch.tensor(contract.routed_ids, dtype=torch.int32)
+        self.register_buffer("routed_ids", routed_ids, persistent=False)
         inner = create_fused_moe_router(
             top_k=contract.top_k,
             global_num_experts=contract.routed_experts,
@@ -202,7 +200,7 @@ class FusedSharedExpertsMoE(nn.Module):
             renormalize=contract.renormalize,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
-            router=SharedSlotRouter(inner, contract, self.slot_ids, getattr(self, "routed_ids", None)),
+            router=SharedSlotRouter(inner, contract, self.slot_ids, self.routed_ids),
             router_logits_dtype=spec.gate_out_dtype,
             reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
         )
@@ -355,10 +353,11 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
         block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
-        check_fused_parallelism(vllm_config.parallel_config, current_contract())
+        contract = current_contract()
+        check_fused_parallelism(vllm_config.parallel_config, contract)
         with replaced(module, block_name, block):
             parent.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        self.moeprep_contract = current_contract()
+        self.moeprep_contract = contract
 
     def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         contract: SlotContract = self.moeprep_contract
