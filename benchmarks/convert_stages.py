@@ -5,9 +5,10 @@
 Uses the synthetic gpt-oss checkpoint of ``convert_throughput.py`` (built under --workdir if missing) and
 times, each in a fresh subprocess: the whole ``convert``; hashing the source files as a conversion does
 (``hashing_weight_files``); producing every output chunk (read + layout transform on --device) without
-writing; writing and hashing as many bytes with moeprep's writer (write-behind, per-tensor sha256) from one
-reused chunk. A stage that alone takes nearly the whole conversion is the bound; stages that each take much
-less than the whole, together, point at poor overlap.
+writing; writing and hashing as many bytes with moeprep's writer (its file sink and sha256 trees) from one
+reused chunk on --device (so with cuda the copies back from the GPU are in this stage). A stage that alone
+takes nearly the whole conversion is the bound; stages that each take much less than the whole, together,
+point at poor overlap.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def run_stage(stage: str, src: Path, dest: Path, device: str) -> float:
     use_huge_page_buffers()
     import torch
 
-    from moeprep.checkpoint.safetensors_io import TensorEntry, tensor_bytes, write_safetensors
+    from moeprep.checkpoint.file_sink import flat_bytes
+    from moeprep.checkpoint.safetensors_io import TensorEntry, write_safetensors
     from moeprep.convert import convert, load_plan
     from moeprep.plan import PlanOptions
 
@@ -49,9 +51,11 @@ def run_stage(stage: str, src: Path, dest: Path, device: str) -> float:
         for job in plan.jobs:
             produced = job.run(source)
             for chunk in [produced] if isinstance(produced, torch.Tensor) else produced:
-                tensor_bytes(chunk)
+                flat_bytes(chunk)
+        if device == "cuda":
+            torch.cuda.synchronize()
     else:  # write: the output's bytes, one reused chunk
-        chunk = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8)
+        chunk = torch.randint(0, 256, (48 << 20,), dtype=torch.uint8, device=device)
         count = plan.total_bytes // chunk.numel()
         entry = TensorEntry("bytes", "U8", (count * chunk.numel(),))
         dest.mkdir(parents=True, exist_ok=True)

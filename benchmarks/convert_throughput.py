@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def child_copy(src: Path, dest: Path) -> None:
-    shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for path in sorted(src.iterdir()):
         shutil.copyfile(path, dest / path.name)
@@ -72,8 +71,11 @@ def synthetic_gpt_oss(workdir: Path, preset: str, layers: int) -> Path:
     return src
 
 
-def run_child(*args: str) -> dict[str, float]:
-    """Run this script as a child doing one job; returns its wall time and peak RSS."""
+def run_child(dest: Path, *args: str) -> dict[str, float]:
+    """Run this script as a child doing one job that writes ``dest``; returns its wall time and peak RSS.
+    The previous round's ``dest`` is deleted first, outside the timing (unlinking GBs is disk work too)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.sync()
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -107,9 +109,10 @@ def main() -> None:
 
     src = synthetic_gpt_oss(args.workdir, args.preset, args.layers)
     copies, converts = [], []
+    copy, prepared = args.workdir / "copy", args.workdir / "prepared"
     for _ in range(args.rounds):  # alternate, so disk writeback state hits both sides alike
-        copies.append(run_child("copy", str(src), str(args.workdir / "copy")))
-        converts.append(run_child("convert", str(src), str(args.workdir / "prepared"), args.backend, args.device))
+        copies.append(run_child(copy, "copy", str(src), str(copy)))
+        converts.append(run_child(prepared, "convert", str(src), str(prepared), args.backend, args.device))
     copy_s = statistics.median(c["seconds"] for c in copies)
     convert_s = statistics.median(c["seconds"] for c in converts)
     convert_call_s = statistics.median(c["convert_call_seconds"] for c in converts)
@@ -135,7 +138,7 @@ def main() -> None:
         "convert_peak_rss_mib": max(c["peak_rss_mib"] for c in converts),
         "cpu_threads": os.cpu_count(),
     }
-    shutil.rmtree(args.workdir / "copy", ignore_errors=True)
+    shutil.rmtree(copy, ignore_errors=True)
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

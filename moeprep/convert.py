@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprep import __version__
+from moeprep.checkpoint.hashing import sha256_file
 from moeprep.checkpoint.manifest import (
     MANIFEST_NAME,
     QUANT_METHOD,
@@ -20,7 +21,6 @@ from moeprep.checkpoint.manifest import (
     TensorRecord,
     write_manifest,
 )
-from moeprep.checkpoint.safetensors_io import sha256_file
 from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
@@ -62,7 +62,7 @@ def tensor_records(jobs: dict[str, TensorJob], written: ShardedWrite) -> dict[st
             strides=list(job.view_strides),
             begin=begin,
             end=end,
-            sha256=written.files[file].tensor_sha256[name],
+            sha256_tree=written.files[file].tensor_sha256_tree[name],
             recipe=job.recipe,
             sources=list(job.sources),
         )

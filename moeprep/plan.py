@@ -165,13 +165,13 @@ def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
 
 
 def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Run ``recipe.transform`` on ``device`` and bring the result back to the CPU for writing. Off the CPU, the
-    source rows (a map of the file) are let go once copied, before the result comes back into host memory."""
+    """Run ``recipe.transform`` on ``device``; the result stays there until the writer copies it into its
+    buffers. Off the CPU, the source rows (a map of the file) are let go once copied."""
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         moved = rows.to(device, non_blocking=True)
         del rows
-        return recipe.transform(moved).to("cpu")
+        return recipe.transform(moved)
 
     return run
 

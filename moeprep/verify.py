@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeprep.checkpoint.hashing import hash_workers, sha256_file, sha256_tree_ranges
 from moeprep.checkpoint.manifest import (
     MANIFEST_NAME,
     SEAL_NAME,
@@ -13,10 +15,8 @@ from moeprep.checkpoint.manifest import (
     check_file_sizes,
     load_manifest,
 )
-from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_header, sha256_file, sha256_ranges
+from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_bytes, read_header
 from moeprep.errors import VerificationError
-
-HEADER = "__metadata__"  # key for the header's byte range: reserved by safetensors, never a tensor name
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class VerifyReport:
 
 
 def verify_folder(folder: Path) -> VerifyReport:
-    """Re-hash every file and every tensor in one pass per file; raise ``VerificationError`` naming
+    """Re-hash every file and every tensor, each byte read once; raise ``VerificationError`` naming
     the first mismatching tensor (or file, when the difference is outside tensor data)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -61,13 +61,13 @@ def _verify_file(path: Path, record: FileRecord, tensors: dict[str, TensorRecord
     ranges = {name: (t.begin, t.end) for name, t in tensors.items()}
     header = read_header(path)
     _check_header(path, header, tensors, ranges)
-    hashes = sha256_ranges(path, {**ranges, HEADER: (0, header.data_start)})
+    hashes = sha256_tree_ranges(path, ranges, hash_workers())
     for name in sorted(ranges, key=lambda n: ranges[n]):
-        if hashes[name] != tensors[name].sha256:
+        if hashes[name] != tensors[name].sha256_tree:
             raise VerificationError(
                 f"{path}: tensor {name!r} bytes differ from {MANIFEST_NAME} (sha256 mismatch); convert again"
             )
-    if hashes[HEADER] != record.sha256:
+    if hashlib.sha256(read_bytes(path, 0, header.data_start)).hexdigest() != record.sha256:
         raise VerificationError(f"{path}: header differs from {MANIFEST_NAME}; the file was modified, convert again")
 
 

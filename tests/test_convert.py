@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeprep.checkpoint.manifest import load_manifest
+from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
 from moeprep.checkpoint.source import open_local
 from tests.conftest import rewrite_manifest, run_cli
 
@@ -45,7 +45,7 @@ def test_config_is_wrapped_and_aux_files_copied(tiny, prepared: Path) -> None:
     assert config == original
     assert quant == {
         "quant_method": "moeprep",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "backend": "none",
         "manifest": "moeprep.json",
         "original": None,
@@ -104,7 +104,7 @@ def test_inspect_shows_what_was_done(prepared: Path) -> None:
     assert result.returncode == 0
     assert "qwen2_moe" in result.stdout and "backend none" in result.stdout and "passthrough" in result.stdout
     as_json = json.loads(run_cli("inspect", prepared, "--json").stdout)
-    assert as_json["schema_version"] == 1 and len(as_json["tensors"]) == 79
+    assert as_json["schema_version"] == SCHEMA_VERSION and len(as_json["tensors"]) == 79
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny, tmp_path: Path) -> None:

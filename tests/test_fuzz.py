@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeprep.checkpoint.manifest import Manifest
+from moeprep.checkpoint.manifest import SCHEMA_VERSION, Manifest
 from moeprep.checkpoint.safetensors_io import read_header
 from moeprep.errors import CheckpointError, ManifestError
 from moeprep.lora.adapter import LoraError, parse_adapter_config
@@ -57,7 +57,7 @@ def test_structured_headers_never_crash_the_parser(header: dict, data: bytes, le
 
 
 manifest_like = st.fixed_dictionaries(
-    {"schema_version": st.just(1) | json_values},
+    {"schema_version": st.just(SCHEMA_VERSION) | json_values},
     optional={
         "moeprep_version": json_values,
         "model_type": json_values,

@@ -89,8 +89,8 @@ def test_convert_from_repo_downloads_only_needed_files_at_the_pinned_revision(
         assert manifest.source.files[name].size == len(data), name
     local = moeprep(hub, tmp_path / "home", "convert", two_revisions[0], tmp_path / "local")
     assert local.returncode == 0, local.stderr
-    assert {n: r.sha256 for n, r in load_manifest(tmp_path / "local").tensors.items()} == {
-        n: r.sha256 for n, r in manifest.tensors.items()
+    assert {n: r.sha256_tree for n, r in load_manifest(tmp_path / "local").tensors.items()} == {
+        n: r.sha256_tree for n, r in manifest.tensors.items()
     }
     card = (tmp_path / "out" / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---\n")[1])

@@ -108,7 +108,7 @@ def test_fused_shared_slots_are_sliced_per_rank_like_routed_experts(tmp_path: Pa
             width = full[name].shape[dim] // 2
             assert torch.equal(stored[name], full[name].narrow(dim, rank * width, width)), (rank, name)
     for name, record in manifest.tensors.items():  # everything else as in the single-partition folder
-        assert record.sha256 == whole_manifest.tensors[name].sha256, name
+        assert record.sha256_tree == whole_manifest.tensors[name].sha256_tree, name
     assert run_cli("verify", split).returncode == 0
 
 

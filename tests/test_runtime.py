@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from moeprep.checkpoint.manifest import FileRecord, Manifest, Source, Target, TensorRecord
+from moeprep.checkpoint.manifest import SCHEMA_VERSION, FileRecord, Manifest, Source, Target, TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
 
@@ -23,7 +23,7 @@ def record(name: str) -> TensorRecord:
         strides=[1],
         begin=0,
         end=1,
-        sha256="0" * 64,
+        sha256_tree="0" * 64,
         recipe="r",
         sources=[name],
     )
@@ -110,12 +110,12 @@ def test_prepared_records_of_one_experts_module() -> None:
 @pytest.mark.parametrize(("backend", "why"), [("cpu", "AMX"), ("flashinfer-trtllm", "Blackwell")])
 def test_layouts_not_served_yet_say_why(backend: str, why: str) -> None:
     with pytest.raises(PreparedCheckpointMismatch, match=f"cannot serve backend '{backend}' yet: .*{why}"):
-        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": backend})
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": SCHEMA_VERSION, "backend": backend})
 
 
 def test_unknown_backend_and_schema_are_refused() -> None:
     with pytest.raises(PreparedCheckpointMismatch, match="upgrade moeprep"):
-        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 1, "backend": "warp9"})
+        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": SCHEMA_VERSION, "backend": "warp9"})
     with pytest.raises(PreparedCheckpointMismatch, match="schema 7"):
         MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": 7, "backend": "none"})
 

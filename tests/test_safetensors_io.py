@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
 import struct
-import threading
-from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeprep.checkpoint.hashing import sha256_tree, sha256_tree_ranges
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
-    BackgroundFileHashes,
-    HashingStopped,
     TensorEntry,
     read_header,
     read_tensor,
-    sha256_file,
-    sha256_ranges,
     write_safetensors,
 )
 from moeprep.checkpoint.source import open_local
@@ -62,10 +55,12 @@ def test_written_files_load_in_safetensors_and_hashes_match(tmp_path: Path) -> N
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name].float(), tensor.float())
-    assert sha256_ranges(path, written.tensor_offsets) == written.tensor_sha256
+    raw = path.read_bytes()
+    assert written.tensor_sha256_tree == {n: sha256_tree(raw[b:e]) for n, (b, e) in written.tensor_offsets.items()}
+    assert sha256_tree_ranges(path, written.tensor_offsets, workers=2) == written.tensor_sha256_tree
     data_start = min(b for b, _ in written.tensor_offsets.values())
-    assert sha256_ranges(path, {"h": (0, data_start)})["h"] == written.header_sha256
-    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashlib.sha256(raw[:data_start]).hexdigest() == written.header_sha256
+    assert written.size == len(raw)
 
 
 def test_chunked_producer_writes_the_concatenation(tmp_path: Path) -> None:
@@ -120,31 +115,6 @@ def test_truncated_and_oversized_header_length(tmp_path: Path) -> None:
     (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
     with pytest.raises(CheckpointError, match="exceeds the file size"):
         read_header(tmp_path / "long.safetensors")
-
-
-@pytest.mark.parametrize("size", [0, 1, 4096, (64 << 20) + 12345])  # empty, tiny, a page, many map slices
-def test_sha256_file_equals_hashlib(tmp_path: Path, size: int) -> None:
-    data = os.urandom(size)
-    (tmp_path / "f.bin").write_bytes(data)
-    assert sha256_file(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
-
-
-def test_background_hashes_are_the_file_hashes_and_stop_on_exit(tmp_path: Path) -> None:
-    files = {tmp_path / f"f{i}.bin": os.urandom(random.Random(i).randrange(1, 3 << 20)) for i in range(5)}
-    for path, data in files.items():
-        path.write_bytes(data)
-    with BackgroundFileHashes(files, workers=2) as hashes:
-        assert {p: hashes.sha256(p.name) for p in files} == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(1 << 20) * 256)  # 256 MiB: four slices
-    stop = threading.Event()
-    stop.set()
-    with pytest.raises(HashingStopped):
-        sha256_file(big, stop)
-    with BackgroundFileHashes([big], workers=1) as hashes:
-        pass  # leaving the block stops the hash (the file would take a while) and does not wait for it
-    with pytest.raises((HashingStopped, CancelledError)):
-        hashes.sha256(big.name)
 
 
 def test_source_hashes_its_weight_files_while_converting(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from moeprep.errors import ManifestError
 MANIFEST_NAME = "moeprep.json"
 SEAL_NAME = "moeprep.seal.json"  # {"moeprep.json": sha256}: the manifest records every file but itself
 LORA_RECORD_NAME = "moeprep_lora.json"  # in a split LoRA adapter: the base it was split for
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensors hashed as sha256 trees
 QUANT_METHOD = "moeprep"
 
 
@@ -34,7 +34,8 @@ class FileRecord:
 @dataclass
 class TensorRecord:
     """One tensor: the bytes ``[begin, end)`` of ``file`` (a ``stored_shape`` safetensors entry) hash
-    to ``sha256``; vLLM holds them as a tensor of logical ``shape`` and element ``strides``."""
+    to ``sha256_tree`` (``moeprep.checkpoint.hashing``: the sha256 of the sha256 of each 16 MiB piece); vLLM
+    holds them as a tensor of logical ``shape`` and element ``strides``."""
 
     file: str
     dtype: str
@@ -43,7 +44,7 @@ class TensorRecord:
     strides: list[int]
     begin: int
     end: int
-    sha256: str
+    sha256_tree: str
     recipe: str
     sources: list[str]
 

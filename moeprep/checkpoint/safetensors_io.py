@@ -14,16 +14,14 @@ import math
 import mmap
 import os
 import struct
-import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from moeprep.checkpoint.file_sink import flat_bytes, open_sink
+from moeprep.checkpoint.hashing import HashLanes, TreeHasher, hash_workers
 from moeprep.checkpoint.pipeline import background_iter
 from moeprep.errors import CheckpointError
 
@@ -49,10 +47,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ALIGN = 8
-_CHUNK = 64 * 1024 * 1024
-_HASH_SLICE = 8 * 1024 * 1024  # what sha256_file maps at a time
-FLUSH_BYTES = 512 * 1024 * 1024  # written bytes between write-behind flushes
-HASH_LAG = 1  # chunks whose output hash may still run when the writer takes the next chunk
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -192,14 +186,6 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=info.torch_dtype).view(info.shape)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The contiguous storage bytes of ``tensor`` (no copy when already contiguous on CPU)."""
-    t = tensor.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
 @dataclass(frozen=True)
 class TensorEntry:
     """A tensor to be written: name, safetensors dtype name and shape."""
@@ -215,12 +201,13 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class WrittenFile:
-    """A written shard: ``header_sha256`` covers bytes before the data region, the tensor hashes the rest."""
+    """A written shard: ``header_sha256`` covers bytes before the data region, the tensors' sha256 trees
+    the rest."""
 
     path: Path
     size: int
     header_sha256: str
-    tensor_sha256: dict[str, str]
+    tensor_sha256_tree: dict[str, str]
     tensor_offsets: dict[str, tuple[int, int]]
 
 
@@ -245,12 +232,13 @@ def encode_header(
 TensorProducer = Callable[[TensorEntry], "torch.Tensor | Iterable[torch.Tensor]"]
 
 
-def _tensor_chunks(entries: list[TensorEntry], produce: TensorProducer) -> Iterator[tuple[str, memoryview | None]]:
-    """(tensor name, bytes) for every chunk of every entry, then (name, None) closing each tensor."""
+def _tensor_chunks(entries: list[TensorEntry], produce: TensorProducer) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(tensor name, flat bytes on the chunk's device) for every chunk of every entry, then (name, None)
+    closing each tensor."""
     for entry in entries:
         produced = produce(entry)
         for chunk in [produced] if isinstance(produced, torch.Tensor) else produced:
-            yield entry.name, tensor_bytes(chunk)
+            yield entry.name, flat_bytes(chunk)
         yield entry.name, None
 
 
@@ -264,155 +252,32 @@ def write_safetensors(
     """Stream ``entries`` into ``path``: ``produce(entry)`` returns the tensor, or an iterable of
     chunks whose bytes concatenate to it (so huge tensors never sit in memory whole).
 
-    Three stages overlap: chunks are produced in a background thread, and each chunk is hashed (per-tensor
-    sha256) on a second thread while it is written here; the writer waits only when the hash falls more than
-    ``HASH_LAG`` chunks behind. The header hash and the tensor hashes together cover every byte of the file,
-    once."""
+    Chunks are produced in a background thread; each is written here (``file_sink``) and its bytes hashed
+    on their way out, the pieces of each tensor's sha256 tree on ``hash_workers()`` threads side by side.
+    The header hash and the tensor hashes together cover every byte of the file, once."""
     header, rel_offsets = encode_header(entries, metadata)
     sizes = {e.name: e.nbytes for e in entries}
-    tensor_hash, written = hashlib.sha256(), 0
-    tensor_hashes: dict[str, str] = {}
-    pending: deque[Future[None]] = deque()  # hashes of chunks written or being written, oldest first
-    with (
-        Path(path).open("wb") as f,
-        ThreadPoolExecutor(1, thread_name_prefix="moeprep-hash") as hasher,
-        WriteBehind(f) as behind,
-    ):
-        f.write(header)
-        for name, data in background_iter(_tensor_chunks(entries, produce)):
-            if data is None:
-                if written != sizes[name]:
-                    raise CheckpointError(f"{path}: tensor {name!r} produced {written} bytes, expected {sizes[name]}")
-                _wait_all(pending)
-                tensor_hashes[name] = tensor_hash.hexdigest()
-                tensor_hash, written = hashlib.sha256(), 0
-                continue
-            pending.append(hasher.submit(tensor_hash.update, data))
-            f.write(data)
-            written += len(data)
-            behind.wrote()
-            while len(pending) > HASH_LAG:
-                pending.popleft().result()
-            if on_bytes:
-                on_bytes(len(data))
-        _wait_all(pending)
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
+    hashers: dict[str, TreeHasher] = {}
+    written = 0
+    with HashLanes(hash_workers()) as lanes:
+        sink = open_sink(Path(path))
+        try:
+            sink.write(torch.frombuffer(bytearray(header), dtype=torch.uint8), lambda _: [])
+            for name, data in background_iter(_tensor_chunks(entries, produce)):
+                hasher = hashers.setdefault(name, TreeHasher(lanes))
+                if data is None:
+                    if written != sizes[name]:
+                        raise CheckpointError(f"{path}: {name!r} produced {written} bytes, expected {sizes[name]}")
+                    written = 0
+                    continue
+                sink.write(data, hasher.update)
+                written += len(data)
+                if on_bytes:
+                    on_bytes(len(data))
+            size = sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        tensor_hashes = {name: hasher.hexdigest() for name, hasher in hashers.items()}
     abs_offsets = {n: (len(header) + b, len(header) + e) for n, (b, e) in rel_offsets.items()}
     return WrittenFile(Path(path), size, hashlib.sha256(header).hexdigest(), tensor_hashes, abs_offsets)
-
-
-def _wait_all(futures: deque[Future[None]]) -> None:
-    while futures:
-        futures.popleft().result()
-
-
-class WriteBehind:
-    """Every FLUSH_BYTES written, make them durable and drop them from the page cache, on a thread of its own.
-    Writing many GB into the page cache and syncing once at the end lets dirty and cached pages pile up,
-    and the kernel then spends more time reclaiming them than the disk takes to write them (on the 2-core
-    CI box: 3-4x the system time and half the throughput)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.flushed = f, 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeprep-flush")
-        self._pending: Future[None] | None = None
-
-    def wrote(self) -> None:
-        """Call after each write."""
-        if self.f.tell() - self.flushed < FLUSH_BYTES:
-            return
-        self.f.flush()
-        end = self.f.tell()
-        if self._pending:
-            self._pending.result()
-        self._pending = self._pool.submit(_sync_and_drop, self.f.fileno(), self.flushed, end)
-        self.flushed = end
-
-    def __enter__(self) -> WriteBehind:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True)
-        if self._pending and not exc[0]:
-            self._pending.result()
-
-
-def _sync_and_drop(fd: int, begin: int, end: int) -> None:
-    os.fdatasync(fd)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
-
-
-def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
-    """sha256 of a whole file, hashed straight from a read-only map in bounded slices: no read copy, and each
-    slice leaves this process's memory once hashed (it stays in the page cache for other readers). Raises
-    ``HashingStopped`` if ``stop`` gets set."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return digest.hexdigest()
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            for begin in range(0, size, _HASH_SLICE):
-                if stop is not None and stop.is_set():
-                    raise HashingStopped(path)
-                length = min(_HASH_SLICE, size - begin)
-                with memoryview(mapped)[begin : begin + length] as piece:
-                    digest.update(piece)
-                mapped.madvise(mmap.MADV_DONTNEED, begin, length)
-    return digest.hexdigest()
-
-
-class HashingStopped(Exception):
-    """``sha256_file`` was asked to stop before the end of the file."""
-
-
-class BackgroundFileHashes:
-    """The sha256 of each of ``paths``, hashed on threads of their own from the moment this is made, so a
-    conversion reading the same files never waits on their hashes (several files hash side by side: sha256
-    is one sequential stream per file, about 1.2-1.7 GB/s per core). ``with``: stops what is left on exit."""
-
-    def __init__(self, paths: Iterable[Path], workers: int) -> None:
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="moeprep-source-hash")
-        self._hashes = {Path(p).name: self._pool.submit(sha256_file, Path(p), self._stop) for p in paths}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._hashes
-
-    def sha256(self, name: str) -> str:
-        """The hash of file ``name`` (waits for it)."""
-        return self._hashes[name].result()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> BackgroundFileHashes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def sha256_ranges(path: Path, ranges: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """One sequential pass over ``path``: the sha256 of each named, non-overlapping ``[begin, end)``
-    range. A range past the end of the file hashes what exists (and so mismatches)."""
-    pending = sorted(ranges.items(), key=lambda item: item[1])
-    hashes = {name: hashlib.sha256() for name in ranges}
-    pos = 0
-    with Path(path).open("rb", buffering=0) as f:
-        while pending and (chunk := f.read(_CHUNK)):
-            end = pos + len(chunk)
-            view = memoryview(chunk)
-            for name, (b, e) in pending:
-                if b >= end:
-                    break
-                if e > pos:
-                    hashes[name].update(view[max(b, pos) - pos : min(e, end) - pos])
-            pending = [(n, r) for n, r in pending if r[1] > end]
-            pos = end
-    return {name: h.hexdigest() for name, h in hashes.items()}

@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 
+from moeprep.checkpoint.hashing import BackgroundFileHashes, sha256_file
 from moeprep.checkpoint.safetensors_io import (
     DTYPE_NAMES,
-    BackgroundFileHashes,
     SafetensorsFile,
     TensorInfo,
     map_tensor,
     read_header,
     read_tensor,
-    sha256_file,
 )
 from moeprep.errors import CheckpointError
 

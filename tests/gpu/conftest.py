@@ -7,17 +7,21 @@ import importlib.util
 import pytest
 import torch
 
-REASON = (
-    "needs a CUDA GPU"
-    if not torch.cuda.is_available()
-    else "needs vLLM"
-    if importlib.util.find_spec("vllm") is None
-    else None
-)
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if REASON:
-        for item in items:
-            if "tests/gpu/" in str(item.fspath):
-                item.add_marker(pytest.mark.skip(reason=REASON))
+    """Skip where CUDA is missing, and where vLLM is, unless the module sets ``NEEDS_VLLM = False``."""
+    for item in items:
+        if "tests/gpu/" not in str(item.fspath):
+            continue
+        needs_vllm = getattr(item.module, "NEEDS_VLLM", True)
+        reason = (
+            "needs a CUDA GPU"
+            if not torch.cuda.is_available()
+            else "needs vLLM"
+            if needs_vllm and not HAS_VLLM
+            else None
+        )
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
