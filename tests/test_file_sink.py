@@ -92,10 +92,36 @@ def test_without_o_direct_the_writes_are_buffered(tmp_path: Path, monkeypatch: p
         return real_open(path, flags, mode)
 
     monkeypatch.setattr(os, "open", no_direct)
-    sink = open_sink(tmp_path / "f.bin")
+    assert_buffered_sink_writes(tmp_path / "f.bin")
+
+
+def test_o_direct_writes_refused_after_open_are_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite, refused = os.pwrite, []
+
+    def refuse_first(fd: int, data: memoryview, offset: int) -> int:
+        if not refused:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_first)
+    assert_buffered_sink_writes(tmp_path / "f.bin")
+    assert refused
+
+
+def assert_buffered_sink_writes(path: Path) -> None:
+    sink = open_sink(path)
     assert isinstance(sink, BufferedFile)
     sink.write(as_tensor(b"abc"), lambda _: [])
-    assert sink.close() == 3 and (tmp_path / "f.bin").read_bytes() == b"abc"
+    assert sink.close() == 3 and path.read_bytes() == b"abc"
+
+
+def test_o_direct_is_used_where_the_filesystem_takes_it(tmp_path: Path) -> None:
+    direct_file(tmp_path / "probe.bin").abort()  # skips where this filesystem refuses O_DIRECT
+    sink = open_sink(tmp_path / "f.bin")
+    assert isinstance(sink, DirectFile)
+    sink.write(as_tensor(b"xyz"), lambda _: [])
+    assert sink.close() == 3 and (tmp_path / "f.bin").read_bytes() == b"xyz"
 
 
 def test_other_open_errors_are_raised(tmp_path: Path) -> None:

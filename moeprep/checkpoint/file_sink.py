@@ -53,14 +53,31 @@ class FileSink(Protocol):
 def open_sink(path: Path) -> FileSink:
     """A new file at ``path``, written with O_DIRECT where the filesystem supports it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = _direct_fd(path, flags)
+    return DirectFile(fd) if fd is not None else BufferedFile(os.open(path, flags, 0o644))
+
+
+def _direct_fd(path: Path, flags: int) -> int | None:
+    """``path`` opened for O_DIRECT, tried with one aligned block at offset 0 (the file's first bytes overwrite
+    it); None where the filesystem refuses either (tmpfs before Linux 6.6, some FUSE and network filesystems)."""
     direct = getattr(os, "O_DIRECT", 0)
-    if direct:
-        try:
-            return DirectFile(os.open(path, flags | direct, 0o644))
-        except OSError as exc:  # tmpfs before Linux 6.6, some FUSE and network filesystems
-            if exc.errno != errno.EINVAL:
-                raise
-    return BufferedFile(os.open(path, flags, 0o644))
+    if not direct:
+        return None
+    try:
+        fd = os.open(path, flags | direct, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return None
+    try:
+        with mmap.mmap(-1, DIRECT_ALIGN) as block:
+            os.pwrite(fd, block, 0)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno != errno.EINVAL:
+            raise
+        return None
+    return fd
 
 
 def _wait_all(tasks: Iterable[Future[None]]) -> None:
