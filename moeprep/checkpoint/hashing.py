@@ -20,6 +20,7 @@ from typing import Any
 
 TREE_PIECE_BYTES = 16 * 1024 * 1024
 _FILE_SLICE = 8 * 1024 * 1024  # what sha256_file maps at a time
+HashFeed = Callable[[memoryview], list[Future[None]]]  # takes bytes to hash, returns the tasks reading them
 
 
 def hash_workers(cpus: int | None = None) -> int:
@@ -174,6 +175,3 @@ class BackgroundFileHashes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-HashFeed = Callable[[memoryview], list[Future[None]]]
