@@ -15,13 +15,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/gpu/" not in str(item.fspath):
             continue
-        needs_vllm = getattr(item.module, "NEEDS_VLLM", True)
-        reason = (
-            "needs a CUDA GPU"
-            if not torch.cuda.is_available()
-            else "needs vLLM"
-            if needs_vllm and not HAS_VLLM
-            else None
-        )
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        if not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif getattr(item.module, "NEEDS_VLLM", True) and not HAS_VLLM:
+            item.add_marker(pytest.mark.skip(reason="needs vLLM"))
