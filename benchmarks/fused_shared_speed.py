@@ -13,7 +13,9 @@ between later token-returning steps (each a decode step of the whole batch), aft
 ``--warmup-s`` seconds (GPU clocks up) and one warm-up batch at each size. The two models alternate over
 ``--rounds`` (original, fused, fused, original, ...: a drift over the run or a slow first process falls on
 both): each model's time is the median over its rounds, and the spread of the original's own rounds
-(max / min - 1) is the noise floor printed beside the fused / original ratio.
+(max / min - 1) is the noise floor printed beside the fused / original ratio. ``--one-process`` starts both
+models in one process instead (two engines, 45% of the GPU's memory each) and alternates them round by round
+there, so what varies from process to process (clocks, memory placement) cannot fall on one model only.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,10 +70,12 @@ def weightless_folders(
     return folders
 
 
-def child_measure(
-    model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int, warmup_s: float
-) -> None:
-    """Start vLLM on ``model`` (dummy weights) and time engine steps per batch size."""
+RunBatch = Callable[[int], tuple[float, list[float]]]
+
+
+def batch_runner(model: str, batches: list[int], input_len: int, output_len: int, gpu_share: float) -> RunBatch:
+    """Start vLLM on ``model`` (dummy weights, ``gpu_share`` of the GPU's memory); returns ``run_batch(n)``:
+    n requests at once, (time to the first step that returns tokens, the intervals between later such steps)."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -79,7 +85,7 @@ def child_measure(
         max_model_len=input_len + output_len + 8,
         max_num_seqs=max(batches),
         max_num_batched_tokens=max(batches) * input_len,
-        gpu_memory_utilization=0.9,
+        gpu_memory_utilization=gpu_share,
         enable_prefix_caching=False,
         seed=0,
     )
@@ -90,7 +96,6 @@ def child_measure(
     request_ids = itertools.count()
 
     def run_batch(batch: int) -> tuple[float, list[float]]:
-        """(time to the first step that returns tokens, the intervals between later token-returning steps)."""
         ids = torch.randint(8, vocab, (batch, input_len), generator=gen).tolist()
         start = time.perf_counter()
         for row in ids:
@@ -101,20 +106,65 @@ def child_measure(
                 stamps.append(time.perf_counter())
         return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
-    results = {}
+    return run_batch
+
+
+def warm_up(run_batch: RunBatch, batches: list[int], seconds: float) -> None:
+    """Decode at the largest batch for ``seconds`` (GPU clocks up), then once at each batch size."""
     start = time.perf_counter()
-    while time.perf_counter() - start < warmup_s:
+    while time.perf_counter() - start < seconds:
         run_batch(max(batches))
     for batch in batches:
-        run_batch(batch)  # warm-up at this batch size
+        run_batch(batch)
+
+
+def measure_batches(run_batch: RunBatch, batches: list[int], repeats: int) -> dict[str, dict]:
+    """``{batch: {ttft_ms, tpot_ms, tpot_p10_p90_ms}}``, medians over ``repeats`` batches of each size."""
+    results = {}
+    for batch in batches:
         runs = [run_batch(batch) for _ in range(repeats)]
         steps = sorted(step for _, intervals in runs for step in intervals)
-        results[batch] = {
+        results[str(batch)] = {
             "ttft_ms": 1e3 * statistics.median(first for first, _ in runs),
             "tpot_ms": 1e3 * statistics.median(steps),
             "tpot_p10_p90_ms": [1e3 * steps[len(steps) // 10], 1e3 * steps[(9 * len(steps)) // 10]],
         }
-    out.write_text(json.dumps(results))
+    return results
+
+
+def child_measure(
+    model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int, warmup_s: float
+) -> None:
+    """One model in this process, the whole GPU to itself."""
+    run_batch = batch_runner(model, batches, input_len, output_len, gpu_share=0.9)
+    warm_up(run_batch, batches, warmup_s)
+    out.write_text(json.dumps(measure_batches(run_batch, batches, repeats)))
+
+
+def child_measure_pair(
+    folders: dict[str, str],
+    out: Path,
+    rounds: int,
+    batches: list[int],
+    input_len: int,
+    output_len: int,
+    repeats: int,
+    warmup_s: float,
+) -> None:
+    """Both models in this process (two engines, each on a share of the GPU), taking turns round by round
+    (original, fused, fused, original, ...): what varies between processes (clocks, placement) cannot fall
+    on one model only. Writes ``{model: [per-round results]}``."""
+    runners = {
+        name: batch_runner(folder, batches, input_len, output_len, gpu_share=0.45) for name, folder in folders.items()
+    }
+    for run_batch in runners.values():
+        warm_up(run_batch, batches, warmup_s)
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    for round_index in range(rounds):
+        order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
+        for name in order:
+            runs[name].append(measure_batches(runners[name], batches, repeats))
+    out.write_text(json.dumps(runs))
 
 
 def main() -> None:
@@ -132,24 +182,36 @@ def main() -> None:
         "--rounds", type=int, default=3, help="processes per model, alternating (3+: the median drops one slow process)"
     )
     parser.add_argument("--warmup-s", type=float, default=10.0)
+    parser.add_argument(
+        "--one-process", action="store_true", help="both models in one process, taking turns for --rounds rounds"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-pair", nargs=3, metavar=("ORIGINAL", "FUSED", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s)
     if args.child:
         child_measure(args.child[0], Path(args.child[1]), *measure)
         return
+    if args.child_pair:
+        original, fused, out = args.child_pair
+        child_measure_pair({"original": original, "fused": fused}, Path(out), args.rounds, *measure)
+        return
 
     folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
-    runs: dict[str, list[dict]] = {"original": [], "fused": []}
-    for round_index in range(args.rounds):
-        order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
-        for name in order:
-            runs[name].append(measure_in_child(folders[name], args, f"{name}-{round_index}"))
+    if args.one_process:
+        runs = run_child(["--child-pair", str(folders["original"]), str(folders["fused"])], args, "pair")
+    else:
+        runs = {"original": [], "fused": []}
+        for round_index in range(args.rounds):
+            order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
+            for name in order:
+                runs[name].append(run_child(["--child", str(folders[name])], args, f"{name}-{round_index}"))
     rows = [summarize(batch, runs) for batch in map(str, args.batches)]
     model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
-    print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model")
+    where = "both in one process" if args.one_process else "a process each"
+    print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model ({where})")
     print("batch  TPOT orig/fused ms  fused/orig  orig noise   TTFT orig/fused ms  fused/orig  orig noise")
     for r in rows:
         print(
@@ -159,15 +221,17 @@ def main() -> None:
         )
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
-        summary |= {"quantization": args.quantization, "rounds": args.rounds, "runs": runs}
+        summary |= {"quantization": args.quantization, "rounds": args.rounds, "one_process": args.one_process}
+        summary["runs"] = runs
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
 
 
-def measure_in_child(folder: Path, args: argparse.Namespace, name: str) -> dict:
-    """One fresh vLLM process on ``folder``: ``{batch: {ttft_ms, tpot_ms, ...}}``."""
+def run_child(job: list[str], args: argparse.Namespace, name: str) -> Any:
+    """Run this script's ``job`` (``--child MODEL`` or ``--child-pair ORIGINAL FUSED``) in a fresh process;
+    returns the JSON it writes."""
     out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
-    command = [sys.executable, __file__, "--child", str(folder), str(out), "--batches", *map(str, args.batches)]
-    command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    command = [sys.executable, __file__, *job, str(out), "--batches", *map(str, args.batches)]
+    command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--rounds", str(args.rounds)]
     command += ["--repeats", str(args.repeats), "--warmup-s", str(args.warmup_s)]
     with log.open("w") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
