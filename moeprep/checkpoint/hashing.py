@@ -31,8 +31,12 @@ def hash_workers(cpus: int | None = None) -> int:
 def sha256_tree(data: bytes | memoryview, piece_bytes: int = TREE_PIECE_BYTES) -> str:
     """The sha256 tree of ``data`` in one go (the definition; ``TreeHasher`` computes the same in pieces)."""
     view = memoryview(data).cast("B")
-    pieces = (hashlib.sha256(view[i : i + piece_bytes]).digest() for i in range(0, len(view), piece_bytes))
-    return hashlib.sha256(b"".join(pieces)).hexdigest()
+    return _tree_root(hashlib.sha256(view[i : i + piece_bytes]).digest() for i in range(0, len(view), piece_bytes))
+
+
+def _tree_root(piece_digests: Iterable[bytes]) -> str:
+    """The sha256 tree's digest from its pieces' digests, in order."""
+    return hashlib.sha256(b"".join(piece_digests)).hexdigest()
 
 
 class HashLanes:
@@ -92,7 +96,7 @@ class TreeHasher:
         """The tree's digest once every piece is hashed (waits for them)."""
         if self._piece is not None:
             self._close_piece()
-        return hashlib.sha256(b"".join(f.result() for f in self._digests)).hexdigest()
+        return _tree_root(f.result() for f in self._digests)
 
 
 def sha256_tree_ranges(
@@ -119,7 +123,7 @@ def sha256_tree_ranges(
                 ]
                 for name, (begin, end) in ranges.items()
             }
-            return {name: hashlib.sha256(b"".join(f.result() for f in fs)).hexdigest() for name, fs in pieces.items()}
+            return {name: _tree_root(f.result() for f in fs) for name, fs in pieces.items()}
     finally:
         os.close(fd)
 

@@ -264,13 +264,14 @@ def write_safetensors(
         try:
             sink.write(torch.frombuffer(bytearray(header), dtype=torch.uint8), lambda _: [])
             for name, data in background_iter(_tensor_chunks(entries, produce)):
-                hasher = hashers.setdefault(name, TreeHasher(lanes))
+                if name not in hashers:  # the tensor's first chunk (or its end, when it is empty)
+                    hashers[name] = TreeHasher(lanes)
                 if data is None:
                     if written != sizes[name]:
                         raise CheckpointError(f"{path}: {name!r} produced {written} bytes, expected {sizes[name]}")
                     written = 0
                     continue
-                sink.write(data, hasher.update)
+                sink.write(data, hashers[name].update)
                 written += len(data)
                 if on_bytes:
                     on_bytes(len(data))
