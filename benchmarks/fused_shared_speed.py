@@ -3,19 +3,27 @@
     python benchmarks/fused_shared_speed.py --family deepseek-v3 --preset v3 --layers 3 --out results.json
 
 On a GPU host with vLLM 0.26 (bundle from ../shared/gpu-vllm, plugin registered by
-tests/gpu/register_plugin.py). Real expert dims at a few layers; the weights are vLLM's dummy (random)
-weights, since a bf16 DeepSeek-V3 MoE layer alone is 22.5 GB: the original folder holds the config and
-tokenizer, the fused folder the same plus moeprep's prepared config and manifest with the routing
-contract, exactly as ``moeprep convert --fuse-shared-experts`` writes them. Each model is measured in a
-fresh process with CUDA graphs on, driving vLLM's engine step by step: TTFT = time from adding a batch
-of requests to the first step that returns tokens (median of ``--repeats``), TPOT = median interval
-between later token-returning steps (each a decode step of the whole batch), after decoding for
-``--warmup-s`` seconds (GPU clocks up) and one warm-up batch at each size. The two models alternate over
-``--rounds`` (original, fused, fused, original, ...: a drift over the run or a slow first process falls on
-both): each model's time is the median over its rounds, and the spread of the original's own rounds
-(max / min - 1) is the noise floor printed beside the fused / original ratio. ``--one-process`` starts both
-models in one process instead (two engines, 45% of the GPU's memory each) and alternates them round by round
-there, so what varies from process to process (clocks, memory placement) cannot fall on one model only.
+tests/gpu/register_plugin.py). Real expert dims at a few layers; the weights are vLLM's dummy (random) weights,
+since a bf16 DeepSeek-V3 MoE layer alone is 22.5 GB: the original folder holds the config and tokenizer, the
+fused folder the same plus moeprep's prepared config and manifest with the routing contract, exactly as
+``moeprep convert --fuse-shared-experts`` writes them; every router gate is then redrawn from N(0,1) with its
+correction bias zeroed, so a batch's tokens spread over the experts as a trained router's do
+(``--dummy-routing`` keeps vLLM's dummy gates, with which every token picks nearly the same experts). Each model
+is measured in a fresh process with CUDA graphs on, driving vLLM's engine step by step: TTFT = time from adding
+a batch of requests to the first step that returns tokens (median of ``--repeats``), TPOT = median interval
+between later token-returning steps (each a decode step of the whole batch), after decoding for ``--warmup-s``
+seconds (GPU clocks up) and one warm-up batch at each size. The models alternate over ``--rounds`` (original,
+fused, fused, original, ...: a drift over the run or a slow first process falls on both): each model's time is
+the median over its rounds, and the spread of the original's own rounds (max/min - 1) is the noise floor printed
+beside the ratios to the original. ``--one-process`` starts all models in one process instead (one engine each,
+on an equal share of 90% of the GPU's memory) and alternates them round by round there, so what varies from
+process to process (clocks, memory placement) cannot fall on one model only. ``--serial-baseline`` adds a third
+model: the original with its shared expert run after the routed experts on the main stream
+(``VLLM_DISABLE_SHARED_EXPERTS_STREAM=1``) instead of overlapped with them on vLLM's auxiliary stream (its
+default up to 256 tokens), the baseline fused-shared-expert prototypes were compared against. ``--graph-replays
+N`` also times the model's forward alone: after each batch size's runs, its decode step's full CUDA graph is
+replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling, sampling and
+output handling that make up much of a few-layer model's TPOT).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +43,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Each model measured: (its folder under --workdir, environment for its engine).
+VARIANTS = {
+    "original": ("original", {}),
+    "fused": ("fused", {}),
+    "serial": ("original", {"VLLM_DISABLE_SHARED_EXPERTS_STREAM": "1"}),
+}
 
 
 def weightless_folders(
@@ -71,11 +87,53 @@ def weightless_folders(
 
 
 RunBatch = Callable[[int], tuple[float, list[float]]]
+ForwardTime = Callable[[int], float]
 
 
-def batch_runner(model: str, batches: list[int], input_len: int, output_len: int, gpu_share: float) -> RunBatch:
+def spread_routing(worker: Any, seed: int) -> int:
+    """Runs in vLLM's worker: redraw every router gate's weight from N(0, 1) and zero the score-correction
+    biases; returns how many gates. With vLLM's dummy weights (uniform in +-1e-3) the static correction bias
+    outweighs the tiny router logits, so every token picks the same experts; a trained router spreads a
+    batch's tokens over many experts, and how many the MoE kernel reads is what its decode time depends on."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    gates = 0
+    for name, param in sorted(worker.model_runner.model.named_parameters()):
+        if name.endswith(".mlp.gate.e_score_correction_bias"):
+            param.data.zero_()
+        elif name.endswith(".mlp.gate.weight"):
+            param.data.copy_(torch.randn(param.shape, generator=generator))
+            gates += 1
+    return gates
+
+
+def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
+    """Runs in vLLM's worker: milliseconds per replay of the full CUDA graph of a ``batch``-request decode step
+    (the model's forward alone, queued back to back: GPU time, none of the host's scheduling or sampling)."""
+    import torch
+
+    entries = getattr(worker.model_runner.model, "concrete_cudagraph_entries", {})
+    graphs = [e.cudagraph for d, e in entries.items() if d.num_tokens == batch and d.uniform and e.cudagraph]
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected one full decode CUDA graph for batch {batch}, found {len(graphs)}")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(10):
+        graphs[0].replay()
+    start.record()
+    for _ in range(replays):
+        graphs[0].replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def batch_runner(
+    model: str, batches: list[int], input_len: int, output_len: int, gpu_share: float, replays: int, spread: bool
+) -> tuple[RunBatch, ForwardTime | None]:
     """Start vLLM on ``model`` (dummy weights, ``gpu_share`` of the GPU's memory); returns ``run_batch(n)``:
-    n requests at once, (time to the first step that returns tokens, the intervals between later such steps)."""
+    n requests at once, (time to the first step that returns tokens, the intervals between later such steps),
+    and with ``replays`` ``forward_ms(n)``: the decode step's CUDA graph timed in the worker."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -89,6 +147,8 @@ def batch_runner(model: str, batches: list[int], input_len: int, output_len: int
         enable_prefix_caching=False,
         seed=0,
     )
+    if spread and not llm.collective_rpc(spread_routing, args=(0,))[0]:
+        raise RuntimeError(f"no router gates (.mlp.gate.weight) found in {model}")
     engine = llm.llm_engine
     vocab = engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +166,10 @@ def batch_runner(model: str, batches: list[int], input_len: int, output_len: int
                 stamps.append(time.perf_counter())
         return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
-    return run_batch
+    def forward_ms(batch: int) -> float:
+        return llm.collective_rpc(replay_decode_graph, args=(batch, replays))[0]
+
+    return run_batch, forward_ms if replays else None
 
 
 def warm_up(run_batch: RunBatch, batches: list[int], seconds: float) -> None:
@@ -118,8 +181,11 @@ def warm_up(run_batch: RunBatch, batches: list[int], seconds: float) -> None:
         run_batch(batch)
 
 
-def measure_batches(run_batch: RunBatch, batches: list[int], repeats: int) -> dict[str, dict]:
-    """``{batch: {ttft_ms, tpot_ms, tpot_p10_p90_ms}}``, medians over ``repeats`` batches of each size."""
+def measure_batches(
+    run_batch: RunBatch, forward_ms: ForwardTime | None, batches: list[int], repeats: int
+) -> dict[str, dict]:
+    """``{batch: {ttft_ms, tpot_ms, tpot_p10_p90_ms[, forward_ms]}}``, medians over ``repeats`` batches of each
+    size; the decode graph is replayed after them (its attention then reads the last step's context)."""
     results = {}
     for batch in batches:
         runs = [run_batch(batch) for _ in range(repeats)]
@@ -129,20 +195,14 @@ def measure_batches(run_batch: RunBatch, batches: list[int], repeats: int) -> di
             "tpot_ms": 1e3 * statistics.median(steps),
             "tpot_p10_p90_ms": [1e3 * steps[len(steps) // 10], 1e3 * steps[(9 * len(steps)) // 10]],
         }
+        if forward_ms is not None:
+            results[str(batch)]["forward_ms"] = forward_ms(batch)
     return results
 
 
 def child_measure(
-    model: str, out: Path, batches: list[int], input_len: int, output_len: int, repeats: int, warmup_s: float
-) -> None:
-    """One model in this process, the whole GPU to itself."""
-    run_batch = batch_runner(model, batches, input_len, output_len, gpu_share=0.9)
-    warm_up(run_batch, batches, warmup_s)
-    out.write_text(json.dumps(measure_batches(run_batch, batches, repeats)))
-
-
-def child_measure_pair(
-    folders: dict[str, str],
+    workdir: Path,
+    names: list[str],
     out: Path,
     rounds: int,
     batches: list[int],
@@ -150,20 +210,34 @@ def child_measure_pair(
     output_len: int,
     repeats: int,
     warmup_s: float,
+    replays: int,
+    spread: bool,
 ) -> None:
-    """Both models in this process (two engines, each on a share of the GPU), taking turns round by round
-    (original, fused, fused, original, ...): what varies between processes (clocks, placement) cannot fall
-    on one model only. Writes ``{model: [per-round results]}``."""
-    runners = {
-        name: batch_runner(folder, batches, input_len, output_len, gpu_share=0.45) for name, folder in folders.items()
-    }
-    for run_batch in runners.values():
+    """The ``names`` models (``VARIANTS``) in this process, an engine each on an equal share of the GPU, taking
+    turns for ``rounds`` rounds (in the given order, then reversed, ...). Writes ``{name: [per-round results]}``."""
+    # The router reset and the graph timer are functions sent to the engine's worker, which vLLM pickles only so.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    runners = {}
+    for name in names:
+        folder, env = VARIANTS[name]
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)  # read by the engine process this starts
+        try:
+            share = 0.9 / len(names)
+            engine = (batches, input_len, output_len, share, replays, spread)
+            runners[name] = batch_runner(str(workdir / folder), *engine)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
+    for run_batch, _ in runners.values():
         warm_up(run_batch, batches, warmup_s)
-    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(rounds):
-        order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
-        for name in order:
-            runs[name].append(measure_batches(runners[name], batches, repeats))
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            runs[name].append(measure_batches(*runners[name], batches, repeats))
     out.write_text(json.dumps(runs))
 
 
@@ -183,56 +257,76 @@ def main() -> None:
     )
     parser.add_argument("--warmup-s", type=float, default=10.0)
     parser.add_argument(
-        "--one-process", action="store_true", help="both models in one process, taking turns for --rounds rounds"
+        "--one-process", action="store_true", help="all models in one process, taking turns for --rounds rounds"
+    )
+    parser.add_argument(
+        "--serial-baseline", action="store_true", help="also the original with its shared expert on the main stream"
+    )
+    parser.add_argument(
+        "--graph-replays",
+        type=int,
+        default=0,
+        help="also time each decode step's full CUDA graph over this many replays (GPU time of the forward alone)",
+    )
+    parser.add_argument(
+        "--dummy-routing", action="store_true", help="keep vLLM's dummy router gates (tokens crowd onto few experts)"
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--child-pair", nargs=3, metavar=("ORIGINAL", "FUSED", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", metavar=("OUT", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s)
     if args.child:
-        child_measure(args.child[0], Path(args.child[1]), *measure)
-        return
-    if args.child_pair:
-        original, fused, out = args.child_pair
-        child_measure_pair({"original": original, "fused": fused}, Path(out), args.rounds, *measure)
+        out, *names = args.child
+        measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s, args.graph_replays)
+        measure += (not args.dummy_routing,)
+        child_measure(args.workdir, names, Path(out), args.rounds, *measure)
         return
 
-    folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
+    weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
+    names = ["original", "fused"] + (["serial"] if args.serial_baseline else [])
     if args.one_process:
-        runs = run_child(["--child-pair", str(folders["original"]), str(folders["fused"])], args, "pair")
+        runs = run_child(names, args.rounds, args, "all")
     else:
-        runs = {"original": [], "fused": []}
+        runs = {name: [] for name in names}
         for round_index in range(args.rounds):
-            order = ("original", "fused") if round_index % 2 == 0 else ("fused", "original")
-            for name in order:
-                runs[name].append(run_child(["--child", str(folders[name])], args, f"{name}-{round_index}"))
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
     rows = [summarize(batch, runs) for batch in map(str, args.batches)]
-    model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
-    where = "both in one process" if args.one_process else "a process each"
-    print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model ({where})")
-    print("batch  TPOT orig/fused ms  fused/orig  orig noise   TTFT orig/fused ms  fused/orig  orig noise")
-    for r in rows:
-        print(
-            f"{r['batch']:5d}  {r['original_tpot_ms']:7.2f}/{r['fused_tpot_ms']:7.2f}  {r['tpot_ratio']:10.3f}  "
-            f"{r['tpot_noise']:10.3f}   {r['original_ttft_ms']:8.2f}/{r['fused_ttft_ms']:8.2f}  "
-            f"{r['ttft_ratio']:10.3f}  {r['ttft_noise']:10.3f}"
-        )
+    print_rows(args, rows, runs)
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
         summary |= {"quantization": args.quantization, "rounds": args.rounds, "one_process": args.one_process}
+        summary["dummy_routing"] = args.dummy_routing
         summary["runs"] = runs
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
 
 
-def run_child(job: list[str], args: argparse.Namespace, name: str) -> Any:
-    """Run this script's ``job`` (``--child MODEL`` or ``--child-pair ORIGINAL FUSED``) in a fresh process;
-    returns the JSON it writes."""
+def print_rows(args: argparse.Namespace, rows: list[dict], runs: dict[str, list[dict]]) -> None:
+    """Per batch: each model's TPOT, TTFT (and decode-graph time), their ratios to the original's, the
+    original's noise floor."""
+    names = list(runs)
+    model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
+    where = "all in one process" if args.one_process else "a process each"
+    print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model ({where})")
+    ratios = [(name, "original") for name in names[1:]] + ([("fused", "serial")] if "serial" in names else [])
+    for metric in (metric.removesuffix("_ms") for metric in measured_metrics(runs)):
+        heads = "".join(f"{f'{a}/{b}':>16}" for a, b in ratios)
+        print(f"batch  {metric.upper() + ' ' + '/'.join(names) + ' ms':>32}{heads}  original's noise")
+        for r in rows:
+            times = "/".join(f"{r[f'{name}_{metric}_ms']:.2f}" for name in names)
+            cells = "".join(f"{r[f'{a}_{metric}_ms'] / r[f'{b}_{metric}_ms']:16.3f}" for a, b in ratios)
+            print(f"{r['batch']:5d}  {times:>32}{cells}  {r[f'{metric}_noise']:16.3f}")
+
+
+def run_child(names: list[str], rounds: int, args: argparse.Namespace, name: str) -> Any:
+    """Measure the ``names`` models for ``rounds`` rounds in a fresh process running this script; returns the
+    JSON it writes (``{name: [per-round results]}``)."""
     out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
-    command = [sys.executable, __file__, *job, str(out), "--batches", *map(str, args.batches)]
-    command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--rounds", str(args.rounds)]
+    command = [sys.executable, __file__, "--child", str(out), *names, "--workdir", str(args.workdir)]
+    command += ["--batches", *map(str, args.batches), "--rounds", str(rounds)]
+    command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     command += ["--repeats", str(args.repeats), "--warmup-s", str(args.warmup_s)]
+    command += ["--graph-replays", str(args.graph_replays)] + (["--dummy-routing"] if args.dummy_routing else [])
     with log.open("w") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
@@ -240,15 +334,23 @@ def run_child(job: list[str], args: argparse.Namespace, name: str) -> Any:
     return json.loads(out.read_text())
 
 
+def measured_metrics(runs: dict[str, list[dict]]) -> list[str]:
+    """``tpot_ms``, ``ttft_ms`` and, when the decode graphs were timed, ``forward_ms``."""
+    first = next(iter(next(iter(runs.values()))[0].values()))
+    return [metric for metric in ("tpot_ms", "ttft_ms", "forward_ms") if metric in first]
+
+
 def summarize(batch: str, runs: dict[str, list[dict]]) -> dict:
     """Per model the median over its rounds; the original's spread over its rounds is the noise floor."""
     row: dict = {"batch": int(batch)}
-    for metric in ("tpot_ms", "ttft_ms"):
+    for metric in measured_metrics(runs):
         for name, results in runs.items():
             row[f"{name}_{metric}"] = statistics.median(r[batch][metric] for r in results)
             row[f"{name}_{metric}_rounds"] = [r[batch][metric] for r in results]
         key = metric.removesuffix("_ms")
         row[f"{key}_ratio"] = row[f"fused_{metric}"] / row[f"original_{metric}"]
+        if "serial" in runs:
+            row[f"{key}_ratio_to_serial"] = row[f"fused_{metric}"] / row[f"serial_{metric}"]
         originals = row[f"original_{metric}_rounds"]
         row[f"{key}_noise"] = max(originals) / min(originals) - 1
     return row

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from moeprep.checkpoint.manifest import SCHEMA_VERSION, FileRecord, Manifest, Source, Target, TensorRecord
+from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
+from moeprep.fixtures import build_fixture
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
+from tests.conftest import run_cli
 
 pytest.importorskip("vllm")
 from moeprep.runtime.quant_config import MoeprepConfig, check_manifest_against_runtime, running_vllm_version  # noqa: E402
@@ -170,3 +174,26 @@ def test_local_routing_sends_other_ranks_experts_to_local_zero_at_weight_zero() 
         assert torch.equal(local_weights[here], weights[here])
         total += local_weights.sum(-1)
     assert torch.allclose(total, weights.sum(-1))  # every routed weight counted on exactly one rank
+
+
+def compile_settings(folder: Path) -> tuple[list[str], dict]:
+    """vLLM's custom ops and fusion passes for serving ``folder`` (the engine config, no weights loaded)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(folder), load_format="dummy", max_model_len=256).create_engine_config()
+    passes = config.compilation_config.pass_config
+    return list(config.compilation_config.custom_ops), {"norm": passes.fuse_norm_quant, "act": passes.fuse_act_quant}
+
+
+def test_prepared_block_fp8_folder_gets_the_originals_fp8_kernels_and_fusions(tmp_path: Path) -> None:
+    """vLLM turns on its fp8 quant op and the norm/activation + quant fusions from the quantization config's
+    ``weight_block_size``: a prepared folder must get them as its source does."""
+    source = build_fixture("deepseek-v3", tmp_path / "src", quantization="fp8-block")
+    prepared = tmp_path / "fused"
+    result = run_cli("convert", source, prepared, "--fuse-shared-experts")
+    assert result.returncode == 0, result.stderr
+    original_ops, original_passes = compile_settings(source)
+    assert "+quant_fp8" in original_ops and original_passes == {"norm": True, "act": True}
+    assert compile_settings(prepared) == (original_ops, original_passes)
+    config = MoeprepConfig("none", DEEPSEEK_FP8_CONFIG)
+    assert config.weight_block_size == [128, 128] and not hasattr(MoeprepConfig("none", None), "weight_block_size")

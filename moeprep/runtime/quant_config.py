@@ -36,6 +36,9 @@ from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.serving import backend_not_served, is_prepared_param, unserved_reason
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
+# Attributes vLLM reads off the model's quantization config by name (block-fp8 linear splits, the CUDA fp8
+# quant op and its norm/activation fusions, kv-cache scales): a prepared folder gets the original's.
+MIRRORED_ATTRIBUTES = ("weight_block_size", "kv_cache_scheme")
 FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
 
 
@@ -124,6 +127,9 @@ class MoeprepConfig(QuantizationConfig):
         self.original: QuantizationConfig | None = None
         if original is not None:
             self.original = get_quantization_config(original["quant_method"]).from_config(original)
+            for name in MIRRORED_ATTRIBUTES:
+                if hasattr(self.original, name):
+                    setattr(self, name, getattr(self.original, name))
         self.manifest: Manifest | None = None
         self.folder = Path()
         self.tracker = PreparedTensorTracker(set())
@@ -136,6 +142,11 @@ class MoeprepConfig(QuantizationConfig):
         if self.original is not None and self.backend != "dequant":  # dequant computes in float32, returns any
             return self.original.get_supported_act_dtypes()
         return [torch.bfloat16, torch.float16, torch.float32]
+
+    def has_blocked_weights(self) -> bool:
+        """Whether the original method's weights are block-scaled (asked when it has no ``weight_block_size``)."""
+        has_blocked_weights = getattr(self.original, "has_blocked_weights", None)
+        return bool(has_blocked_weights()) if has_blocked_weights is not None else False
 
     @classmethod
     def get_min_capability(cls) -> int:
