@@ -9,21 +9,22 @@ fused folder the same plus moeprep's prepared config and manifest with the routi
 ``moeprep convert --fuse-shared-experts`` writes them; every router gate is then redrawn from N(0,1) with its
 correction bias zeroed, so a batch's tokens spread over the experts as a trained router's do
 (``--dummy-routing`` keeps vLLM's dummy gates, with which every token picks nearly the same experts). Each model
-is measured in a fresh process with CUDA graphs on, driving vLLM's engine step by step: TTFT = time from adding
-a batch of requests to the first step that returns tokens (median of ``--repeats``), TPOT = median interval
-between later token-returning steps (each a decode step of the whole batch), after decoding for ``--warmup-s``
-seconds (GPU clocks up) and one warm-up batch at each size. The models alternate over ``--rounds`` (original,
-fused, fused, original, ...: a drift over the run or a slow first process falls on both): each model's time is
-the median over its rounds, and the spread of the original's own rounds (max/min - 1) is the noise floor printed
-beside the ratios to the original. ``--one-process`` starts all models in one process instead (one engine each,
-on an equal share of 90% of the GPU's memory) and alternates them round by round there, so what varies from
-process to process (clocks, memory placement) cannot fall on one model only. ``--serial-baseline`` adds a third
-model: the original with its shared expert run after the routed experts on the main stream
-(``VLLM_DISABLE_SHARED_EXPERTS_STREAM=1``) instead of overlapped with them on vLLM's auxiliary stream (its
-default up to 256 tokens), the baseline fused-shared-expert prototypes were compared against. ``--graph-replays
-N`` also times the model's forward alone: after each batch size's runs, its decode step's full CUDA graph is
-replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling, sampling and
-output handling that make up much of a few-layer model's TPOT).
+is measured in a fresh process with CUDA graphs on, driving vLLM's engine step by step (tokens sampled at
+temperature 1): TTFT = time from adding a batch of requests to the first step that returns tokens (median of
+``--repeats``), TPOT = median interval between later token-returning steps (each a decode step of the whole
+batch), after decoding for ``--warmup-s`` seconds (GPU clocks up) and one warm-up batch at each size. The models
+alternate over ``--rounds`` (original, fused, fused, original, ...: a drift over the run or a slow first process
+falls on both): each model's time is the median over its rounds, and the spread of the original's own rounds
+(max/min - 1) is the noise floor printed beside the ratios to the original. ``--one-process`` starts all models
+in one process instead (one engine each, on an equal share of 90% of the GPU's memory) and alternates them round
+by round there, so what varies from process to process (clocks, memory placement) cannot fall on one model only.
+``--serial-baseline`` adds a third model: the original with its shared expert run after the routed experts on
+the main stream (``VLLM_DISABLE_SHARED_EXPERTS_STREAM=1``) instead of overlapped with them on vLLM's auxiliary
+stream (its default up to 256 tokens), the baseline fused-shared-expert prototypes were compared against.
+``--graph-replays N`` also times the model's forward alone: after each batch size's runs, its decode step's full
+CUDA graph is replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling,
+sampling and output handling that make up much of a few-layer model's TPOT), on fixed token sets shared by every
+model.
 """
 
 from __future__ import annotations
@@ -108,24 +109,40 @@ def spread_routing(worker: Any, seed: int) -> int:
     return gates
 
 
+GRAPH_TOKEN_SETS = 8  # token sets a decode graph is replayed on, the same for every model
+
+
 def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
     """Runs in vLLM's worker: milliseconds per replay of the full CUDA graph of a ``batch``-request decode step
-    (the model's forward alone, queued back to back: GPU time, none of the host's scheduling or sampling)."""
+    (the model's forward alone, queued back to back: GPU time, none of the host's scheduling or sampling). The
+    replays are spread over ``GRAPH_TOKEN_SETS`` sets of ``batch`` distinct tokens, drawn from seeds every
+    model shares, written into the graph's input ids: what the step reads (which experts its tokens pick)
+    does not depend on the tokens the last step happened to decode."""
     import torch
 
-    entries = getattr(worker.model_runner.model, "concrete_cudagraph_entries", {})
+    runner = worker.model_runner
+    entries = getattr(runner.model, "concrete_cudagraph_entries", {})
     graphs = [e.cudagraph for d, e in entries.items() if d.num_tokens == batch and d.uniform and e.cudagraph]
     if len(graphs) != 1:
         raise RuntimeError(f"expected one full decode CUDA graph for batch {batch}, found {len(graphs)}")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(10):
-        graphs[0].replay()
-    start.record()
-    for _ in range(replays):
-        graphs[0].replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    vocab = runner.model_config.get_vocab_size()
+    token_sets = [
+        torch.randperm(vocab - 8, generator=torch.Generator().manual_seed(1000 * batch + index))[:batch] + 8
+        for index in range(GRAPH_TOKEN_SETS)
+    ]
+    elapsed_ms = 0.0
+    for tokens in token_sets:
+        runner.input_ids.gpu[:batch].copy_(tokens)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(5):
+            graphs[0].replay()
+        start.record()
+        for _ in range(replays // GRAPH_TOKEN_SETS):
+            graphs[0].replay()
+        end.record()
+        end.synchronize()
+        elapsed_ms += start.elapsed_time(end)
+    return elapsed_ms / (GRAPH_TOKEN_SETS * (replays // GRAPH_TOKEN_SETS))
 
 
 def batch_runner(
@@ -152,7 +169,8 @@ def batch_runner(
     engine = llm.llm_engine
     vocab = engine.model_config.get_vocab_size()
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    # Sampled: a decode step's tokens, and so the experts they pick, do not hinge on a dummy model's greedy choice.
+    params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
     request_ids = itertools.count()
 
     def run_batch(batch: int) -> tuple[float, list[float]]:
@@ -275,6 +293,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs="+", metavar=("OUT", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if 0 < args.graph_replays < GRAPH_TOKEN_SETS:
+        parser.error(f"--graph-replays: at least {GRAPH_TOKEN_SETS} (one per token set)")
     if args.child:
         out, *names = args.child
         measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s, args.graph_replays)
