@@ -94,7 +94,7 @@ ForwardTime = Callable[[int], float]
 def spread_routing(worker: Any, seed: int) -> int:
     """Runs in vLLM's worker: redraw every router gate's weight from N(0, 1) and zero the score-correction
     biases; returns how many gates. With vLLM's dummy weights (uniform in +-1e-3) the static correction bias
-    outweighs the tiny router logits, so every token picks the same experts; a trained router spreads a
+    outweighs the tiny router logits, so every token picks nearly the same experts; a trained router spreads a
     batch's tokens over many experts, and how many the MoE kernel reads is what its decode time depends on."""
     import torch
 
