@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -238,18 +239,9 @@ def child_measure(
     runners = {}
     for name in names:
         folder, env = VARIANTS[name]
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)  # read by the engine process this starts
-        try:
-            share = 0.9 / len(names)
-            engine = (batches, input_len, output_len, share, replays, spread)
+        with patch.dict(os.environ, env):  # read by the engine process this starts
+            engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread)
             runners[name] = batch_runner(str(workdir / folder), *engine)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key)
-                else:
-                    os.environ[key] = value
     for run_batch, _ in runners.values():
         warm_up(run_batch, batches, warmup_s)
     runs: dict[str, list[dict]] = {name: [] for name in names}

@@ -27,7 +27,7 @@ class VerifyReport:
 
 
 def verify_folder(folder: Path) -> VerifyReport:
-    """Re-hash every file and every tensor, each byte read once; raise ``VerificationError`` naming
+    """Re-hash every file and every tensor, each byte hashed once; raise ``VerificationError`` naming
     the first mismatching tensor (or file, when the difference is outside tensor data)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
