@@ -1,19 +1,21 @@
-"""A fused layer's Triton MoE kernel with vLLM's tuned tile config for the original expert count vs without.
+"""The fused layer's Triton MoE kernel with its own tiles vs with the tiles vLLM tuned for the original layer.
 
     python benchmarks/moe_tuned_configs.py --out results.json        # DeepSeek-V3 block fp8, one TP-8 rank's slice
 
 On a GPU host with vLLM 0.26. vLLM picks the fused MoE kernel's tiles from a file tuned per expert count
 (``E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json`` for DeepSeek-V3 at TP 8);
-a fused layer has ``E + 1`` experts, for which no file exists. Three kernels, each vLLM's ``fused_experts`` on
-the same random weights and per-token random routing (distinct experts), timed as CUDA graphs of ``--calls``
-back-to-back calls (GPU time), rounds interleaved, the median over ``--rounds``:
+a fused layer has ``E + 1`` experts, for which no file exists, so it runs vLLM's default tiles. Would it gain
+from the original count's tuned ones? Three kernels, each vLLM's ``fused_experts`` on the same random weights
+and per-token random routing (distinct experts), timed as CUDA graphs of ``--calls`` back-to-back calls (GPU
+time), rounds interleaved, the median over ``--rounds``:
 
 - original: ``E`` experts, top-k, vLLM's lookup (the tuned file, where the device has one);
-- fused-untuned: ``E + 1`` experts, top-k + 1 (the slot), vLLM's lookup alone (its default tiles);
-- fused: the same layer with moeprep's lookup (``moeprep.runtime.moe_kernel_configs``): the tuned file of ``E``.
+- fused: ``E + 1`` experts, top-k + 1 (the slot), vLLM's lookup (its default tiles): the layer as served;
+- fused-original-tiles: the same layer run with the original's tiles at each batch size.
 
-The original runs one expert fewer per token (its shared expert is a separate GEMM, not timed here): compare
-fused with fused-untuned; the original's row is for scale. The noise is the spread of fused-untuned's rounds.
+The original runs one expert fewer per token (its shared expert is a separate GEMM, not timed here): the
+question is fused-original-tiles against fused; the original's row is for scale. The noise is the spread of
+fused's rounds.
 """
 
 from __future__ import annotations
@@ -86,10 +88,9 @@ class Kernel:
 
 
 def build(args: argparse.Namespace) -> dict[str, dict[int, Kernel]]:
-    """The three variants' graphs at every batch size (moeprep's lookup on only while fused's are captured)."""
-    from vllm.model_executor.layers.fused_moe import fused_moe as kernels
-
-    from moeprep.runtime.moe_kernel_configs import ROUTED_EXPERTS_OF, use_routed_experts_configs
+    """The three variants' graphs at every batch size."""
+    from vllm.model_executor.layers.fused_moe import override_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
 
     e, n, k = args.experts, args.intermediate, args.hidden
     weights = {
@@ -99,21 +100,17 @@ def build(args: argparse.Namespace) -> dict[str, dict[int, Kernel]]:
         "w2_scale": block_scales(e + 1, k, n),
         "routed": e,
     }
-    use_routed_experts_configs(e + 1, e)
-    variants: dict[str, dict[int, Kernel]] = {}
-    for name, experts, top_k, lookup in (
-        ("original", e, args.top_k, False),
-        ("fused-untuned", e + 1, args.top_k + 1, False),
-        ("fused", e + 1, args.top_k + 1, True),
-    ):
-        ROUTED_EXPERTS_OF.pop(e + 1, None)
-        if lookup:
-            ROUTED_EXPERTS_OF[e + 1] = e
-        variants[name] = {m: Kernel(weights, experts, top_k, m, args.calls) for m in args.batches}
-        config = kernels.try_get_optimal_moe_config(
-            (experts, 2 * n, k), (experts, k, n), top_k, "fp8_w8a8", args.batches[0], BLOCK
-        )
-        print(f"{name}: batch {args.batches[0]} tiles {config}")
+
+    def tiles(experts: int, top_k: int, tokens: int) -> dict[str, int]:
+        return try_get_optimal_moe_config((experts, 2 * n, k), (experts, k, n), top_k, "fp8_w8a8", tokens, BLOCK)
+
+    variants: dict[str, dict[int, Kernel]] = {"original": {}, "fused": {}, "fused-original-tiles": {}}
+    for m in args.batches:
+        variants["original"][m] = Kernel(weights, e, args.top_k, m, args.calls)
+        variants["fused"][m] = Kernel(weights, e + 1, args.top_k + 1, m, args.calls)
+        with override_config(tiles(e, args.top_k, m)):
+            variants["fused-original-tiles"][m] = Kernel(weights, e + 1, args.top_k + 1, m, args.calls)
+        print(f"batch {m}: original's tiles {tiles(e, args.top_k, m)}, fused's {tiles(e + 1, args.top_k + 1, m)}")
     return variants
 
 
@@ -125,22 +122,23 @@ def measure(variants: dict[str, dict[int, Kernel]], args: argparse.Namespace) ->
             for m, kernel in variants[name].items():
                 times[name][m].append(kernel.time_us(args.replays))
     summary: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "batches": {}}
-    print(f"{'batch':>5} " + " ".join(f"{n + ' us':>17}" for n in names) + "  fused/untuned  fused/original  noise")
+    print(
+        f"{'batch':>5} " + " ".join(f"{n + ' us':>17}" for n in names) + "  original tiles/fused  fused/original  noise"
+    )
     for m in args.batches:
         median = {name: statistics.median(times[name][m]) for name in names}
-        untuned = times["fused-untuned"][m]
+        fused = times["fused"][m]
         row = {
             "us": median,
             "rounds_us": {name: times[name][m] for name in names},
-            "fused_over_untuned": median["fused"] / median["fused-untuned"],
+            "original_tiles_over_fused": median["fused-original-tiles"] / median["fused"],
             "fused_over_original": median["fused"] / median["original"],
-            "noise": max(untuned) / min(untuned) - 1,
+            "noise": max(fused) / min(fused) - 1,
         }
         summary["batches"][m] = row
         cells = " ".join(f"{median[n]:17.1f}" for n in names)
-        print(
-            f"{m:>5} {cells}  {row['fused_over_untuned']:13.3f}  {row['fused_over_original']:14.3f}  {row['noise']:.3f}"
-        )
+        ratios = f"{row['original_tiles_over_fused']:20.3f}  {row['fused_over_original']:14.3f}"
+        print(f"{m:>5} {cells}  {ratios}  {row['noise']:.3f}")
     return summary
 
 

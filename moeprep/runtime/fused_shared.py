@@ -28,7 +28,6 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.moe_kernel_configs import use_routed_experts_configs
 
 SLOT_TENSOR = re.compile(r"^(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?:gate_proj|up_proj|down_proj)\.")
 # vLLM 0.26 names the MoE layer factory FusedMoE, 0.32 FusedMoEFactory.
@@ -205,7 +204,6 @@ class FusedSharedExpertsMoE(nn.Module):
             router_logits_dtype=spec.gate_out_dtype,
             reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
         )
-        take_routed_experts_configs(self.experts, contract)
         # What vLLM's MoE-model mixins read from a block (expert counts for EPLB bookkeeping).
         self.n_routed_experts = self.n_logical_experts = contract.num_experts
         self.n_physical_experts = self.n_local_physical_experts = contract.num_experts
@@ -275,7 +273,6 @@ class FusedSlotRowsMoE(nn.Module):
             router=SlotRowsRouter(inner, contract),
             reduce_results=True,
         )
-        take_routed_experts_configs(self.experts, contract)
         self.n_routed_experts = self.n_logical_experts = contract.num_experts
         self.n_physical_experts = self.n_local_physical_experts = contract.num_experts
         self.n_shared_experts = self.n_redundant_experts = 0
@@ -286,18 +283,6 @@ class FusedSlotRowsMoE(nn.Module):
         rows = hidden_states.repeat(blocks, 1)
         out = self.experts(hidden_states=rows, router_logits=router_logits.repeat(blocks, 1))
         return out.view(blocks, *hidden_states.shape).sum(0)
-
-
-def take_routed_experts_configs(experts: nn.Module, contract: SlotContract) -> None:
-    """The MoE layer's kernel takes the tile configs vLLM tuned for the original expert count (this rank's
-    share of it under expert parallelism), as the unfused layer would."""
-    layer = getattr(experts, "routed_experts", experts)  # vLLM 0.32 wraps the layer in a runner
-    local = getattr(layer, "local_num_experts", None)
-    if not isinstance(local, int):
-        raise PreparedCheckpointMismatch("moeprep: this vLLM's MoE layer has no local_num_experts; unsupported")
-    routed, remainder = divmod(local * contract.routed_experts, contract.num_experts)
-    if remainder == 0:
-        use_routed_experts_configs(local, routed)
 
 
 def deepseek_routing(config: Any) -> GateAndRouting:
