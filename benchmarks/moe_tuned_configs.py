@@ -52,7 +52,10 @@ def routing(tokens: int, experts: int, top_k: int, slot: int | None) -> tuple[to
 class Kernel:
     """One variant at one batch size: a CUDA graph of ``calls`` fused_experts calls."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], experts: int, top_k: int, tokens: int, calls: int) -> None:
+    def __init__(
+        self, weights: dict[str, torch.Tensor], routed: int, experts: int, top_k: int, tokens: int, calls: int
+    ) -> None:
+        """The first ``experts`` of ``weights``; a layer of ``routed + 1`` also routes every token to the last."""
         from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
         from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
@@ -60,7 +63,6 @@ class Kernel:
         quant = fp8_w8a8_moe_quant_config(
             w1_scale=weights["w1_scale"][:experts], w2_scale=weights["w2_scale"][:experts], block_shape=BLOCK
         )
-        routed = weights["routed"]
         topk_weights, topk_ids = routing(tokens, routed, top_k, None if experts == routed else routed)
         hidden = torch.randn(tokens, w1.shape[2], device="cuda", dtype=torch.bfloat16)
 
@@ -98,7 +100,6 @@ def build(args: argparse.Namespace) -> dict[str, dict[int, Kernel]]:
         "w2": random_fp8((e + 1, k, n)),
         "w1_scale": block_scales(e + 1, 2 * n, k),
         "w2_scale": block_scales(e + 1, k, n),
-        "routed": e,
     }
 
     def tiles(experts: int, top_k: int, tokens: int) -> dict[str, int]:
@@ -106,10 +107,10 @@ def build(args: argparse.Namespace) -> dict[str, dict[int, Kernel]]:
 
     variants: dict[str, dict[int, Kernel]] = {"original": {}, "fused": {}, "fused-original-tiles": {}}
     for m in args.batches:
-        variants["original"][m] = Kernel(weights, e, args.top_k, m, args.calls)
-        variants["fused"][m] = Kernel(weights, e + 1, args.top_k + 1, m, args.calls)
+        variants["original"][m] = Kernel(weights, e, e, args.top_k, m, args.calls)
+        variants["fused"][m] = Kernel(weights, e, e + 1, args.top_k + 1, m, args.calls)
         with override_config(tiles(e, args.top_k, m)):
-            variants["fused-original-tiles"][m] = Kernel(weights, e + 1, args.top_k + 1, m, args.calls)
+            variants["fused-original-tiles"][m] = Kernel(weights, e, e + 1, args.top_k + 1, m, args.calls)
         print(f"batch {m}: original's tiles {tiles(e, args.top_k, m)}, fused's {tiles(e + 1, args.top_k + 1, m)}")
     return variants
 
