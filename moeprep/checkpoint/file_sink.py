@@ -80,6 +80,13 @@ def _direct_fd(path: Path, flags: int) -> int | None:
     return fd
 
 
+def _closed(fd: int) -> int:
+    """Close ``fd`` unless it is already closed (-1); returns -1."""
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
 def _wait_all(tasks: Iterable[Future[None]]) -> None:
     for task in tasks:
         task.result()
@@ -152,9 +159,7 @@ class DirectFile:
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self._ring.data_ptr())
             self._pinned = False
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._fd = _closed(self._fd)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -202,9 +207,7 @@ class BufferedFile:
         wait([task for tasks in self._reading for task in tasks])
         self._reading.clear()
         self._flusher.shutdown(wait=True)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._fd = _closed(self._fd)
 
 
 def _sync_and_drop(fd: int, begin: int, end: int) -> None:
