@@ -219,6 +219,11 @@ def measure_batches(
     return results
 
 
+def turn_order(names: list[str], round_index: int) -> list[str]:
+    """The models' order in a round: as given, then reversed, ... (a drift over the run falls on all)."""
+    return names if round_index % 2 == 0 else names[::-1]
+
+
 def child_measure(
     workdir: Path,
     names: list[str],
@@ -237,16 +242,16 @@ def child_measure(
     # The router reset and the graph timer are functions sent to the engine's worker, which vLLM pickles only so.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     runners = {}
+    engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread)
     for name in names:
         folder, env = VARIANTS[name]
         with patch.dict(os.environ, env):  # read by the engine process this starts
-            engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread)
             runners[name] = batch_runner(str(workdir / folder), *engine)
     for run_batch, _ in runners.values():
         warm_up(run_batch, batches, warmup_s)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(rounds):
-        for name in names if round_index % 2 == 0 else names[::-1]:
+        for name in turn_order(names, round_index):
             runs[name].append(measure_batches(*runners[name], batches, repeats))
     out.write_text(json.dumps(runs))
 
@@ -301,7 +306,7 @@ def main() -> None:
     else:
         runs = {name: [] for name in names}
         for round_index in range(args.rounds):
-            for name in names if round_index % 2 == 0 else names[::-1]:
+            for name in turn_order(names, round_index):
                 runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
     rows = [summarize(batch, runs) for batch in map(str, args.batches)]
     print_rows(args, rows, runs)

@@ -109,9 +109,10 @@ def build(args: argparse.Namespace) -> dict[str, dict[int, Kernel]]:
     for m in args.batches:
         variants["original"][m] = Kernel(weights, e, e, args.top_k, m, args.calls)
         variants["fused"][m] = Kernel(weights, e, e + 1, args.top_k + 1, m, args.calls)
-        with override_config(tiles(e, args.top_k, m)):
+        original_tiles = tiles(e, args.top_k, m)
+        with override_config(original_tiles):
             variants["fused-original-tiles"][m] = Kernel(weights, e, e + 1, args.top_k + 1, m, args.calls)
-        print(f"batch {m}: original's tiles {tiles(e, args.top_k, m)}, fused's {tiles(e + 1, args.top_k + 1, m)}")
+        print(f"batch {m}: original's tiles {original_tiles}, fused's {tiles(e + 1, args.top_k + 1, m)}")
     return variants
 
 
