@@ -21,6 +21,9 @@ by round there, so what varies from process to process (clocks, memory placement
 ``--serial-baseline`` adds a third model: the original with its shared expert run after the routed experts on
 the main stream (``VLLM_DISABLE_SHARED_EXPERTS_STREAM=1``) instead of overlapped with them on vLLM's auxiliary
 stream (its default up to 256 tokens), the baseline fused-shared-expert prototypes were compared against.
+``--no-shared-bound`` adds the original without its shared expert (``n_shared_experts`` null, routing
+unchanged): no way of computing the shared expert, fused or not, is faster than not computing it, so
+1 - no-shared / original bounds what fusing can save.
 ``--graph-replays N`` also times the model's forward alone: after each batch size's runs, its decode step's full
 CUDA graph is replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling,
 sampling and output handling that make up much of a few-layer model's TPOT), on fixed token sets shared by every
@@ -46,11 +49,20 @@ from unittest.mock import patch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Each model measured: (its folder under --workdir, environment for its engine).
-VARIANTS = {
-    "original": ("original", {}),
-    "fused": ("fused", {}),
-    "serial": ("original", {"VLLM_DISABLE_SHARED_EXPERTS_STREAM": "1"}),
+
+def without_shared_experts(config: Any) -> Any:
+    """vLLM ``hf_overrides``: a null shared-expert count, for which vLLM 0.26's DeepSeek-V3 and GLM-4-MoE build
+    no shared-expert MLP (set past transformers' field check, which takes an int only)."""
+    object.__setattr__(config, "n_shared_experts", None)
+    return config
+
+
+# Each model measured: (its folder under --workdir, environment for its engine, vLLM hf_overrides).
+VARIANTS: dict[str, tuple[str, dict[str, str], Callable[[Any], Any] | None]] = {
+    "original": ("original", {}, None),
+    "fused": ("fused", {}, None),
+    "serial": ("original", {"VLLM_DISABLE_SHARED_EXPERTS_STREAM": "1"}, None),
+    "no-shared": ("original", {}, without_shared_experts),
 }
 
 
@@ -147,9 +159,17 @@ def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
 
 
 def batch_runner(
-    model: str, batches: list[int], input_len: int, output_len: int, gpu_share: float, replays: int, spread: bool
+    model: str,
+    overrides: Callable[[Any], Any] | None,
+    batches: list[int],
+    input_len: int,
+    output_len: int,
+    gpu_share: float,
+    replays: int,
+    spread: bool,
 ) -> tuple[RunBatch, ForwardTime | None]:
-    """Start vLLM on ``model`` (dummy weights, ``gpu_share`` of the GPU's memory); returns ``run_batch(n)``:
+    """Start vLLM on ``model`` (dummy weights, ``gpu_share`` of the GPU's memory, config changed by
+    ``overrides``); returns ``run_batch(n)``:
     n requests at once, (time to the first step that returns tokens, the intervals between later such steps),
     and with ``replays`` ``forward_ms(n)``: the decode step's CUDA graph timed in the worker."""
     import torch
@@ -164,6 +184,7 @@ def batch_runner(
         gpu_memory_utilization=gpu_share,
         enable_prefix_caching=False,
         seed=0,
+        hf_overrides=overrides,
     )
     if spread and not llm.collective_rpc(spread_routing, args=(0,))[0]:
         raise RuntimeError(f"no router gates (.mlp.gate.weight) found in {model}")
@@ -244,9 +265,9 @@ def child_measure(
     runners = {}
     engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread)
     for name in names:
-        folder, env = VARIANTS[name]
+        folder, env, overrides = VARIANTS[name]
         with patch.dict(os.environ, env):  # read by the engine process this starts
-            runners[name] = batch_runner(str(workdir / folder), *engine)
+            runners[name] = batch_runner(str(workdir / folder), overrides, *engine)
     for run_batch, _ in runners.values():
         warm_up(run_batch, batches, warmup_s)
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -278,6 +299,11 @@ def main() -> None:
         "--serial-baseline", action="store_true", help="also the original with its shared expert on the main stream"
     )
     parser.add_argument(
+        "--no-shared-bound",
+        action="store_true",
+        help="also the original without shared experts: the floor for any way of computing them",
+    )
+    parser.add_argument(
         "--graph-replays",
         type=int,
         default=0,
@@ -299,8 +325,11 @@ def main() -> None:
         child_measure(args.workdir, names, Path(out), args.rounds, *measure)
         return
 
-    weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
+    folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
+    if args.no_shared_bound and "n_shared_experts" not in json.loads((folders["original"] / "config.json").read_text()):
+        parser.error(f"--no-shared-bound: {args.family} does not count its shared experts (n_shared_experts)")
     names = ["original", "fused"] + (["serial"] if args.serial_baseline else [])
+    names += ["no-shared"] if args.no_shared_bound else []
     if args.one_process:
         runs = run_child(names, args.rounds, args, "all")
     else:
@@ -327,12 +356,12 @@ def print_rows(args: argparse.Namespace, rows: list[dict], runs: dict[str, list[
     print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model ({where})")
     ratios = [(name, "original") for name in names[1:]] + ([("fused", "serial")] if "serial" in names else [])
     for metric in (metric.removesuffix("_ms") for metric in measured_metrics(runs)):
-        heads = "".join(f"{f'{a}/{b}':>16}" for a, b in ratios)
-        print(f"batch  {metric.upper() + ' ' + '/'.join(names) + ' ms':>32}{heads}  original's noise")
+        heads = "".join(f"{f'{a}/{b}':>20}" for a, b in ratios)
+        print(f"batch  {metric.upper() + ' ' + '/'.join(names) + ' ms':>40}{heads}  original's noise")
         for r in rows:
             times = "/".join(f"{r[f'{name}_{metric}_ms']:.2f}" for name in names)
-            cells = "".join(f"{r[f'{a}_{metric}_ms'] / r[f'{b}_{metric}_ms']:16.3f}" for a, b in ratios)
-            print(f"{r['batch']:5d}  {times:>32}{cells}  {r[f'{metric}_noise']:16.3f}")
+            cells = "".join(f"{r[f'{a}_{metric}_ms'] / r[f'{b}_{metric}_ms']:20.3f}" for a, b in ratios)
+            print(f"{r['batch']:5d}  {times:>40}{cells}  {r[f'{metric}_noise']:16.3f}")
 
 
 def run_child(names: list[str], rounds: int, args: argparse.Namespace, name: str) -> Any:
