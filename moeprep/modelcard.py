@@ -6,6 +6,7 @@ from typing import Any
 
 from moeprep import __version__
 from moeprep.checkpoint.manifest import MANIFEST_NAME, Source, Target
+from moeprep.vllm_versions import served_vllm
 
 
 def card_tags(target: Target, model_type: str, summary: dict[str, Any]) -> list[str]:
@@ -85,7 +86,7 @@ def render_model_card(
             ),
             "## Verification",
             "",
-            f"- Layouts verified against vLLM {', '.join(target.vllm_versions)}; tensor parallel {target.tp_size}, "
+            f"- Served by vLLM {served_vllm(target)}; tensor parallel {target.tp_size}, "
             f"expert parallel {target.ep_size}.",
             f"- Source: {len(source.files)} files ({source_bytes} bytes), each recorded with its sha256.",
             f"- Every prepared file and tensor is recorded with its sha256 in `{MANIFEST_NAME}`; "

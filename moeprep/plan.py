@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moeprep.checkpoint.manifest import QUANT_METHOD, Target
+from moeprep.checkpoint.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
 from moeprep.checkpoint.safetensors_io import TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
@@ -28,9 +28,10 @@ from moeprep.layouts.mxfp4_experts import (
     then,
 )
 from moeprep.layouts.padding import round_up
+from moeprep.vllm_versions import describe, in_ranges, target_version
 
-PASSTHROUGH = "passthrough"
-PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]
+PASSTHROUGH = PASSTHROUGH_RECIPE
+PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]  # served in the tests; any vLLM serves pass-through folders
 MXFP4_BACKENDS: dict[str, ModuleType] = {
     module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
 }
@@ -181,6 +182,7 @@ def _mxfp4_jobs(
     moe: MoeSpec,
     backend: ModuleType,
     arch: str,
+    padding: dict[str, int],
     device: torch.device,
     tp_size: int = 1,
     ep_size: int = 1,
@@ -191,7 +193,7 @@ def _mxfp4_jobs(
     from moeprep.rank_shards import RECIPE_EP, RECIPE_TP, linear_placement  # imports TensorJob from here
 
     hidden, inter = source.config["hidden_size"], moe.expert_intermediate
-    hidden_multiple, inter_multiple = padding_multiples(backend, arch)
+    hidden_multiple, inter_multiple = padding["hidden"], padding["intermediate"]
     if ep_size > 1:
         whole = Mxfp4Partition.of(inter, 1)[0]
         shares = [(rank, whole, linear_placement(moe.num_experts, ep_size, rank)) for rank in range(ep_size)]
@@ -243,10 +245,24 @@ def transform_device(device: str) -> torch.device:
     return resolved
 
 
-def padding_multiples(module: ModuleType, arch: str) -> tuple[int, int]:
-    """(hidden, intermediate) multiples a layout module pads to on ``arch``."""
-    per_arch = getattr(module, "ARCH_PADDING", None)  # modules whose padding depends on the arch
-    return per_arch[arch] if per_arch else (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE)
+def padding_multiples(module: ModuleType, arch: str, vllm_version: str) -> tuple[int, int]:
+    """(hidden, intermediate) multiples a layout module pads to on ``arch`` for ``vllm_version``."""
+    return recipe_span(module, arch, vllm_version)[1]
+
+
+def recipe_span(module: ModuleType, arch: str, vllm_version: str) -> tuple[list[list[str]], tuple[int, int]]:
+    """The vLLM ranges whose transform gives the bytes of a layout module's recipe for ``arch`` and ``vllm_version``
+    (every verified range with the same padding), and that padding; refuses a version outside them."""
+    by_vllm = getattr(module, "ARCH_PADDING_BY_VLLM", {}).get(arch)  # modules whose padding changed over releases
+    spans = by_vllm or [(span, (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE)) for span in module.VLLM_RANGES]
+    for span, padding in spans:
+        if in_ranges(vllm_version, [span]):
+            return [list(other) for other, same in spans if same == padding], padding
+    verified = describe([span for span, _ in spans])
+    raise UnsupportedModelError(
+        f"{module.NAME} layouts are verified for vLLM {verified}, not {vllm_version}; pass --vllm-version with one "
+        "of those (the folder is served by that vLLM)"
+    )
 
 
 def mxfp4_module(backend: str, expert_format: str) -> ModuleType | None:
@@ -256,20 +272,26 @@ def mxfp4_module(backend: str, expert_format: str) -> ModuleType | None:
     return padded if backend == "none" else MXFP4_BACKENDS[backend]
 
 
-def backend_target(backend: str, arch: str | None, module: ModuleType | None = None) -> Target:
-    """The manifest target of ``backend``; ``module`` lays out the mxfp4 experts (None: tensors pass through)."""
+def backend_target(
+    backend: str, arch: str | None, module: ModuleType | None = None, vllm_version: str | None = None
+) -> Target:
+    """The manifest target of ``backend``; ``module`` lays out the mxfp4 experts (None: tensors pass through);
+    ``vllm_version``: the vLLM to prepare for (None: the installed one for the backend's platform, else the newest)."""
     if module is None:
         return Target(backend, PASSTHROUGH, 1, list(PASSTHROUGH_VERIFIED_VLLM))
     arch = arch or module.ARCHES[0]
     if arch not in module.ARCHES:
         raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(module.ARCHES)}, not {arch!r}")
+    version = target_version(module.PLATFORM, vllm_version)
+    ranges, padding = recipe_span(module, arch, version)
     return Target(
         backend=backend,
         recipe=f"{backend}-{arch}",
         recipe_version=module.RECIPE_VERSION,
-        vllm_versions=list(module.VERIFIED_VLLM),
-        padding=dict(zip(("hidden", "intermediate"), padding_multiples(module, arch), strict=True)),
+        vllm_versions=sorted({v for span in ranges for v in span}),
+        padding=dict(zip(("hidden", "intermediate"), padding, strict=True)),
         knobs={"arch": arch, **module.KNOBS},
+        vllm_ranges=ranges,
     )
 
 
@@ -296,7 +318,8 @@ class PlanOptions:
     """How to prepare a checkpoint besides its backend: ``arch`` of the mxfp4 layouts, ``device`` they run on;
     ``fuse_shared_replicas`` > 0 clones the shared experts into that many replicas of routed-expert slots,
     ``requantize_shared`` lets those slots change format to the routed experts' one; ``tp_size`` or
-    ``ep_size`` > 1 writes each rank's expert shards (TP slices, or whole experts under EP) into its own files."""
+    ``ep_size`` > 1 writes each rank's expert shards (TP slices, or whole experts under EP) into its own files;
+    ``vllm_version``: the vLLM the layouts are for (None: ``vllm_versions.target_version``)."""
 
     arch: str | None = None
     device: str = "cpu"
@@ -304,6 +327,7 @@ class PlanOptions:
     requantize_shared: bool = False
     tp_size: int = 1
     ep_size: int = 1
+    vllm_version: str | None = None
 
 
 def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOptions = PlanOptions()) -> Plan:
@@ -324,7 +348,8 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             "use --backend none"
         )
     module = mxfp4_module(backend, moe.expert_format)
-    target = replace(backend_target(backend, options.arch, module), tp_size=options.tp_size, ep_size=options.ep_size)
+    target = backend_target(backend, options.arch, module, options.vllm_version)
+    target = replace(target, tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
     if options.ep_size > 1 and options.ep_size % options.tp_size:
@@ -337,7 +362,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     if module is not None:
         device = transform_device(options.device)
         jobs, consumed = _mxfp4_jobs(
-            source, moe, module, target.knobs["arch"], device, options.tp_size, options.ep_size
+            source, moe, module, target.knobs["arch"], target.padding, device, options.tp_size, options.ep_size
         )
     elif options.tp_size > 1 or options.ep_size > 1:
         jobs, consumed = _rank_shard_jobs(source, moe, options)

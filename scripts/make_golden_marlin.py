@@ -1,4 +1,4 @@
-"""Record vLLM 0.26's Marlin mxfp4 MoE transform (``prepare_moe_mxfp4_layer_for_marlin``, a CUDA op) on
+"""Record the installed vLLM's Marlin mxfp4 MoE transform (``prepare_moe_mxfp4_layer_for_marlin``, a CUDA op) on
 seeded inputs: small cases as raw tensors, gpt-oss-sized cases as sha256. GPU host only.
 
 Usage: python scripts/make_golden_marlin.py OUT_DIR
@@ -21,6 +21,7 @@ from tests.golden_inputs import marlin_inputs as seeded_inputs  # noqa: E402
 
 
 def main() -> None:
+    import vllm
     from safetensors.torch import save_file
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.utils.marlin_utils_fp4 import prepare_moe_mxfp4_layer_for_marlin
@@ -55,9 +56,8 @@ def main() -> None:
                     out / f"marlin_mxfp4_{seed}.safetensors",
                 )
             summary.append(record)
-    (out / "marlin_mxfp4_golden.json").write_text(
-        json.dumps({"reference": "vllm 0.26.0 prepare_moe_mxfp4_layer_for_marlin", "cases": summary}, indent=1)
-    )
+    reference = f"vllm {vllm.__version__} prepare_moe_mxfp4_layer_for_marlin"
+    (out / "marlin_mxfp4_golden.json").write_text(json.dumps({"reference": reference, "cases": summary}, indent=1))
     print(json.dumps(summary, indent=1)[:2000])
 
 

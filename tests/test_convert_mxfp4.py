@@ -97,7 +97,10 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     from moeprep.convert import convert, load_plan
     from moeprep.plan import PlanOptions
 
-    source, plan = load_plan(str(src), backend, options=PlanOptions(arch=None if arch == "any" else arch))
+    # flashinfer-trtllm layouts are verified for vLLM 0.26.0 only (newer releases pad and shuffle differently)
+    version = "0.26.0" if backend == "flashinfer-trtllm" else None
+    options = PlanOptions(arch=None if arch == "any" else arch, vllm_version=version)
+    source, plan = load_plan(str(src), backend, options=options)
     assert plan.target.recipe == f"{backend}-{arch}"
     convert(source, plan, tmp_path / "out")
     stored = {}
@@ -144,10 +147,37 @@ def test_backend_for_mxfp4_refuses_bf16_experts(tiny, tmp_path: Path) -> None:
     assert result.returncode == 2 and "use --backend none" in result.stderr
 
 
+def test_layouts_are_prepared_for_the_vllm_releases_their_recipe_covers(tiny, tmp_path: Path) -> None:
+    """The manifest records the vLLM ranges whose transform gives the layout's bytes; the sm100 padding-only
+    recipe follows the targeted release (vLLM 0.27 pads the intermediate size to 128, 0.26 to 256); a release
+    outside a recipe's ranges is refused in one line, without output."""
+    from moeprep.checkpoint.manifest import load_manifest
+
+    expected = {
+        ("triton", "0.30.0"): ([["0.26.0", "0.34.0"]], 64),
+        ("none", "0.26.0"): ([["0.26.0", "0.26.0"]], 256),
+        ("none", "0.34.0"): ([["0.27.0", "0.34.0"]], 128),
+        ("marlin", "0.34.0"): ([["0.26.0", "0.26.0"], ["0.34.0", "0.34.0"]], 128),
+    }
+    for (backend, version), (ranges, intermediate) in expected.items():
+        out = tmp_path / f"{backend}-{version}"
+        arch = ["--arch", "sm100"] if backend == "none" else []
+        result = run_cli("convert", tiny("gpt-oss"), out, "--backend", backend, "--vllm-version", version, *arch)
+        assert result.returncode == 0, result.stderr
+        target = load_manifest(out).target
+        assert (target.vllm_ranges, target.padding["intermediate"]) == (ranges, intermediate), backend
+    for backend, version in (("marlin", "0.30.0"), ("flashinfer-trtllm", "0.34.0"), ("triton", "0.35")):
+        result = run_cli("convert", tiny("gpt-oss"), tmp_path / "no", "--backend", backend, "--vllm-version", version)
+        assert result.returncode == 2 and "layouts are verified for vLLM" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+    bad = run_cli("convert", tiny("gpt-oss"), tmp_path / "bad", "--backend", "triton", "--vllm-version", "latest")
+    assert bad.returncode == 2 and "not of the form X.Y.Z" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        (["--backend", "flashinfer-trtllm"], "Blackwell"),
+        (["--backend", "flashinfer-trtllm", "--vllm-version", "0.26.0"], "Blackwell"),
         (["--backend", "cpu"], "AMX"),
         (["--backend", "triton", "--tp", "2"], "tensor-parallel triton layouts"),
     ],

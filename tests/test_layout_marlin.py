@@ -1,6 +1,6 @@
-"""Marlin mxfp4 layout, bitwise against vLLM 0.26's ``prepare_moe_mxfp4_layer_for_marlin`` (a CUDA op),
-recorded on an H100 by scripts/make_golden_marlin.py: raw tensors for a small case, sha256 for
-gpt-oss-sized ones."""
+"""Marlin mxfp4 layout, bitwise against vLLM's ``prepare_moe_mxfp4_layer_for_marlin`` (a CUDA op), recorded by
+scripts/make_golden_marlin.py with vLLM 0.26.0 on an H100 and again, with the same hashes, with vLLM 0.34.0 on an
+H200: raw tensors for a small case, sha256 for gpt-oss-sized ones."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from moeprep.layouts.marlin import permute_marlin_bias, permute_marlin_scales, r
 from tests.golden_inputs import MARLIN_CASES, marlin_inputs
 
 GOLDEN = Path(__file__).parent / "golden" / "marlin"
-CASES = json.loads((GOLDEN / "marlin_mxfp4_golden.json").read_text())["cases"]
+RECORDED = json.loads((GOLDEN / "marlin_mxfp4_golden.json").read_text())
+CASES = RECORDED["cases"]
+
+
+def test_layout_is_claimed_only_for_the_vllm_releases_whose_op_was_recorded() -> None:
+    from moeprep.layouts import marlin
+
+    recorded = " ".join([RECORDED["reference"], *RECORDED["also_recorded"]])
+    for low, high in marlin.VLLM_RANGES:
+        assert low == high and f"vllm {low} " in recorded  # a CUDA op: only the releases it ran on
 
 
 def marlin(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -87,7 +87,13 @@ def test_each_rank_file_holds_the_layout_of_what_vllm_loads_on_that_rank(
 ) -> None:
     tp = 2
     source, plan = load_plan(
-        str(gpt_oss_160), backend, options=PlanOptions(arch=None if arch == "any" else arch, tp_size=tp)
+        str(gpt_oss_160),
+        backend,
+        options=PlanOptions(
+            arch=None if arch == "any" else arch,
+            tp_size=tp,
+            vllm_version="0.26.0" if backend == "flashinfer-trtllm" else None,  # its only verified release
+        ),
     )
     out = tmp_path / "out"
     convert(source, plan, out)
@@ -95,7 +101,7 @@ def test_each_rank_file_holds_the_layout_of_what_vllm_loads_on_that_rank(
     assert manifest.target.tp_size == tp and len(manifest.rank_tensors) == tp
     assert not any("experts.moeprep_" in name for name in manifest.tensors)  # no rank reads another's experts
     module = mxfp4_module(backend, "mxfp4")
-    hidden_multiple, inter_multiple = padding_multiples(module, arch)
+    hidden_multiple, inter_multiple = padding_multiples(module, arch, plan.target.vllm_versions[-1])
     hidden_padded = round_up(source.config["hidden_size"], hidden_multiple)
     inter_padded = round_up(INTER // tp, inter_multiple)
     dims = Mxfp4ExpertDims(0, hidden_padded, inter_padded, hidden_padded, inter_padded)

@@ -72,7 +72,8 @@ def test_tracker_accepts_complete_loads() -> None:
     ("changes", "message"),
     [
         ({"backend": "none"}, "config.json says backend 'triton'"),
-        ({"vllm_versions": ["0.1.0"]}, "verified against vLLM 0.1.0"),
+        ({"vllm_versions": ["0.1.0"]}, "verified for vLLM 0.1.0 but"),
+        ({"vllm_ranges": [["0.1.0", "0.26.0"]]}, "verified for vLLM 0.1.0-0.26.0 but"),
         ({"tp_size": 4}, "tensor parallel size 4"),
         ({"ep_size": 4}, "expert parallel size 4, running with 2"),
     ],
@@ -82,6 +83,24 @@ def test_manifest_mismatches_are_refused(changes: dict, message: str) -> None:
     m.target = dataclasses.replace(m.target, **changes)
     with pytest.raises(PreparedCheckpointMismatch, match=message):
         check_manifest_against_runtime(m, "triton", tp_size=2, ep_size=2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "served"),
+    [
+        ({"vllm_versions": ["0.1.0"], "vllm_ranges": [["0.1.0", "99.0.0"]]}, True),
+        ({"vllm_versions": ["0.1.0"], "vllm_ranges": [["0.1.0", "0.2.0"], ["99.0.0", "99.1.0"]]}, False),
+        ({"vllm_versions": ["0.1.0"], "recipe": "passthrough"}, True),
+    ],
+)
+def test_running_vllm_is_served_within_the_recipe_ranges(changes: dict, served: bool) -> None:
+    m = manifest()
+    m.target = dataclasses.replace(m.target, **changes)
+    if served:
+        check_manifest_against_runtime(m, "triton", tp_size=1)
+    else:
+        with pytest.raises(PreparedCheckpointMismatch, match="verified for vLLM 0.1.0-0.2.0, 99.0.0-99.1.0 but"):
+            check_manifest_against_runtime(m, "triton", tp_size=1)
 
 
 def test_matching_parallel_sizes_are_accepted() -> None:
@@ -197,3 +216,20 @@ def test_prepared_block_fp8_folder_gets_the_originals_fp8_kernels_and_fusions(tm
     assert compile_settings(prepared) == (original_ops, original_passes)
     config = MoeprepConfig("none", DEEPSEEK_FP8_CONFIG)
     assert config.weight_block_size == [128, 128] and not hasattr(MoeprepConfig("none", None), "weight_block_size")
+
+
+def test_vllm_hooks_of_the_prepared_mxfp4_methods_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The private vLLM names ``runtime/vllm_compat.py`` relies on are there; a vLLM without one is refused
+    naming it, and the conversion swap is undone after its block."""
+    import vllm.model_executor.layers.quantization.mxfp4 as method_module
+
+    from moeprep.runtime import vllm_compat
+
+    assert vllm_compat.missing_hooks() == []
+    original = method_module.convert_gpt_oss_weight_to_mxfp4_moe_kernel_format
+    with vllm_compat.conversion_replaced(print):
+        assert method_module.convert_gpt_oss_weight_to_mxfp4_moe_kernel_format is print
+    assert method_module.convert_gpt_oss_weight_to_mxfp4_moe_kernel_format is original
+    monkeypatch.delattr(method_module, "convert_gpt_oss_weight_to_mxfp4_moe_kernel_format")
+    with pytest.raises(PreparedCheckpointMismatch, match="lacks .*convert_gpt_oss_weight_to_mxfp4_moe_kernel_format"):
+        vllm_compat.check_hooks()

@@ -218,6 +218,31 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
     assert ids[:, 2].tolist() == [[4, 9][t % 2] for t in range(7)] and torch.all(weights[:, 2] == 1)
 
 
+def test_slot_routers_skip_padding_rows_and_monolithic_kernels() -> None:
+    """vLLM 0.34 routers mark CUDA-graph padding rows with expert id -1: their slots are skipped too (-1), and
+    -1 is never mapped through the routed-id table (it would index its last entry)."""
+    pytest.importorskip("vllm")
+    from moeprep.runtime.fused_shared import SlotContract, SlotRouter, mapped_ids, padding_rows_skipped, slot_id_table
+
+    contract = SlotContract(
+        routed_experts=4,
+        slots=1,
+        replicas=2,
+        top_k=2,
+        expert_intermediate=64,
+        gated=False,
+        routed_scaling_factor=1.0,
+        renormalize=False,
+        slot_ids=((4, 5),),
+    )
+    routed = torch.tensor([[0, 3], [-1, -1], [2, 1], [-1, -1]], dtype=torch.int32)
+    slots = padding_rows_skipped(routed, slot_id_table(contract, 4))
+    assert slots.tolist() == [[4], [-1], [4], [-1]]
+    table = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
+    assert mapped_ids(routed, table).tolist() == [[0, 6], [-1, -1], [4, 2], [-1, -1]]
+    assert SlotRouter.supports_monolithic_kernels.fget(None) is False  # type: ignore[attr-defined]
+
+
 def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:
     combined = run_cli("convert", tiny("glm4-moe"), tmp_path / "both", "--fuse-shared-experts", "--lora", tmp_path)
     assert combined.returncode == 2 and "--lora and --fuse-shared-experts cannot be combined" in combined.stderr

@@ -17,6 +17,7 @@ from moeprep.errors import ManifestError
 MANIFEST_NAME = "moeprep.json"
 SEAL_NAME = "moeprep.seal.json"  # {"moeprep.json": sha256}: the manifest records every file but itself
 LORA_RECORD_NAME = "moeprep_lora.json"  # in a split LoRA adapter: the base it was split for
+PASSTHROUGH_RECIPE = "passthrough"  # the recipe of a target whose tensors all pass through
 SCHEMA_VERSION = 2  # 2: tensors hashed as sha256 trees
 QUANT_METHOD = "moeprep"
 
@@ -61,6 +62,19 @@ class Target:
     ep_size: int = 1
     padding: dict[str, int] = field(default_factory=dict)
     knobs: dict[str, Any] = field(default_factory=dict)
+    # Inclusive [low, high] vLLM versions whose own transform gives these bytes; a folder is served by any vLLM
+    # in them. Empty: the exact ``vllm_versions`` (manifests written before ranges); pass-through folders are
+    # served by any vLLM.
+    vllm_ranges: list[list[str]] = field(default_factory=list)
+
+    @property
+    def locked_to_vllm(self) -> bool:
+        """Whether these tensors are laid out for particular vLLM releases (pass-through tensors are not)."""
+        return self.recipe != PASSTHROUGH_RECIPE
+
+    @property
+    def served_vllm_ranges(self) -> list[list[str]]:
+        return self.vllm_ranges or [[version, version] for version in self.vllm_versions]
 
     @property
     def moe_ranks(self) -> int:
@@ -146,6 +160,8 @@ _FIELD_CHECKS = {
     "str | None": lambda v: v is None or isinstance(v, str),
     "list[int]": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[list[str]]": lambda v: isinstance(v, list)
+    and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in v),
     "dict[str, int]": lambda v: isinstance(v, dict) and all(type(x) is int for x in v.values()),
     "dict[str, Any]": lambda v: isinstance(v, dict),
 }

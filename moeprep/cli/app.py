@@ -130,6 +130,13 @@ def convert(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="where layouts are computed: cpu or cuda")] = "cpu",
+    vllm_version: Annotated[
+        str | None,
+        typer.Option(
+            help="vLLM release to prepare mxfp4 layouts for (default: the installed vLLM where it runs the backend, "
+            "else the newest supported)"
+        ),
+    ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
@@ -180,7 +187,7 @@ def convert(
         check_convert_options(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
-        options = PlanOptions(arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep)
+        options = PlanOptions(arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep, vllm_version)
         source, plan = load_plan(src, backend.value, revision, options)
         if dry_run:
             print_plan(plan, as_json)
@@ -317,6 +324,7 @@ def inspect(
 ) -> None:
     """Show what was done to a prepared folder."""
     from moeprep.checkpoint.manifest import load_manifest
+    from moeprep.vllm_versions import served_vllm
 
     with user_errors():
         manifest = load_manifest(folder)
@@ -333,7 +341,7 @@ def inspect(
         + (f" @ {manifest.source.revision}" if manifest.source.revision else "")
     )
     out.print(
-        f"target: backend {t.backend}, recipe {t.recipe} v{t.recipe_version}, vLLM {', '.join(t.vllm_versions)}, "
+        f"target: backend {t.backend}, recipe {t.recipe} v{t.recipe_version}, vLLM {served_vllm(t)}, "
         f"TP {t.tp_size}, EP {t.ep_size}, padding {t.padding or '-'}, knobs {t.knobs or '-'}"
     )
     out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")

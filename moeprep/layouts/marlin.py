@@ -88,7 +88,9 @@ KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS = ("--moe-backend", "marlin")  # vLLM picks Triton on Hopper unless told
 LORA_SERVE_FLAGS = SERVE_FLAGS
-VERIFIED_VLLM = ["0.26.0"]
+PLATFORM = "cuda"
+# the repack is a CUDA op: each release whose op was recorded on a GPU (tests/golden/marlin)
+VLLM_RANGES = (("0.26.0", "0.26.0"), ("0.34.0", "0.34.0"))
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 

@@ -1,7 +1,8 @@
-"""``--backend none`` for mxfp4 experts: padding only. The experts are written as vLLM 0.26's mxfp4
+"""``--backend none`` for mxfp4 experts: padding only. The experts are written as vLLM's mxfp4
 parameters hold them once its loader has filled them (``mxfp4_experts.loaded_parameters``), zero-padded to the
 sizes of the kernel vLLM picks for gpt-oss on ``--arch``: sm90 Triton ``matmul_ogs`` (intermediate to 64), sm100
-FlashInfer TRT-LLM (hidden and intermediate to 256). vLLM's own kernel transform then runs at load.
+FlashInfer TRT-LLM (hidden to 256, intermediate to 256 in vLLM 0.26, 128 from 0.27). vLLM's own kernel transform
+then runs at load.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from moeprep.layouts.mxfp4_experts import (
 
 NAME = "none"
 ARCHES = ("sm90", "sm100")
-# arch -> (hidden, intermediate) multiples of the kernel vLLM 0.26 picks there by default
-ARCH_PADDING = {
-    "sm90": (triton.HIDDEN_MULTIPLE, triton.INTERMEDIATE_MULTIPLE),
-    "sm100": (flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE),
+# arch -> (vLLM range, (hidden, intermediate) multiples of the kernel vLLM picks there by default) per range
+ARCH_PADDING_BY_VLLM = {
+    "sm90": ((("0.26.0", "0.34.0"), (triton.HIDDEN_MULTIPLE, triton.INTERMEDIATE_MULTIPLE)),),
+    "sm100": (  # FlashInfer TRT-LLM: vLLM 0.27 pads the intermediate size to 128 instead of 256
+        (("0.26.0", "0.26.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE)),
+        (("0.27.0", "0.34.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, 128)),
+    ),
 }
 KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()
 LORA_SERVE_FLAGS = triton.LORA_SERVE_FLAGS
-VERIFIED_VLLM = ["0.26.0"]
+PLATFORM = "cuda"
+VLLM_RANGES = (("0.26.0", "0.34.0"),)
 EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 

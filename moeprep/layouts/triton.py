@@ -43,7 +43,9 @@ SERVE_FLAGS: tuple[str, ...] = ()  # vLLM 0.26 picks this kernel by default on H
 # With LoRA on, vLLM 0.26 skips its fused Triton kernel (no LoRA support) for Marlin, whose layout this is not;
 # its unfused Triton kernel reads the same layouts and applies MoE LoRA.
 LORA_SERVE_FLAGS = ("--moe-backend", "triton_unfused")
-VERIFIED_VLLM = ["0.26.0"]
+PLATFORM = "cuda"
+# triton_kernels (bundled with vLLM) and _swizzle_mxfp4's Hopper/Blackwell parts are the same code in 0.26.0-0.34.0
+VLLM_RANGES = (("0.26.0", "0.34.0"),)
 # vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors
 # are stored under the full name of the parameter they fill.
 EXPERTS_MODULE = "mlp.experts.routed_experts"

@@ -101,6 +101,24 @@ class SlotRouter(BaseRouter):
     def routing_method_type(self) -> RoutingMethodType:
         return RoutingMethodType.Custom
 
+    @property
+    def supports_monolithic_kernels(self) -> bool:
+        """A monolithic kernel routes from the logits itself and would skip the slots: vLLM 0.33+ reads this and
+        picks a modular kernel (older releases are refused one by ``check_not_monolithic``)."""
+        return False
+
+
+def padding_rows_skipped(routed_ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    """``slot_ids`` with the rows the router marked as padding (expert ids -1, vLLM 0.34+) set to -1 too, so the
+    kernel skips their slots as it skips their routed experts."""
+    return slot_ids.masked_fill(routed_ids[:, :1] < 0, -1)
+
+
+def mapped_ids(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Router expert ids mapped to the layer's through ``table``; padding ids (-1) stay -1."""
+    mapped = table[ids.clamp(min=0).long()].to(ids.dtype)
+    return torch.where(ids < 0, ids, mapped)
+
 
 class SharedSlotRouter(SlotRouter):
     """The family's router over the routed experts, plus every slot per token (replica ``token % replicas``)
@@ -127,7 +145,7 @@ class SharedSlotRouter(SlotRouter):
         routed_logits = router_logits[:, : c.routed_experts].contiguous() if c.gated else router_logits
         weights, ids = self.inner._compute_routing(hidden_states, routed_logits, indices_type, input_ids=input_ids)
         if self.routed_ids is not None:
-            ids = self.routed_ids[ids.long()].to(ids.dtype)
+            ids = mapped_ids(ids, self.routed_ids)
         tokens = ids.shape[0]
         if tokens <= self.slot_ids.shape[0]:
             slot_ids = self.slot_ids[:tokens]
@@ -140,7 +158,8 @@ class SharedSlotRouter(SlotRouter):
             slot_weights = self.unit_weights[:tokens]
         else:
             slot_weights = torch.ones(tokens, c.slots, dtype=weights.dtype, device=weights.device)
-        return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids.to(ids.dtype)], dim=1)
+        slot_ids = padding_rows_skipped(ids, slot_ids.to(ids.dtype))
+        return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
 
 
 def current_contract() -> SlotContract:
@@ -237,7 +256,8 @@ class SlotRowsRouter(SlotRouter):
         weights, ids = self.inner._compute_routing(
             hidden_states[:tokens], router_logits[:tokens], indices_type, input_ids=input_ids
         )
-        slot_ids = slot_id_table(c, tokens).to(device=ids.device, dtype=ids.dtype).T.reshape(-1, 1)
+        slot_ids = slot_id_table(c, tokens).to(device=ids.device, dtype=ids.dtype)
+        slot_ids = padding_rows_skipped(ids, slot_ids).T.reshape(-1, 1)
         slot_weights = torch.ones(slot_ids.shape, dtype=weights.dtype, device=weights.device)
         return torch.cat([weights, slot_weights]), torch.cat([ids, slot_ids])
 

@@ -1,6 +1,6 @@
-"""Prepared gpt-oss mxfp4 experts for vLLM 0.26: the experts module gets the prepared parameters
-(``moeprep_w13_*`` ...) in their stored shapes, vLLM's loader copies the bytes in, and post-processing
-only hands them to vLLM's kernel as the tensors vLLM would have built. Nothing is re-laid-out."""
+"""Prepared gpt-oss mxfp4 experts: the experts module gets the prepared parameters (``moeprep_w13_*`` ...) in
+their stored shapes, vLLM's loader copies the bytes in, and post-processing hands them to vLLM's own kernel
+setup as the result of its weight conversion (``vllm_compat``). Nothing is re-laid-out."""
 
 from __future__ import annotations
 
@@ -13,10 +13,22 @@ from moeprep.checkpoint.manifest import TensorRecord
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin, expert_param_names
 from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.runtime.vllm_compat import (
+    KernelTensors,
+    keep_params_in_triton_tensors,
+    setup_prepared_kernel,
+    triton_kernels_module,
+    triton_precision_config,
+)
+
+# Prepared parameters of the Marlin and padded layouts in the order of vLLM's conversion results (w13, w2,
+# their scales, their biases), and vLLM's own names of those tensors.
+PREPARED_ORDER = tuple(f"moeprep_{proj}_{part}" for part in ("weight", "scale", "bias") for proj in ("w13", "w2"))
+VLLM_ORDER = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
 
 
 def running_arch() -> str:
-    return "sm{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "no GPU"
+    return "sm{}{}".format(*torch.cuda.get_device_capability())
 
 
 class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
@@ -30,11 +42,10 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
         self, moe: Any, prefix: str, records: dict[str, TensorRecord], knobs: dict, tracker: PreparedTensorTracker
     ) -> None:
         """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
-        super().__init__(moe)
-        if self.BACKENDS and self.mxfp4_backend.name not in self.BACKENDS:
+        if not torch.cuda.is_available():
             raise PreparedCheckpointMismatch(
-                f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
-                f"folder holds {self.LAYOUT} layouts; serve with that backend or convert again"
+                f"moeprep: this folder holds {self.LAYOUT} layouts, which need a CUDA GPU; on this machine "
+                "convert with --backend dequant (vLLM CPU), or serve the original checkpoint"
             )
         arch = knobs.get("arch", "any")
         if arch != "any" and arch != running_arch():
@@ -42,37 +53,33 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
                 f"moeprep: this folder holds {self.LAYOUT} layouts for {arch}, but the GPU is {running_arch()}; "
                 f"convert again with --arch {running_arch()}"
             )
+        super().__init__(moe)
+        if self.BACKENDS and self.mxfp4_backend.name not in self.BACKENDS:
+            raise PreparedCheckpointMismatch(
+                f"moeprep: vLLM selected the {self.mxfp4_backend.name} mxfp4 MoE backend for {prefix}, but this "
+                f"folder holds {self.LAYOUT} layouts; serve with that backend or convert again"
+            )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
 
     def process_weights_after_loading(self, layer: Any) -> None:
         self.params.check_all_loaded()
-        layer.register_parameter("w13_bias", layer.moeprep_w13_bias)
-        layer.register_parameter("w2_bias", layer.moeprep_w2_bias)
-        self.install(layer)
+        tensors = self.kernel_tensors(layer)
         for name in self.PARAMS:
-            delattr(layer, name)  # the installed tensors keep the storage alive
-        self.build_kernel(layer)
+            delattr(layer, name)  # the kernel tensors keep the storage alive
+        setup_prepared_kernel(self, layer, self.conversion_result(tensors), lambda: self.on_converted(layer, tensors))
         self.tracker.layer_ready(self.prefix)
 
-    def build_kernel(self, layer: Any) -> None:
-        """vLLM's MoE kernel over the installed tensors."""
-        from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import make_mxfp4_moe_kernel
-
-        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
-        if self.moe_quant_config is not None and self.experts_cls is not None:
-            self.moe_kernel = make_mxfp4_moe_kernel(
-                moe_quant_config=self.moe_quant_config,
-                moe_config=self.moe,
-                mxfp4_backend=self.mxfp4_backend,
-                experts_cls=self.experts_cls,
-                routing_tables=layer._expert_routing_tables(),
-                layer=layer,
-            )
-
-    def install(self, layer: Any) -> None:
-        """Give vLLM's kernel the prepared weights and scales in the objects it expects."""
+    def kernel_tensors(self, layer: Any) -> KernelTensors:
+        """The prepared (w13, w2, w13 scale, w2 scale, w13 bias, w2 bias) as the kernel reads them."""
         raise NotImplementedError
+
+    def conversion_result(self, tensors: KernelTensors) -> KernelTensors:
+        """``tensors`` in the objects vLLM's weight conversion returns for this backend."""
+        return tensors
+
+    def on_converted(self, layer: Any, tensors: KernelTensors) -> None:
+        """What vLLM's conversion does to the layer besides returning the converted tensors."""
 
 
 class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
@@ -90,10 +97,9 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
                 "(only sm90 is); convert with --backend marlin, or serve the original checkpoint"
             )
 
-    def install(self, layer: Any) -> None:
+    def kernel_tensors(self, layer: Any) -> KernelTensors:
+        triton_kernels_module()
         import triton_kernels.matmul_ogs_details.opt_flags as opt_flags
-        from triton_kernels.matmul_ogs import FlexCtx, PrecisionConfig
-        from triton_kernels.numerics import InFlexData
         from triton_kernels.tensor import FP4, Storage, Tensor
         from triton_kernels.tensor_details.layout import HopperMXScaleLayout, HopperMXValueLayout
 
@@ -112,37 +118,35 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
             return Tensor(Storage(data, layout), dtype=torch.uint8, shape=[self.num_experts, groups, n])
 
         w13_rows, w2_rows = 2 * self.intermediate_size, self.hidden_size
-        layer.w13_weight = value("moeprep_w13_value", self.hidden_size, w13_rows)
-        layer.w2_weight = value("moeprep_w2_value", self.intermediate_size, w2_rows)
-        w13_scale = scale("moeprep_w13_scale", self.hidden_size, w13_rows)
-        w2_scale = scale("moeprep_w2_scale", self.intermediate_size, w2_rows)
-        self.w13_precision_config = PrecisionConfig(weight_scale=w13_scale, flex_ctx=FlexCtx(rhs_data=InFlexData()))
-        self.w2_precision_config = PrecisionConfig(weight_scale=w2_scale, flex_ctx=FlexCtx(rhs_data=InFlexData()))
+        return (
+            value("moeprep_w13_value", self.hidden_size, w13_rows),
+            value("moeprep_w2_value", self.intermediate_size, w2_rows),
+            scale("moeprep_w13_scale", self.hidden_size, w13_rows),
+            scale("moeprep_w2_scale", self.intermediate_size, w2_rows),
+            layer.moeprep_w13_bias.data,
+            layer.moeprep_w2_bias.data,
+        )
 
+    def on_converted(self, layer: Any, tensors: KernelTensors) -> None:
+        w13, w2, w13_scale, w2_scale, *_ = tensors
+        keep_params_in_triton_tensors(
+            layer, w13_weight=w13, w2_weight=w2, w13_weight_scale=w13_scale, w2_weight_scale=w2_scale
+        )
 
-# vLLM's names of the expert weights and scales -> the prepared parameters holding them
-WEIGHTS_AND_SCALES = (
-    ("w13_weight", "moeprep_w13_weight"),
-    ("w2_weight", "moeprep_w2_weight"),
-    ("w13_weight_scale", "moeprep_w13_scale"),
-    ("w2_weight_scale", "moeprep_w2_scale"),
-)
-
-
-def register_as_vllm_params(layer: Any) -> None:
-    for vllm_name, name in WEIGHTS_AND_SCALES:
-        layer.register_parameter(vllm_name, getattr(layer, name))
+    def conversion_result(self, tensors: KernelTensors) -> KernelTensors:
+        w13, w2, w13_scale, w2_scale, w13_bias, w2_bias = tensors
+        return w13, w2, triton_precision_config(w13_scale), triton_precision_config(w2_scale), w13_bias, w2_bias
 
 
 class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
-    """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain parameters."""
+    """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain tensors."""
 
     PARAMS = expert_param_names("weight", "scale", "bias")
     BACKENDS = frozenset({"MARLIN", "BATCHED_MARLIN"})
     LAYOUT = "Marlin"
 
-    def install(self, layer: Any) -> None:
-        register_as_vllm_params(layer)
+    def kernel_tensors(self, layer: Any) -> KernelTensors:
+        return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
 
 
 class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):
@@ -153,11 +157,13 @@ class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     BACKENDS = frozenset()
     LAYOUT = "padded (untransformed) mxfp4"
 
-    def install(self, layer: Any) -> None:
-        register_as_vllm_params(layer)
-
-    def build_kernel(self, layer: Any) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
+        self.params.check_all_loaded()
+        for vllm_name, name in zip(VLLM_ORDER, PREPARED_ORDER, strict=True):
+            layer.register_parameter(vllm_name, getattr(layer, name))
+            delattr(layer, name)
         GptOssMxfp4MoEMethod.process_weights_after_loading(self, layer)
+        self.tracker.layer_ready(self.prefix)
 
 
 PREPARED_METHODS: dict[str, type[PreparedMxfp4MoEMethod]] = {

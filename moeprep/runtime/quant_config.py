@@ -34,6 +34,7 @@ from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.lora_check import serve_base
 from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.serving import backend_not_served, is_prepared_param, unserved_reason
+from moeprep.vllm_versions import in_ranges, served_vllm
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
 # Attributes vLLM reads off the model's quantization config by name (block-fp8 linear splits, the CUDA fp8
@@ -70,9 +71,9 @@ def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: in
         raise PreparedCheckpointMismatch(
             f"moeprep: config.json says backend {backend!r} but {MANIFEST_NAME} says {target.backend!r}; convert again"
         )
-    if version not in target.vllm_versions:
+    if target.locked_to_vllm and not in_ranges(version, target.served_vllm_ranges):
         raise PreparedCheckpointMismatch(
-            f"moeprep: this folder was verified against vLLM {', '.join(target.vllm_versions)} but vLLM {version} "
+            f"moeprep: this folder's layouts are verified for vLLM {served_vllm(target)} but vLLM {version} "
             f"is running; install one of those or re-run moeprep convert with this vLLM"
         )
     if target.tp_size != 1 and target.tp_size != tp_size:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import rewrite_manifest, run_cli
 from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, vllm_server
 
 pytest.importorskip("vllm")
@@ -107,4 +107,13 @@ def test_triton_folder_is_refused_on_vllm_cpu(tiny, tmp_path: Path) -> None:
     assert run_cli("convert", tiny("gpt-oss"), dest, "--backend", "triton").returncode == 0
     code, output = run_until_exit(dest, tmp_path / "triton.log")
     assert code != 0
-    assert "verified against vLLM 0.26.0" in output
+    assert "triton (matmul_ogs) layouts, which need a CUDA GPU" in output
+
+
+def test_folder_for_other_vllm_releases_is_refused(tiny, tmp_path: Path) -> None:
+    dest = tmp_path / "dequant"
+    assert run_cli("convert", tiny("gpt-oss"), dest, "--backend", "dequant").returncode == 0
+    rewrite_manifest(dest, lambda manifest: manifest["target"].update(vllm_ranges=[["0.1.0", "0.1.5"]]))
+    code, output = run_until_exit(dest, tmp_path / "dequant.log")
+    assert code != 0
+    assert "layouts are verified for vLLM 0.1.0-0.1.5 but vLLM 0.32.0 is running" in output

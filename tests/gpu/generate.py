@@ -4,13 +4,15 @@ Usage: python tests/gpu/generate.py MODEL OUT.json [--max-tokens N] [--moe-backe
            [--lora ADAPTER [--mixed-moe-lora-format]] [--score SEQUENCES.json]
 Writes the greedy tokens of the sample prompts and the log-probability of every token after the first
 of each sequence (teacher forcing, through prompt_logprobs): the given sequences, or by default each
-prompt followed by its greedy tokens. Run one checkpoint per process so each engine starts on a clean GPU.
+prompt followed by its greedy tokens. Run one checkpoint per process so each engine starts on a clean GPU;
+MOEPREP_GPU_MEMORY_UTILIZATION (default 0.5) lets several such processes share one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -45,7 +47,12 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(
-        args.model, max_model_len=args.max_model_len, gpu_memory_utilization=0.5, enforce_eager=True, seed=0, **kwargs
+        args.model,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=float(os.environ.get("MOEPREP_GPU_MEMORY_UTILIZATION", "0.5")),
+        enforce_eager=True,
+        seed=0,
+        **kwargs,
     )
     ready = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run the GPU tier on the GPU host (vLLM 0.26 bundle from ../shared/gpu-vllm installed in /tmp/vllm-site):
-#   bash tests/gpu/run_all.sh      -> results under $OUT (junit xml, logs, generated tokens)
+# Run the GPU tier on the GPU host against an installed vLLM bundle: VLLM_BUNDLE=.vllm-gpu (vLLM 0.26, from
+# ../shared/gpu-vllm, the default) or VLLM_BUNDLE=.vllm-gpu-034 (vLLM 0.34, from ../shared/gpu-vllm-0.34):
+#   bash tests/gpu/run_all.sh [pytest args]      -> results under $OUT (junit xml, logs, generated tokens)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source .vllm-gpu/env.sh
+source "${VLLM_BUNDLE:-.vllm-gpu}/env.sh"
 export OUT="${OUT:-/tmp/moeprep-gpu-out}" PYTHONPATH="$PWD:$PYTHONPATH"
 mkdir -p "$OUT"
-python tests/gpu/register_plugin.py /tmp/vllm-site
+python tests/gpu/register_plugin.py "$(python -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
 python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log"
