@@ -245,11 +245,6 @@ def transform_device(device: str) -> torch.device:
     return resolved
 
 
-def padding_multiples(module: ModuleType, arch: str, vllm_version: str) -> tuple[int, int]:
-    """(hidden, intermediate) multiples a layout module pads to on ``arch`` for ``vllm_version``."""
-    return recipe_span(module, arch, vllm_version)[1]
-
-
 def recipe_span(module: ModuleType, arch: str, vllm_version: str) -> tuple[list[list[str]], tuple[int, int]]:
     """The vLLM ranges whose transform gives the bytes of a layout module's recipe for ``arch`` and ``vllm_version``
     (every verified range with the same padding), and that padding; refuses a version outside them."""

@@ -17,7 +17,7 @@ from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims
 from moeprep.layouts.padding import round_up
-from moeprep.plan import PlanOptions, mxfp4_module, padding_multiples
+from moeprep.plan import PlanOptions, mxfp4_module, recipe_span
 from moeprep.runtime.errors import PreparedCheckpointMismatch
 from tests.conftest import run_cli
 
@@ -101,7 +101,7 @@ def test_each_rank_file_holds_the_layout_of_what_vllm_loads_on_that_rank(
     assert manifest.target.tp_size == tp and len(manifest.rank_tensors) == tp
     assert not any("experts.moeprep_" in name for name in manifest.tensors)  # no rank reads another's experts
     module = mxfp4_module(backend, "mxfp4")
-    hidden_multiple, inter_multiple = padding_multiples(module, arch, plan.target.vllm_versions[-1])
+    hidden_multiple, inter_multiple = recipe_span(module, arch, plan.target.vllm_versions[-1])[1]
     hidden_padded = round_up(source.config["hidden_size"], hidden_multiple)
     inter_padded = round_up(INTER // tp, inter_multiple)
     dims = Mxfp4ExpertDims(0, hidden_padded, inter_padded, hidden_padded, inter_padded)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.runtime.vllm_compat import replaced
 
 SLOT_TENSOR = re.compile(r"^(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?:gate_proj|up_proj|down_proj)\.")
 # vLLM 0.26 names the MoE layer factory FusedMoE, 0.32 FusedMoEFactory.
@@ -332,17 +332,6 @@ def glm4_moe_routing(config: Any) -> GateAndRouting:
 
 def qwen2_moe_routing(config: Any) -> GateAndRouting:
     return GateAndRouting()
-
-
-@contextmanager
-def replaced(module: Any, name: str, value: Any) -> Iterator[None]:
-    """``module.name = value`` for the duration (the model's decoder layers then build our block)."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def load_slot_tensor(params: dict[str, nn.Parameter], mapping: list, name: str, tensor: torch.Tensor) -> str:

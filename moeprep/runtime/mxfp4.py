@@ -15,9 +15,9 @@ from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeight
 from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.runtime.vllm_compat import (
     KernelTensors,
+    check_bundled_triton_kernels,
     keep_params_in_triton_tensors,
     setup_prepared_kernel,
-    triton_kernels_module,
     triton_precision_config,
 )
 
@@ -98,7 +98,7 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
             )
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:
-        triton_kernels_module()
+        check_bundled_triton_kernels()
         import triton_kernels.matmul_ogs_details.opt_flags as opt_flags
         from triton_kernels.tensor import FP4, Storage, Tensor
         from triton_kernels.tensor_details.layout import HopperMXScaleLayout, HopperMXValueLayout

@@ -13,9 +13,8 @@ import importlib
 import importlib.util
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -51,16 +50,20 @@ def check_hooks() -> None:
 
 
 @contextmanager
-def conversion_replaced(convert: Callable[..., KernelTensors]) -> Iterator[None]:
-    """Within the block, vLLM's gpt-oss mxfp4 method converts its weights with ``convert`` (same keyword
-    arguments as vLLM's conversion)."""
-    module = importlib.import_module(MXFP4_METHOD_MODULE)
-    original = getattr(module, CONVERSION)
-    setattr(module, CONVERSION, convert)
+def replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name = value`` for the duration of the block."""
+    original = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(module, CONVERSION, original)
+        setattr(module, name, original)
+
+
+def conversion_replaced(convert: Callable[..., KernelTensors]) -> AbstractContextManager[None]:
+    """Within the block, vLLM's gpt-oss mxfp4 method converts its weights with ``convert`` (same keyword
+    arguments as vLLM's conversion)."""
+    return replaced(importlib.import_module(MXFP4_METHOD_MODULE), CONVERSION, convert)
 
 
 def setup_prepared_kernel(method: Any, layer: Any, tensors: KernelTensors, on_converted: Callable[[], None]) -> None:
@@ -93,8 +96,8 @@ def setup_prepared_kernel(method: Any, layer: Any, tensors: KernelTensors, on_co
         )
 
 
-def triton_kernels_module() -> ModuleType:
-    """``triton_kernels`` as vLLM imports it; refuses one that is not the copy bundled with vLLM, whose layout
+def check_bundled_triton_kernels() -> None:
+    """Import ``triton_kernels`` as vLLM does; refuse one that is not the copy bundled with vLLM, whose layout
     API and bytes moeprep's triton layouts were made for."""
     from vllm.utils.import_utils import import_triton_kernels
 
@@ -107,7 +110,6 @@ def triton_kernels_module() -> ModuleType:
             "triton layout was made for; uninstall that package (pip uninstall triton_kernels) or convert with "
             "--backend marlin"
         )
-    return module
 
 
 def triton_precision_config(scale: Any) -> Any:
