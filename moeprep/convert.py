@@ -21,7 +21,7 @@ from moeprep.checkpoint.manifest import (
     TensorRecord,
     write_manifest,
 )
-from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, open_source
+from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, carried_name, open_source
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
@@ -102,9 +102,10 @@ def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, 
 
 
 def load_plan(
-    src: str, backend: str, revision: str | None = None, options: PlanOptions | None = None
+    src: str, backend: str, revision: str | None = None, options: PlanOptions | None = None, headers_only: bool = False
 ) -> tuple[CheckpointSource, Plan]:
-    source = open_source(src, revision)
+    """The source and the plan for it (``headers_only``: a Hub source's shards are not downloaded, for dry runs)."""
+    source = open_source(src, revision, headers_only)
     return source, build_plan(source, backend, options or PlanOptions())
 
 
@@ -127,7 +128,8 @@ def convert(
     with AtomicFolder(out, overwrite) as tmp, source.hashing_weight_files():
         lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
-            shutil.copyfile(source.folder / name, tmp / name)
+            (tmp / carried_name(name)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.folder / name, tmp / carried_name(name))
         write_json(tmp / "config.json", prepared_config(source.config, plan.target, plan.routing))
         written = {
             rank: write_sharded(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from moeprep import __version__
@@ -33,7 +34,7 @@ def serve_command(model: str, target: Target, summary: dict[str, Any]) -> str:
         elif data_parallel > 1:
             flags += ["--data-parallel-size", str(data_parallel)]
         flags += ["--enable-expert-parallel"]
-    return " ".join(["vllm serve", model, *flags])
+    return " ".join(["vllm serve", shlex.quote(model), *flags])
 
 
 def render_model_card(

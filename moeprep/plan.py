@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from moeprep.auto_backend import AUTO, BackendChoice, choose_mxfp4, serving_target
 from moeprep.checkpoint.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
-from moeprep.checkpoint.safetensors_io import TensorEntry
+from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
+from moeprep.families.config_view import config_view
 from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
 from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
@@ -68,6 +70,8 @@ class Plan:
     jobs: list[TensorJob]
     unknown_tensors: list[str]
     routing: dict[str, Any] | None = None  # the manifest's routing contract (fused shared experts)
+    kept_dtypes: dict[str, str] = field(default_factory=dict)  # float tensors stored in another dtype, kept as such
+    chosen_because: str | None = None  # why ``--backend auto`` chose this backend
 
     @property
     def total_bytes(self) -> int:
@@ -91,13 +95,27 @@ class Plan:
             if self.target.backend in MXFP4_BACKENDS
             else [],
             "not_in_family_inventory": len(self.unknown_tensors),
+            "kept_float_dtypes": {
+                d: list(self.kept_dtypes.values()).count(d) for d in sorted(set(self.kept_dtypes.values()))
+            },
             "fused_shared_experts": (self.routing or {}).get("fused_shared_experts"),
         }
 
 
-def check_inventory(source: CheckpointSource, family: Family) -> list[str]:
-    """Every tensor the family expects is present with its shape and dtype; returns the extras."""
-    expected = family.checkpoint_specs(source.config)
+@dataclass(frozen=True)
+class Inventory:
+    """What ``check_inventory`` found: tensors beyond the family's inventory, and float tensors stored in another
+    float dtype than the family's usual one (vLLM casts those on load; moeprep keeps them as stored)."""
+
+    unknown: list[str]
+    other_float_dtype: dict[str, tuple[str, str]]  # name -> (stored dtype, the family's usual one)
+
+
+def check_inventory(source: CheckpointSource, family: Family) -> Inventory:
+    """Every tensor the family expects is present with its shape, and its dtype where the bytes matter: float
+    tensors may be stored in any float dtype (gpt-oss's float32 ``sinks``, a bf16 ``e_score_correction_bias``),
+    quantized ones (mxfp4 blocks and scales, fp8 weights and their scales) only in the format's own."""
+    expected = family.checkpoint_specs(config_view(source.config))
     present = set(source.tensor_names)
     missing = [name for name in expected if name not in present]
     if missing:
@@ -105,14 +123,27 @@ def check_inventory(source: CheckpointSource, family: Family) -> list[str]:
             f"{source.location}: tensor {missing[0]!r} is missing ({len(missing)} missing in all) for a "
             f"{family.name} model with this config.json; the checkpoint is incomplete or config.json does not match it"
         )
+    other_float = {}
     for name, spec in expected.items():
         dtype, shape = source.tensor_meta(name)
-        if shape != spec.shape or dtype != spec.dtype:
+        if shape == spec.shape and dtype != spec.dtype and {dtype, spec.dtype} <= set(FLOAT_DTYPES):
+            other_float[name] = (dtype, spec.dtype)
+        elif shape != spec.shape or dtype != spec.dtype:
             raise CheckpointError(
                 f"{source.location}: tensor {name!r} is {dtype}{list(shape)}, config.json implies "
                 f"{spec.dtype}{list(spec.shape)}; the checkpoint does not match its config"
             )
-    return sorted(present - set(expected))
+    return Inventory(sorted(present - set(expected)), other_float)
+
+
+def check_transformed_dtypes(source: CheckpointSource, inventory: Inventory, consumed: set[str]) -> None:
+    """A tensor in another float dtype is served as stored; one that a layout transforms must have the usual one."""
+    for name in sorted(consumed & set(inventory.other_float_dtype)):
+        stored, usual = inventory.other_float_dtype[name]
+        raise CheckpointError(
+            f"{source.location}: tensor {name!r} is {stored}; this conversion re-lays it out and reads it as {usual} "
+            f"only: store it as {usual} (vLLM loads it as {usual} too)"
+        )
 
 
 def dim0_chunks(
@@ -304,7 +335,7 @@ def _fused_shared_jobs(
 
     shared_experts.check_fusable(family, moe, replicas)
     jobs, consumed, requantized = shared_experts.slot_jobs(source, family, moe, replicas, requantize)
-    contract = shared_experts.routing_contract(family, moe, source.config, replicas, requantized)
+    contract = shared_experts.routing_contract(family, moe, config_view(source.config), replicas, requantized)
     return jobs, consumed, {"fused_shared_experts": contract}
 
 
@@ -323,20 +354,41 @@ class PlanOptions:
     tp_size: int = 1
     ep_size: int = 1
     vllm_version: str | None = None
+    target_gpu: str | None = None  # with backend auto: the GPU the folder will be served on (h100, b200, ...)
+
+
+def auto_choice(expert_format: str, options: PlanOptions) -> BackendChoice:
+    """``--backend auto``: the backend vLLM's own selection leads to on the serving target."""
+    if expert_format != "mxfp4":
+        return BackendChoice(
+            "none", options.arch, f"{expert_format} experts are loaded as stored by vLLM on any target"
+        )
+    target = serving_target(options.arch, options.target_gpu)
+    try:
+        recipe_span(flashinfer_trtllm, "sm100", target_version(flashinfer_trtllm.PLATFORM, options.vllm_version))
+        trtllm_supported = True
+    except UnsupportedModelError:
+        trtllm_supported = False
+    return choose_mxfp4(target, trtllm_supported)
 
 
 def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOptions = PlanOptions()) -> Plan:
     """Validate the source against its family and list the jobs for ``backend`` with ``options``."""
-    if backend not in BACKENDS:
-        raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {', '.join(BACKENDS)}")
+    if backend not in (AUTO, *BACKENDS):
+        choices = ", ".join((AUTO, *BACKENDS))
+        raise UnsupportedModelError(f"backend {backend!r} is not available; choose one of: {choices}")
     original_quant = source.config.get("quantization_config")
     if isinstance(original_quant, dict) and original_quant.get("quant_method") == QUANT_METHOD:
         raise UnsupportedModelError(
             f"{source.location} was already prepared by moeprep; convert the original checkpoint instead"
         )
     family = family_for_config(source.config)
-    unknown = check_inventory(source, family)
-    moe = family.moe_spec(source.config)
+    inventory = check_inventory(source, family)
+    moe = family.moe_spec(config_view(source.config))
+    choice = None
+    if backend == AUTO:
+        choice = auto_choice(moe.expert_format, options)
+        backend, options = choice.backend, replace(options, arch=choice.arch)
     if backend in MXFP4_BACKENDS and moe.expert_format != "mxfp4":
         raise UnsupportedModelError(
             f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
@@ -379,5 +431,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             contract.update(placement.routing(contract["slot_ids"]))
         elif options.tp_size > 1:
             fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
+    check_transformed_dtypes(source, inventory, consumed)
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
-    return Plan(family, moe, target, jobs + fused, unknown, routing)
+    kept = {name: stored for name, (stored, _) in inventory.other_float_dtype.items()}
+    return Plan(family, moe, target, jobs + fused, inventory.unknown, routing, kept, choice.reason if choice else None)

@@ -60,6 +60,8 @@ def routing_contract(
     slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
     experts = moe.num_experts
     on_input = family.router_weight_on_input
+    first_mtp, mtp_count = config.get("num_hidden_layers") or 0, config.get("num_nextn_predict_layers") or 0
+    mtp = list(range(first_mtp, first_mtp + mtp_count))
     return {
         "version": CONTRACT_VERSION,
         "routed_experts": experts,
@@ -85,6 +87,11 @@ def routing_contract(
         "original_architectures": list(config.get("architectures") or []),
         "architecture": family.fused_shared_architecture,
         "slots_requantized": requantized,
+        "mtp_layers": mtp,
+        "mtp_shared_experts": "stored as in the source, not fused: vLLM's MTP draft model loads the MTP layers "
+        "with the original architecture"
+        if mtp
+        else None,
     }
 
 

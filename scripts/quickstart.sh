@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Install, build a tiny Qwen2-MoE checkpoint, convert it, serve it with vLLM and send one request.
+# Install, build a tiny gpt-oss checkpoint (mxfp4 experts), convert it with the defaults (here: vLLM CPU without
+# AMX, so --backend auto picks dequant), verify it, serve it with vLLM and send one request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 WORK="${WORK:-$(mktemp -d)}"
 PORT="${PORT:-8765}"
-moeprep fixture qwen2-moe "$WORK/tiny-qwen2-moe" --overwrite
-moeprep convert "$WORK/tiny-qwen2-moe" "$WORK/prepared" --overwrite
+moeprep fixture gpt-oss "$WORK/tiny-gpt-oss" --overwrite
+moeprep convert "$WORK/tiny-gpt-oss" "$WORK/prepared" --overwrite
 moeprep verify "$WORK/prepared"
 VLLM_CPU_KVCACHE_SPACE=1 vllm serve "$WORK/prepared" --host 127.0.0.1 --port "$PORT" \
   --max-model-len 512 --enforce-eager > "$WORK/serve.log" 2>&1 &

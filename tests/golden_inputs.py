@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moeprep.layout_check import gpt_oss_expert_tensors
+
 # (experts, rows N, reduction K) incl. gpt-oss-20b/120b expert dims (2I=5760 x H=2880, H x I) and
 # sizes that are not multiples of any padding.
 TRITON_CASES = [
@@ -15,6 +17,10 @@ TRITON_CASES = [
     {"seed": 6, "experts": 2, "rows": 17, "k": 96},
 ]
 
+# (seed, experts, rows N, reduction K) of the CPU AMX pack (recorded by scripts/make_golden_cpu_amx.py): gpt-oss-20b
+# w13 and w2, and small sizes that are not multiples of its 32-row blocks (zero-padded to 32 as vLLM does)
+CPU_AMX_CASES = [(31, 2, 5760, 2880), (32, 2, 2880, 2880), (33, 3, 384, 192), (34, 2, 200, 320), (35, 1, 40, 64)]
+
 # (seed, experts, intermediate n, hidden k), recorded from vLLM 0.26 on an H100 by scripts/make_golden_marlin.py
 MARLIN_CASES = [(11, 2, 128, 256), (12, 3, 192, 192), (13, 2, 2880, 2880)]
 
@@ -25,6 +31,18 @@ def mxfp4_inputs(seed: int, experts: int, rows: int, k: int) -> tuple[torch.Tens
     blocks = torch.randint(0, 256, (experts, rows, k // 2), generator=gen, dtype=torch.uint8)
     scales = torch.randint(110, 135, (experts, rows, k // 32), generator=gen, dtype=torch.uint8)
     return blocks, scales
+
+
+def cpu_amx_inputs(seed: int, experts: int, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM CPU's mxfp4 expert parameters after loading: random blocks [E, N, K/2] and scales [E, N, K/32] in the
+    leading corner of zeros whose N and K are rounded up to 32 (the inputs of ``prepare_mxfp4_moe_layer_for_cpu``)."""
+    blocks, scales = mxfp4_inputs(seed, experts, rows, k)
+    rows_padded, k_padded = -(-rows // 32) * 32, -(-k // 32) * 32
+    weight = torch.zeros(experts, rows_padded, k_padded // 2, dtype=torch.uint8)
+    scale = torch.zeros(experts, rows_padded, k_padded // 32, dtype=torch.uint8)
+    weight[:, :rows, : k // 2] = blocks
+    scale[:, :rows, : k // 32] = scales
+    return weight, scale
 
 
 def marlin_inputs(seed: int, e: int, n: int, k: int) -> dict[str, torch.Tensor]:
@@ -49,20 +67,7 @@ def marlin_inputs(seed: int, e: int, n: int, k: int) -> dict[str, torch.Tensor]:
 TRTLLM_CASES = [(21, 2, 2880, 2880), (22, 3, 192, 96), (23, 2, 512, 768)]
 
 
-def gpt_oss_expert_inputs(gen: torch.Generator, experts: int, hidden: int, inter: int) -> dict[str, torch.Tensor]:
-    """Random gpt-oss checkpoint expert tensors (blocks [E, N, K/32, 16] u8, e8m0 scales, bf16 biases)."""
-
-    def u8(*shape: int, lo: int = 0, hi: int = 256) -> torch.Tensor:
-        return torch.randint(lo, hi, shape, generator=gen, dtype=torch.uint8)
-
-    return {
-        "gate_up_proj_blocks": u8(experts, 2 * inter, hidden // 32, 16),
-        "gate_up_proj_scales": u8(experts, 2 * inter, hidden // 32, lo=110, hi=135),
-        "gate_up_proj_bias": torch.randn(experts, 2 * inter, generator=gen).to(torch.bfloat16),
-        "down_proj_blocks": u8(experts, hidden, inter // 32, 16),
-        "down_proj_scales": u8(experts, hidden, inter // 32, lo=110, hi=135),
-        "down_proj_bias": torch.randn(experts, hidden, generator=gen).to(torch.bfloat16),
-    }
+gpt_oss_expert_inputs = gpt_oss_expert_tensors  # the layer moeprep's load-time check draws
 
 
 def vllm_padded_params(

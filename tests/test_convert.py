@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
@@ -177,3 +181,27 @@ def test_verify_detects_one_flipped_byte_anywhere_in_any_file(prepared: Path, tm
         with pytest.raises(MoeprepError):
             verify_folder(copy)
         shutil.rmtree(copy)
+
+
+def test_sizes_read_as_hugging_face_writes_them() -> None:
+    from moeprep.cli.app import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("4GiB") == 4 * 2**30 and parse_size("600KB") == 600_000
+    assert parse_size("1.5MiB") == 3 * 2**19 and parse_size("123") == 123 and parse_size("2kb") == 2000
+    with pytest.raises(typer.BadParameter):
+        parse_size("5 gigs")
+
+
+def test_serve_command_is_a_line_of_its_own_in_a_narrow_terminal(tiny, tmp_path: Path) -> None:
+    dest = tmp_path / "a folder with spaces"
+    env = {**os.environ, "COLUMNS": "40"}
+    result = subprocess.run(
+        [sys.executable, "-m", "moeprep", "convert", str(tiny("qwen3-moe")), str(dest)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2].endswith("serve with:")
+    assert shlex.split(lines[-1]) == ["vllm", "serve", str(dest)]

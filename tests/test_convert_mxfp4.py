@@ -134,11 +134,11 @@ def test_mxfp4_scales_of_the_wrong_length_are_refused(tiny, tmp_path: Path) -> N
 
 
 def test_backend_none_pads_mxfp4_experts_for_the_default_kernel_of_its_arch(tiny, tmp_path: Path) -> None:
-    result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out")
+    result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", "--backend", "none")
     assert result.returncode == 0, result.stderr
     target = json.loads((tmp_path / "out" / "moeprep.json").read_text())["target"]
     assert target["recipe"] == "none-sm90" and target["padding"] == {"hidden": 1, "intermediate": 64}
-    refused = run_cli("convert", tiny("gpt-oss"), tmp_path / "other", "--arch", "sm80")
+    refused = run_cli("convert", tiny("gpt-oss"), tmp_path / "other", "--backend", "none", "--arch", "sm80")
     assert refused.returncode == 2 and "--arch sm90, sm100" in refused.stderr and not (tmp_path / "other").exists()
 
 

@@ -15,7 +15,7 @@ from moeprep.checkpoint.source import open_local
 from moeprep.families import family_names, get_family
 from moeprep.fixtures import build_fixture
 from moeprep.fixtures.build import fixture_config
-from moeprep.plan import check_inventory
+from moeprep.plan import Inventory, check_inventory
 from tests.conftest import run_cli
 
 FAMILIES = family_names()
@@ -43,7 +43,7 @@ def test_transformers_loads_fixture_without_missing_or_unexpected_keys(tiny, fam
 def test_fixture_is_sharded_and_matches_family_inventory(tiny, family: str) -> None:
     source = open_local(tiny(family))
     assert len(source.weight_files) >= 2
-    assert check_inventory(source, get_family(family)) == []
+    assert check_inventory(source, get_family(family)) == Inventory([], {})
 
 
 def test_fixture_is_deterministic_and_seeded(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_fp8_block_preset_has_deepseek_v3_fp8_shapes() -> None:
 def test_fp8_block_fixture_dequantizes_to_sane_weights_and_passes_inventory(tmp_path: Path) -> None:
     folder = build_fixture("deepseek-v3", tmp_path / "d", quantization="fp8-block")
     source = open_local(folder)
-    assert check_inventory(source, get_family("deepseek-v3")) == []
+    assert check_inventory(source, get_family("deepseek-v3")) == Inventory([], {})
     weight = source.read("model.layers.1.mlp.experts.3.up_proj.weight")
     scale = source.read("model.layers.1.mlp.experts.3.up_proj.weight_scale_inv")
     assert weight.dtype == torch.float8_e4m3fn and scale.shape == (1, 1)

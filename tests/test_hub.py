@@ -1,6 +1,6 @@
 """Hub download and upload against a Hub-compatible server on loopback (tests/hub_server.py).
 
-Download: only the files a conversion needs, pinned revisions, HF_HUB_OFFLINE, tokens. Upload:
+Download: every file but other copies of the weights, pinned revisions, HF_HUB_OFFLINE, tokens. Upload:
 multi-shard folders, resume after an interrupted upload, refusal of folders that fail verify.
 """
 
@@ -23,8 +23,9 @@ from tests.hub_server import HubServer, git_blob_sha1
 
 TOKEN = "hf_loopback_secret"
 REPO = "org/tiny-qwen2-moe"
-# in the repo but not needed for a conversion: never downloaded
+# other copies of the weights: never downloaded; other files: downloaded and carried
 EXTRA_FILES = {"original/consolidated.safetensors": b"x" * 4096, "pytorch_model.bin": b"y" * 2048, "photo.png": b"z"}
+CARRIED_EXTRA = {"photo.png"}
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
@@ -82,7 +83,8 @@ def test_convert_from_repo_downloads_only_needed_files_at_the_pinned_revision(
     result = moeprep(hub, tmp_path / "home", "convert", REPO, tmp_path / "out", "--revision", first)
     assert result.returncode == 0, result.stderr
     fetched = {p.split("/resolve/", 1)[1].split("/", 1)[1] for p in hub.state.requests("GET", "/resolve/")}
-    assert fetched == set(folder_files(two_revisions[0])), fetched
+    assert fetched == set(folder_files(two_revisions[0])) | CARRIED_EXTRA, fetched
+    assert (tmp_path / "out" / "photo.png").read_bytes() == EXTRA_FILES["photo.png"]
     manifest = load_manifest(tmp_path / "out")
     assert (manifest.source.kind, manifest.source.location, manifest.source.revision) == ("hub", REPO, first)
     for name, data in folder_files(two_revisions[0]).items():  # the seed-1 files, not the newer ones
@@ -101,6 +103,18 @@ def test_branch_revision_records_the_commit_it_resolved_to(hub: HubServer, tmp_p
     result = moeprep(hub, tmp_path / "home", "convert", REPO, tmp_path / "out", "--revision", "main")
     assert result.returncode == 0, result.stderr
     assert load_manifest(tmp_path / "out").source.revision == hub.state.repos[REPO].branches["main"]
+
+
+def test_dry_run_reads_shard_headers_and_downloads_no_shard(
+    hub: HubServer, two_revisions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    result = moeprep(hub, home, "convert", REPO, tmp_path / "out", "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    local = moeprep(hub, home, "convert", two_revisions[1], tmp_path / "out", "--dry-run", "--json")
+    assert plan == json.loads(local.stdout)  # the same plan as from the downloaded folder
+    assert not list(home.rglob("*.safetensors")) and not (tmp_path / "out").exists()
 
 
 def test_offline_uses_the_cache_and_fails_cleanly_without_it(hub: HubServer, tmp_path: Path) -> None:

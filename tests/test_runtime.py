@@ -233,3 +233,61 @@ def test_vllm_hooks_of_the_prepared_mxfp4_methods_exist(monkeypatch: pytest.Monk
     monkeypatch.delattr(method_module, "convert_gpt_oss_weight_to_mxfp4_moe_kernel_format")
     with pytest.raises(PreparedCheckpointMismatch, match="lacks .*convert_gpt_oss_weight_to_mxfp4_moe_kernel_format"):
         vllm_compat.check_hooks()
+
+
+def triton_kernels_sm90(layer: dict, arch: str) -> dict:
+    """A stand-in newer vLLM: the sm90 swizzle of the ``triton_kernels`` vLLM bundles (tests/reference.py)."""
+    from moeprep.layout_check import vllm_parameters
+    from tests.reference import reference_hopper_scale, reference_hopper_value
+
+    params = vllm_parameters(layer)
+    out = {}
+    for w in ("w13", "w2"):
+        out[f"moeprep_{w}_value"] = reference_hopper_value(params[w])
+        out[f"moeprep_{w}_scale"] = reference_hopper_scale(params[f"{w}_scale"])
+        out[f"moeprep_{w}_bias"] = params[f"{w}_bias"].float()
+    return out
+
+
+def one_byte_off(layer: dict, arch: str) -> dict:
+    out = triton_kernels_sm90(layer, arch)
+    scale = out["moeprep_w2_scale"].clone()
+    scale.view(-1)[17] ^= 1
+    return {**out, "moeprep_w2_scale": scale}
+
+
+def outside_its_ranges() -> Manifest:
+    m = manifest()
+    m.target = dataclasses.replace(m.target, vllm_ranges=[["0.1.0", "0.2.0"]], knobs={"arch": "sm90"})
+    return m
+
+
+def test_folder_outside_its_ranges_is_served_where_the_running_vllm_makes_the_same_layout(monkeypatch) -> None:
+    from moeprep import layout_check
+
+    monkeypatch.setitem(layout_check.VLLM_TRANSFORMS, "triton", triton_kernels_sm90)
+    check_manifest_against_runtime(outside_its_ranges(), "triton", tp_size=1)
+
+
+def test_folder_outside_its_ranges_is_refused_naming_the_tensor_the_running_vllm_makes_differently(
+    monkeypatch,
+) -> None:
+    from moeprep import layout_check
+
+    monkeypatch.setitem(layout_check.VLLM_TRANSFORMS, "triton", one_byte_off)
+    with pytest.raises(PreparedCheckpointMismatch, match="makes moeprep_w2_scale differently"):
+        check_manifest_against_runtime(outside_its_ranges(), "triton", tp_size=1)
+
+
+def test_strict_mode_refuses_outside_the_ranges_without_checking(monkeypatch) -> None:
+    from moeprep import layout_check
+
+    monkeypatch.setenv("MOEPREP_STRICT_VLLM", "1")
+    monkeypatch.setitem(layout_check.VLLM_TRANSFORMS, "triton", lambda *args: pytest.fail("checked"))
+    with pytest.raises(PreparedCheckpointMismatch, match="MOEPREP_STRICT_VLLM=1"):
+        check_manifest_against_runtime(outside_its_ranges(), "triton", tp_size=1)
+
+
+def test_where_the_running_vllm_cannot_prove_the_layout_it_is_refused_saying_why() -> None:
+    with pytest.raises(PreparedCheckpointMismatch, match="cannot prove the layout here .*CUDA GPU"):
+        check_manifest_against_runtime(outside_its_ranges(), "triton", tp_size=1)

@@ -32,26 +32,55 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-# Non-weight files a served model needs, copied verbatim into the prepared folder.
-AUX_PATTERNS = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "tiktoken.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "*.tiktoken",
+# Weight files (any format) and their indexes: read as tensors, or another copy of the weights; never carried.
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.ot",
+    "*.npz",
 )
-# What a Hub download fetches first; the shards come second, named by the index (glob patterns would also
-# match copies in sub-folders such as gpt-oss's original/*.safetensors).
-HUB_PATTERNS = ("config.json", *AUX_PATTERNS, SAFE_INDEX, SAFE_SINGLE)
+PREPARED_NAMES = ("config.json", "moeprep.json", "moeprep.seal.json")  # written by moeprep itself
+SOURCE_README = "README.source.md"  # the source's README.md (README.md is the prepared folder's model card)
+
+
+def is_weight_file(name: str) -> bool:
+    return any(fnmatch(name.rsplit("/", 1)[-1], pattern) for pattern in WEIGHT_PATTERNS)
+
+
+def carried_files(names: list[str]) -> tuple[list[str], list[str]]:
+    """Of a model folder's files (relative posix paths): (those carried into the prepared folder byte for byte,
+    the sub-folders left out). Every file that is not a weight file is carried, in sub-folders too, except
+    hidden paths (``.git``, ``.cache``) and the files moeprep writes itself; a sub-folder that holds a weight
+    file is another copy of the model (gpt-oss's ``original/``, ``metal/``) and is left out whole."""
+    visible = sorted(n for n in names if not any(part.startswith(".") for part in n.split("/")))
+    weight_folders = {name.rsplit("/", 1)[0] for name in visible if "/" in name and is_weight_file(name)}
+    left_out = sorted(f for f in weight_folders if not any(f.startswith(f"{other}/") for other in weight_folders))
+
+    def keep(name: str) -> bool:
+        in_left_out = any(name.startswith(f"{folder}/") for folder in left_out)
+        return not (is_weight_file(name) or name in PREPARED_NAMES or in_left_out)
+
+    return [name for name in visible if keep(name)], left_out
+
+
+def folder_files(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
+def carried_name(name: str) -> str:
+    """Where a carried source file lands in the prepared folder."""
+    return SOURCE_README if name == "README.md" else name
 
 
 @dataclass
@@ -64,7 +93,8 @@ class CheckpointSource:
     revision: str | None
     config: dict[str, Any]
     weight_files: list[str]
-    aux_files: list[str]
+    aux_files: list[str]  # every non-weight file, carried (``carried_files``)
+    left_out_folders: list[str] = field(default_factory=list)
     _safetensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(default_factory=dict, repr=False)
     _bin_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _file_hashes: BackgroundFileHashes | None = field(default=None, repr=False)
@@ -201,17 +231,22 @@ def _load_bin(folder: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
     return files, state
 
 
-def open_local(
-    folder: Path, kind: str = "local", location: str | None = None, revision: str | None = None
-) -> CheckpointSource:
-    folder = Path(folder)
+def open_config(folder: Path, kind: str, location: str | None, revision: str | None) -> CheckpointSource:
+    """A source with ``folder``'s config and no files or tensors yet."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder / 'config.json'} is not a JSON object")
-    aux = sorted(p.name for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in AUX_PATTERNS))
-    source = CheckpointSource(folder, kind, location or str(folder.absolute()), revision, config, [], aux)
+    return CheckpointSource(folder, kind, location or str(folder.absolute()), revision, config, [], [])
+
+
+def open_local(
+    folder: Path, kind: str = "local", location: str | None = None, revision: str | None = None
+) -> CheckpointSource:
+    folder = Path(folder)
+    source = open_config(folder, kind, location, revision)
+    source.aux_files, source.left_out_folders = carried_files(folder_files(folder))
     if (folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file():
         source.weight_files, source._safetensors = _load_safetensors(folder)
     elif (folder / BIN_INDEX).is_file() or (folder / BIN_SINGLE).is_file():
@@ -222,11 +257,17 @@ def open_local(
 
 
 def hub_errors() -> tuple[type[BaseException], ...]:
-    """What huggingface_hub raises when the Hub refuses a request or cannot be reached."""
+    """What huggingface_hub raises when the Hub refuses a request, cannot be reached, or holds no safetensors."""
     import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
+        SafetensorsParsingError,
+    )
 
-    return HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError
+    unreadable = (NotASafetensorsRepoError, SafetensorsParsingError)
+    return HfHubHTTPError, LocalEntryNotFoundError, *unreadable, httpx2.HTTPError, OSError, ValueError
 
 
 def first_line(exc: BaseException) -> str:
@@ -240,23 +281,75 @@ def looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def open_source(src: str, revision: str | None = None) -> CheckpointSource:
-    """A local folder, or a Hub repo id (``org/name``) of which only the needed files are fetched."""
+def hub_listing(src: str, revision: str | None) -> tuple[str, list[str]] | None:
+    """(commit, every file of the repo at ``revision``), or None in offline mode."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.is_offline_mode():
+        return None
+    files = snapshot_download(src, revision=revision, dry_run=True)
+    if not files:
+        raise CheckpointError(f"the Hub repo {src}@{revision or 'main'} holds no files")
+    return files[0].commit_hash, [file.filename for file in files]
+
+
+def download(src: str, revision: str | None) -> Path:
+    """A Hub repo's snapshot with every carried file (``carried_files``), the config and the safetensors weights
+    the index names (or ``model.safetensors``): other copies of the weights are never fetched. Offline: the
+    cached snapshot."""
+    from huggingface_hub import snapshot_download
+
+    listing = hub_listing(src, revision)
+    if listing is None:  # the cached snapshot holds what an online run fetched
+        return Path(snapshot_download(src, revision=revision, allow_patterns=["config.json"]))
+    commit, names = listing
+    index = [SAFE_INDEX] if SAFE_INDEX in names else []
+    folder = Path(
+        snapshot_download(src, revision=commit, allow_patterns=["config.json", *carried_files(names)[0], *index])
+    )
+    shards = sorted(set(_weight_map(folder, SAFE_INDEX).values())) if index else [SAFE_SINGLE]
+    snapshot_download(src, revision=commit, allow_patterns=shards)
+    return folder
+
+
+def hub_headers(src: str, revision: str | None) -> CheckpointSource:
+    """A Hub repo's config and the headers of its safetensors shards, read by range requests (no shard is
+    downloaded): enough to plan a conversion, not to run it. Offline: the cached snapshot."""
+    from huggingface_hub import get_safetensors_metadata, snapshot_download
+
+    listing = hub_listing(src, revision)
+    if listing is None:
+        return open_local(download(src, revision), "hub", src, None)
+    commit, names = listing
+    folder = Path(snapshot_download(src, revision=commit, allow_patterns=["config.json"]))
+    source = open_config(folder, "hub", src, commit)
+    source.aux_files, source.left_out_folders = carried_files(names)
+    metadata = get_safetensors_metadata(src, revision=commit)
+    for file, header in sorted(metadata.files_metadata.items()):
+        infos = {
+            name: TensorInfo(name, info.dtype, tuple(info.shape), *info.data_offsets)
+            for name, info in header.tensors.items()
+        }
+        shard = SafetensorsFile(folder / file, infos, dict(header.metadata or {}), 0)
+        source._safetensors.update({name: (shard, info) for name, info in infos.items()})
+    source.weight_files = sorted(metadata.files_metadata)
+    return source
+
+
+def open_source(src: str, revision: str | None = None, headers_only: bool = False) -> CheckpointSource:
+    """A local folder, or a Hub repo id (``org/name``): downloaded by ``download``, or with ``headers_only``
+    only its config and shard headers (``hub_headers``, for dry runs)."""
     if Path(src).exists() or not looks_like_repo_id(src):
         if revision:
             raise CheckpointError(f"--revision applies to Hub repo ids, not to the local folder {src}")
         return open_local(Path(src))
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = Path(snapshot_download(src, revision=revision, allow_patterns=list(HUB_PATTERNS)))
-        commit = folder.name  # snapshots/<commit sha>: the shards come from the same commit
-        if (folder / SAFE_INDEX).is_file():
-            shards = sorted(set(_weight_map(folder, SAFE_INDEX).values()))
-            snapshot_download(src, revision=commit, allow_patterns=shards)
+        if headers_only:
+            return hub_headers(src, revision)
+        folder = download(src, revision)
     except hub_errors() as exc:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise CheckpointError(
             f"cannot fetch {src}@{revision or 'main'} from the Hub{offline}: {first_line(exc)}"
         ) from exc
-    return open_local(folder, "hub", src, commit)
+    return open_local(folder, "hub", src, folder.name)  # snapshots/<commit sha>

@@ -1,4 +1,4 @@
-"""``moeprep`` commands: fixture, convert, upload, lora split, verify, inspect.
+"""``moeprep`` commands: fixture, convert, upload, lora split, verify, doctor, inspect.
 
 Every ``MoeprepError`` becomes one line on stderr and exit code 2, never a traceback."""
 
@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -30,6 +32,7 @@ out = Console()
 
 
 class Backend(str, Enum):
+    auto = "auto"
     none = "none"
     triton = "triton"
     marlin = "marlin"
@@ -66,16 +69,25 @@ def user_errors() -> Iterator[None]:
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    """A size as Hugging Face writes them: ``5GB`` is 5 * 10**9 bytes, ``5GiB`` 5 * 2**30."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*", text, re.IGNORECASE)
     if not match:
-        raise typer.BadParameter(f"{text!r} is not a size like 500MB or 5GB")
-    unit = (match.group(2) or "B").upper().rstrip("B").rstrip("I")
-    return int(float(match.group(1)) * 1024 ** "_KMGT".index(unit or "_"))
+        raise typer.BadParameter(f"{text!r} is not a size like 500MB, 5GB or 4GiB")
+    power = "_KMGT".index((match.group(2) or "_").upper())
+    return int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
+
+
+def say(*lines: str) -> None:
+    """Lines on stdout exactly as given: never wrapped to the terminal's width nor read as markup, so a
+    command printed on a line of its own can be copied and pasted."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 @contextmanager
-def byte_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over ``total`` bytes; yields the callback that advances it."""
+def byte_progress(total: int, label: str, disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` bytes on a terminal (none elsewhere, or when ``disable``); yields the
+    callback that advances it."""
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -84,7 +96,7 @@ def byte_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal,
+        disable=disable or not console.is_terminal,
     ) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
@@ -115,14 +127,19 @@ def fixture(
             build_fixture(
                 family, dest, preset, layers, seed, overwrite=overwrite, on_bytes=advance, quantization=quantization
             )
-    out.print(f"wrote {family} ({preset}) fixture to {dest}")
+    say(f"wrote {family} ({preset}) fixture to {dest}")
 
 
 @app.command()
 def convert(
     src: Annotated[str, typer.Argument(help="model folder or Hub repo id (org/name)")],
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
-    backend: Annotated[Backend, typer.Option(help="target layout")] = Backend.none,
+    backend: Annotated[
+        Backend, typer.Option(help="target layout (auto: the one vLLM selects on the serving GPU or CPU)")
+    ] = Backend.auto,
+    target_gpu: Annotated[
+        str | None, typer.Option(help="with --backend auto: the GPU it will be served on (h100, h200, b200, a100, ...)")
+    ] = None,
     arch: Annotated[
         str | None,
         typer.Option(
@@ -139,8 +156,13 @@ def convert(
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="cap per output shard, e.g. 5GB")] = "5GB",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON summary (with --dry-run: the plan, every tensor)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing but errors; no progress bar")] = False,
+    max_shard_size: Annotated[
+        str, typer.Option(help="cap per output shard, e.g. 5GB (5 * 10^9 bytes) or 4GiB")
+    ] = "5GB",
     overwrite: bool = False,
     upload_repo: Annotated[
         str | None, typer.Option(help="after converting, upload DEST to this Hub repo (org/name)")
@@ -179,7 +201,7 @@ def convert(
     from moeprep.convert import convert as run_convert
     from moeprep.convert import load_plan
     from moeprep.modelcard import serve_command
-    from moeprep.plan import PlanOptions
+    from moeprep.plan import PASSTHROUGH, PlanOptions
     from moeprep.serving import unserved_reason
 
     with user_errors():
@@ -187,29 +209,66 @@ def convert(
         check_convert_options(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
-        options = PlanOptions(arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep, vllm_version)
-        source, plan = load_plan(src, backend.value, revision, options)
+        options = PlanOptions(
+            arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep, vllm_version, target_gpu
+        )
+        shard_bytes = parse_size(max_shard_size)  # before anything is downloaded
+        source, plan = load_plan(src, backend.value, revision, options, headers_only=dry_run)
         if dry_run:
-            print_plan(plan, as_json)
+            if plan.chosen_because and not (as_json or quiet):
+                say(f"backend {plan.target.backend}: {plan.chosen_because}")
+            if not quiet:
+                print_plan(plan, as_json)
             return
-        with byte_progress(plan.total_bytes, "convert") as advance:
+        with byte_progress(plan.total_bytes, "convert", disable=quiet or as_json) as advance:
             manifest = run_convert(
-                source, plan, dest, overwrite, parse_size(max_shard_size), advance, upload_repo, lora or []
+                source, plan, dest, overwrite, shard_bytes, advance, upload_repo, lora or []
             )
         unserved = unserved_reason(
             manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else (), on_cpu=False
         )
-        then = (
-            f"the moeprep plugin does not serve it yet: {unserved}"
-            if unserved
-            else f"serve with: {serve_command(str(dest), plan.target, plan.summary())}"
-        )
-        out.print(
-            f"wrote {sum(1 for _ in manifest.all_tensor_records())} tensors in {len(manifest.files)} files to {dest} "
-            f"(backend {manifest.target.backend}); {then}"
-        )
+        report = {
+            "dest": str(dest),
+            "backend": manifest.target.backend,
+            "chosen_because": plan.chosen_because,
+            "tensors": sum(1 for _ in manifest.all_tensor_records()),
+            "files": len(manifest.files),
+            "serve_command": None if unserved else serve_command(str(dest), plan.target, plan.summary()),
+            "not_served_because": unserved,
+            "nothing_transformed": all(job.recipe == PASSTHROUGH for job in plan.jobs) and not lora,
+            "left_out_folders": source.left_out_folders,
+        }
+        if as_json:
+            say(json.dumps(report, indent=2))
+        elif not quiet:
+            print_conversion(report, plan)
         if upload_repo:
             run_upload(dest, upload_repo, private, upload_revision)
+
+
+def print_conversion(report: dict, plan: Plan) -> None:
+    """What ``convert`` did, for people: the backend choice, then the serve command on a line of its own."""
+    if report["chosen_because"]:
+        say(f"backend {report['backend']}: {report['chosen_because']}")
+    for folder in report["left_out_folders"]:
+        say(f"left out {folder}/: it holds another copy of the weights")
+    if report["nothing_transformed"]:
+        say(nothing_transformed_hint(plan))
+    wrote = f"wrote {report['tensors']} tensors in {report['files']} files to {report['dest']}"
+    wrote += f" (backend {report['backend']})"
+    if report["not_served_because"]:
+        say(f"{wrote}; the moeprep plugin does not serve it yet: {report['not_served_because']}")
+    else:
+        say(f"{wrote}; serve with:", report["serve_command"])
+
+
+def nothing_transformed_hint(plan: Plan) -> str:
+    """What could help a folder in which every tensor is stored as in the source."""
+    helps = ["--tp N / --ep N (each rank reads only its own expert files)"]
+    if plan.family.shared_expert_module and plan.moe.shared_intermediate:
+        helps.append("--fuse-shared-experts (one grouped MoE kernel runs the shared expert too)")
+    helps.append("--lora ADAPTER (MoE LoRA split for vLLM)")
+    return "nothing was re-laid out: vLLM loads these weights as stored; what can help: " + "; ".join(helps)
 
 
 def check_convert_options(
@@ -243,9 +302,7 @@ def run_upload(folder: Path, repo_id: str, private: bool, revision: str | None) 
         console.print(f"uploaded {group[0]}" + (f" and {len(group) - 1} more files" if len(group) > 1 else ""))
 
     report = upload_prepared(folder, repo_id, private, revision, on_commit=committed)
-    out.print(
-        f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {report.commits} new commits"
-    )
+    say(f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {report.commits} new commits")
 
 
 @app.command()
@@ -272,15 +329,18 @@ def print_plan(plan: Plan, as_json: bool) -> None:
             }
             for j in plan.jobs
         ]
-        out.print_json(json.dumps({"summary": plan.summary(), "jobs": jobs}))
+        say(json.dumps({"summary": plan.summary(), "jobs": jobs}, indent=2))
         return
-    table = Table(
-        "tensor", "dtype", "shape", "recipe", title=f"plan: {plan.family.name} -> backend {plan.target.backend}"
-    )
+    groups: dict[str, list] = {}
     for job in plan.jobs:
-        table.add_row(job.entry.name, job.entry.dtype, str(list(job.entry.shape)), job.recipe)
+        groups.setdefault(job.recipe, []).append(job)
+    table = Table(
+        "recipe", "tensors", "bytes", "e.g.", title=f"plan: {plan.family.name} -> backend {plan.target.backend}"
+    )
+    for recipe, jobs in sorted(groups.items()):
+        table.add_row(recipe, str(len(jobs)), str(sum(j.entry.nbytes for j in jobs)), jobs[0].entry.name)
     out.print(table)
-    out.print(plan.summary())
+    say("(--json lists every tensor)", json.dumps(plan.summary(), indent=2))
 
 
 lora_app = typer.Typer(no_args_is_help=True, help="MoE LoRA adapters for prepared bases.")
@@ -299,22 +359,49 @@ def lora_split(
 
     with user_errors():
         report = split_adapter(adapter, base, dest, overwrite)
-    out.print(
+    command = [
+        "vllm serve",
+        shlex.quote(str(base)),
+        f"--enable-lora --max-lora-rank {max(8, report.rank)}",
+        *report.serve_flags,
+        f"--lora-modules NAME={shlex.quote(str(dest))}",
+    ]
+    say(
         f"wrote {dest}: {report.expert_modules} expert modules, {report.passthrough_modules} other modules from "
-        f"{report.input_tensors} input tensors (rank {report.rank}, scaling {report.scaling:g}); serve with: "
-        f"vllm serve {base} --enable-lora --max-lora-rank {max(8, report.rank)} {' '.join(report.serve_flags)} "
-        f"--lora-modules NAME={dest}"
+        f"{report.input_tensors} input tensors (rank {report.rank}, scaling {report.scaling:g}); serve with:",
+        " ".join(command),
     )
 
 
 @app.command()
-def verify(folder: Annotated[Path, typer.Argument(help="prepared folder")]) -> None:
+def verify(
+    folder: Annotated[Path, typer.Argument(help="prepared folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
     """Re-hash every file and tensor of a prepared folder against moeprep.json."""
     from moeprep.verify import verify_folder
 
     with user_errors():
         report = verify_folder(folder)
-    out.print(f"OK: {report.files} files, {report.tensors} tensors, {report.bytes} bytes match moeprep.json")
+    if as_json:
+        say(json.dumps({"ok": True, **asdict(report)}, indent=2))
+    else:
+        say(f"OK: {report.files} files, {report.tensors} tensors, {report.bytes} bytes match moeprep.json")
+
+
+@app.command()
+def doctor(
+    folder: Annotated[Path | None, typer.Argument(help="prepared folder to prove against this vLLM")] = None,
+) -> None:
+    """Prove moeprep's layouts (FOLDER's, or each one this machine can check) against the installed vLLM."""
+    from moeprep.doctor import doctor as run_doctor
+
+    with user_errors():
+        lines, failure = run_doctor(folder)
+    say(*lines)
+    if failure:
+        sys.stderr.write(f"error: {failure}\n")
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -329,25 +416,25 @@ def inspect(
     with user_errors():
         manifest = load_manifest(folder)
     if as_json:
-        out.print_json(manifest.to_json())
+        say(manifest.to_json().rstrip("\n"))
         return
     recipes: dict[str, int] = {}
     for _, record in manifest.all_tensor_records():
         recipes[record.recipe] = recipes.get(record.recipe, 0) + 1
     t = manifest.target
-    out.print(f"model: {manifest.model_type} ({', '.join(manifest.architectures)})")
-    out.print(
+    say(f"model: {manifest.model_type} ({', '.join(manifest.architectures)})")
+    say(
         f"source: {manifest.source.kind} {manifest.source.location}"
         + (f" @ {manifest.source.revision}" if manifest.source.revision else "")
     )
-    out.print(
+    say(
         f"target: backend {t.backend}, recipe {t.recipe} v{t.recipe_version}, vLLM {served_vllm(t)}, "
         f"TP {t.tp_size}, EP {t.ep_size}, padding {t.padding or '-'}, knobs {t.knobs or '-'}"
     )
-    out.print(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
+    say(f"files: {len(manifest.files)}, {sum(f.size for f in manifest.files.values())} bytes")
     per_rank = f", of them {sum(map(len, manifest.rank_tensors))} in per-rank files" if manifest.rank_tensors else ""
     recipe_counts = ", ".join(f"{k}: {v}" for k, v in sorted(recipes.items()))
-    out.print(f"tensors: {sum(recipes.values())} ({recipe_counts}{per_rank})")
+    say(f"tensors: {sum(recipes.values())} ({recipe_counts}{per_rank})")
     adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
     fused = (manifest.routing or {}).get("fused_shared_experts") or {}
     fused_text = (
@@ -358,4 +445,4 @@ def inspect(
         if fused
         else "no"
     )
-    out.print(f"fused shared experts: {fused_text}; LoRA adapters: {adapters}")
+    say(f"fused shared experts: {fused_text}; LoRA adapters: {adapters}")

@@ -30,6 +30,29 @@ def deepseek_style_mlps(layer: str, config: dict[str, Any], moe: bool, router_bi
     return specs
 
 
+def mtp_layers(config: dict[str, Any]) -> range:
+    """The multi-token-prediction layers stored after the decoder (``num_nextn_predict_layers``: 1 in DeepSeek-V3/R1
+    and GLM-4.5 as released): vLLM's MTP draft model loads them; the main model skips them."""
+    first = config["num_hidden_layers"]
+    return range(first, first + (config.get("num_nextn_predict_layers") or 0))
+
+
+def mtp_extra_specs(layer: str, config: dict[str, Any], embed_and_head: bool) -> dict[str, TensorSpec]:
+    """What an MTP layer holds beside a decoder layer: the two input norms, the projection of their
+    concatenation, the head's norm, and (DeepSeek) its own embedding and LM head copies."""
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    specs = {
+        f"{layer}.enorm.weight": TensorSpec((hidden,), init="norm"),
+        f"{layer}.hnorm.weight": TensorSpec((hidden,), init="norm"),
+        f"{layer}.eh_proj.weight": TensorSpec((hidden, 2 * hidden)),
+        f"{layer}.shared_head.norm.weight": TensorSpec((hidden,), init="norm"),
+    }
+    if embed_and_head:
+        specs[f"{layer}.embed_tokens.weight"] = TensorSpec((vocab, hidden))
+        specs[f"{layer}.shared_head.head.weight"] = TensorSpec((vocab, hidden))
+    return specs
+
+
 def deepseek_style_moe_spec(config: dict[str, Any], moe_layers: tuple[int, ...]) -> MoeSpec:
     return MoeSpec(
         num_experts=config["n_routed_experts"],
@@ -115,9 +138,11 @@ class DeepseekV3(Family):
         hidden, specs = config["hidden_size"], common.decoder_shell(config)
         heads, q_rank, kv_rank = config["num_attention_heads"], config["q_lora_rank"], config["kv_lora_rank"]
         nope, rope, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
-        moe = set(deepseek_moe_layers(config))
-        for i in range(config["num_hidden_layers"]):
+        moe = set(deepseek_moe_layers(config)) | set(mtp_layers(config))
+        for i in [*range(config["num_hidden_layers"]), *mtp_layers(config)]:
             layer, attn = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+            if i in mtp_layers(config):
+                specs |= mtp_extra_specs(layer, config, embed_and_head=True)
             specs |= common.layer_norms(layer, hidden)
             if q_rank:
                 specs[f"{attn}.q_a_proj.weight"] = TensorSpec((q_rank, hidden))

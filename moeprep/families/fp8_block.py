@@ -21,8 +21,9 @@ DEEPSEEK_FP8_CONFIG: dict[str, Any] = {
     "quant_method": "fp8",
     "weight_block_size": [128, 128],
 }
-# Modules kept in high precision in every known block-fp8 MoE checkpoint: embeddings, LM head and routers.
-NEVER_QUANTIZED = ("embed_tokens", "lm_head", "mlp.gate", "shared_expert_gate")
+# Modules kept in high precision in every known block-fp8 MoE checkpoint: embeddings, LM heads, routers, and the
+# MTP layer's input projection (vLLM builds it as a plain nn.Linear).
+NEVER_QUANTIZED = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "mlp.gate", "shared_expert_gate")
 SCALE_SUFFIX = "weight_scale_inv"
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
-from moeprep.families.deepseek_v3 import deepseek_style_mlps, deepseek_style_moe_spec
+from moeprep.families.deepseek_v3 import deepseek_style_mlps, deepseek_style_moe_spec, mtp_extra_specs, mtp_layers
 
 
 def glm_moe_layers(config: dict[str, Any]) -> tuple[int, ...]:
@@ -62,9 +62,11 @@ class Glm4Moe(Family):
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         hidden, specs = config["hidden_size"], common.decoder_shell(config)
-        moe = set(glm_moe_layers(config))
-        for i in range(config["num_hidden_layers"]):
+        moe = set(glm_moe_layers(config)) | set(mtp_layers(config))
+        for i in [*range(config["num_hidden_layers"]), *mtp_layers(config)]:
             layer = f"model.layers.{i}"
+            if i in mtp_layers(config):
+                specs |= mtp_extra_specs(layer, config, embed_and_head=False)
             specs |= common.layer_norms(layer, hidden)
             specs |= common.attention(
                 layer, config, qkv_bias=config.get("attention_bias", True), qk_norm=config.get("use_qk_norm", False)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from moeprep.checkpoint.manifest import LORA_RECORD_NAME, Target, load_manifest, manifest_sha256
 from moeprep.checkpoint.writer import AtomicFolder, write_json
 from moeprep.families import Family, family_for_config
+from moeprep.families.config_view import config_view
 from moeprep.layouts.padding import pad_to, round_up
 from moeprep.lora.adapter import (
     CONFIG_NAME,
@@ -88,6 +89,7 @@ class BaseExperts:
         """``manifest_sha256`` is None for adapters written into the prepared folder itself (its manifest
         records their files instead)."""
         family = family_for_config(config)
+        config = config_view(config)
         moe = family.moe_spec(config)
         if target.ep_size != 1:
             raise LoraError(

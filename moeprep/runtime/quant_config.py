@@ -8,11 +8,13 @@ running vLLM before the first layer is built.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import vllm
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import get_quantization_config, register_quantization_config
@@ -37,10 +39,12 @@ from moeprep.serving import backend_not_served, is_prepared_param, unserved_reas
 from moeprep.vllm_versions import in_ranges, served_vllm
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
+STRICT_VLLM_ENV = "MOEPREP_STRICT_VLLM"  # 1: refuse folders outside their vLLM ranges without the layout check
 # Attributes vLLM reads off the model's quantization config by name (block-fp8 linear splits, the CUDA fp8
 # quant op and its norm/activation fusions, kv-cache scales): a prepared folder gets the original's.
 MIRRORED_ATTRIBUTES = ("weight_block_size", "kv_cache_scheme")
 FUSED_ARCH_PREFIX = "MoeprepFused"  # the runtime's architectures for folders with fused shared experts
+logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
 
 
 def running_vllm_version() -> str:
@@ -72,10 +76,7 @@ def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: in
             f"moeprep: config.json says backend {backend!r} but {MANIFEST_NAME} says {target.backend!r}; convert again"
         )
     if target.locked_to_vllm and not in_ranges(version, target.served_vllm_ranges):
-        raise PreparedCheckpointMismatch(
-            f"moeprep: this folder's layouts are verified for vLLM {served_vllm(target)} but vLLM {version} "
-            f"is running; install one of those or re-run moeprep convert with this vLLM"
-        )
+        prove_layout_on_running_vllm(manifest, version)
     if target.tp_size != 1 and target.tp_size != tp_size:
         raise PreparedCheckpointMismatch(
             f"moeprep: prepared for tensor parallel size {target.tp_size}, running with {tp_size}; "
@@ -86,6 +87,36 @@ def check_manifest_against_runtime(manifest: Manifest, backend: str, tp_size: in
             f"moeprep: prepared for expert parallel size {target.ep_size}, running with {ep_size}; serve with "
             f"--enable-expert-parallel over {target.ep_size} ranks (TP x DP) or convert again with --ep {ep_size}"
         )
+
+
+def prove_layout_on_running_vllm(manifest: Manifest, version: str) -> None:
+    """A folder outside its verified vLLM ranges is served only if the running vLLM's own transform of a random
+    layer equals the folder's layout bitwise (``layout_check``); ``MOEPREP_STRICT_VLLM=1`` refuses it outright."""
+    target = manifest.target
+    outside = (
+        f"moeprep: this folder's layouts are verified for vLLM {served_vllm(target)} but vLLM {version} is running"
+    )
+    fix = "install one of those or re-run moeprep convert with this vLLM"
+    if os.environ.get(STRICT_VLLM_ENV) == "1":
+        raise PreparedCheckpointMismatch(f"{outside}; {fix} ({STRICT_VLLM_ENV}=1: no load-time layout check)")
+    from moeprep.layout_check import CannotCheck, check_layout
+
+    try:
+        check = check_layout(target.backend, str(target.knobs.get("arch", "any")))
+    except CannotCheck as exc:
+        raise PreparedCheckpointMismatch(f"{outside} and cannot prove the layout here ({exc}); {fix}") from None
+    if check.first_mismatch:
+        raise PreparedCheckpointMismatch(
+            f"{outside} and makes {check.first_mismatch} differently (random layer, seed {check.seed}); {fix}"
+        )
+    logger.warning(
+        "moeprep: vLLM %s is outside this folder's verified ranges (%s); its own transform of a random layer "
+        "(seed %d) equals the folder's layout in all %d tensors, so it is served",
+        version,
+        served_vllm(target),
+        check.seed,
+        len(check.equal),
+    )
 
 
 def fused_contract(manifest: Manifest) -> dict[str, Any] | None:

@@ -1,12 +1,13 @@
 """gpt-oss (mxfp4 experts) served by vLLM CPU through ``--backend dequant``, checked against a float32
 reference: transformers' gpt-oss on the original checkpoint (its own mxfp4 dequantization).
 
-Tolerance: vLLM computes in bf16, so its log-probabilities are compared with the float32 reference on
-the same tokens (teacher forcing): mean |Δ| ≤ 0.035 nats and no worse than 1.5× the error of the same
-reference run in bf16; greedy tokens agree wherever the reference's top-2 margin exceeds 0.25 nats, and
-disagree no more often than the bf16 reference's own. A
-reference with gate/up rows swapped, or with the experts' down-projection bias removed, must fail the
-same bound (the check sees MoE mistakes).
+vLLM scores the float32 reference's own greedy continuations (teacher forcing; the sequences do not depend on the
+CPU's kernels). Served in float32, its mean |Δ log-probability| is at most FP32_TOLERANCE, and references with
+gate/up rows swapped or with the experts' down-projection bias removed are ten times farther (the check sees MoE
+mistakes). Served in bf16, it is within BF16_FACTOR of the same reference run in bf16 (vLLM CPU's bf16 kernels
+differ per instruction set: measured 0.9x on an AVX512-BF16 CPU, 1.4x on an AVX2 one), and its own greedy tokens
+agree with the reference wherever the reference's top-2 margin exceeds 0.25 nats, and disagree no more often than
+the bf16 reference's own.
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ import pytest
 import torch
 
 from tests.conftest import rewrite_manifest, run_cli
-from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, vllm_server
+from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, sequence_logprobs, vllm_server
 
 pytest.importorskip("vllm")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.vllm
 
-MEAN_TOLERANCE = 0.035  # measured: 0.021 for vLLM, 0.023 for the bf16 reference
+FP32_TOLERANCE = 1e-4  # mean |Δ logprob| in nats; measured 9e-7 (dropping the down bias: 0.04)
+BF16_FACTOR = 2.0  # vLLM's bf16 error may be this much above transformers' own bf16 error
 MARGIN = 0.25  # the bf16 reference itself flips tokens with margins up to ~0.15
 TOKENS = 32
-
-
-def completion(url: str, model: Path, prompt: str) -> dict:
-    return complete(url, model, prompt, TOKENS, logprobs=1)
 
 
 def reference_logprobs(model, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
@@ -41,40 +39,77 @@ def reference_logprobs(model, prompt_ids: list[int], generated: list[int]) -> to
     return torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
 
 
+def greedy(model, prompt_ids: list[int]) -> list[int]:
+    """``model``'s greedy continuation of ``prompt_ids``: TOKENS tokens."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
 @pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def fp32(tiny):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny("gpt-oss")).float().eval()
+
+
+@pytest.fixture(scope="module")
+def served(tiny, fp32, tmp_path_factory: pytest.TempPathFactory):
+    """``served(dtype)``: vLLM's greedy completions and its log-probabilities of the float32 reference's greedy
+    continuations, served in ``dtype`` (each dtype's server started once)."""
     dest = tmp_path_factory.mktemp("gpt-oss-cpu") / "dequant"
     result = run_cli("convert", tiny("gpt-oss"), dest, "--backend", "dequant")
     assert result.returncode == 0, result.stderr
-    log = dest.parent / "serve.log"
-    with vllm_server(dest, log) as url:
-        choices = [completion(url, dest, prompt) for prompt in PROMPTS]
-    assert "moeprep: mxfp4 experts run through moeprep's per-expert dequantization" in log.read_text()
-    return choices
+    cache: dict[str, dict] = {}
+
+    def get(dtype: str) -> dict:
+        if dtype not in cache:
+            log = dest.parent / f"serve-{dtype}.log"
+            with vllm_server(dest, log, dtype=dtype) as url:
+                choices = [complete(url, dest, prompt, TOKENS, logprobs=1) for prompt in PROMPTS]
+                continuations = [(c["prompt_token_ids"], greedy(fp32, c["prompt_token_ids"])) for c in choices]
+                scores = [sequence_logprobs(url, dest, p + g)[-TOKENS:] for p, g in continuations]
+            assert "moeprep: mxfp4 experts run through moeprep's per-expert dequantization" in log.read_text()
+            cache[dtype] = {"choices": choices, "continuations": continuations, "scores": torch.tensor(sum(scores, []))}
+        return cache[dtype]
+
+    return get
 
 
-def chosen_logprobs(model, choice: dict) -> torch.Tensor:
-    """``model``'s log-probabilities of the tokens vLLM generated."""
-    reference = reference_logprobs(model, choice["prompt_token_ids"], choice["token_ids"])
-    return reference[torch.arange(TOKENS), torch.tensor(choice["token_ids"])]
+def scored(model, continuations: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """``model``'s log-probabilities of each continuation's tokens."""
+    out = [reference_logprobs(model, p, g)[torch.arange(TOKENS), torch.tensor(g)] for p, g in continuations]
+    return torch.cat(out)
 
 
-def vllm_logprobs(choice: dict) -> torch.Tensor:
-    return torch.tensor(choice["logprobs"]["token_logprobs"])
+def test_served_in_float32_matches_the_float_reference_and_sees_moe_mistakes(fp32, served) -> None:
+    float32 = served("float32")
+    continuations = float32["continuations"]
+    assert all(len(set(generated)) > 4 for _, generated in continuations)
+    delta = (scored(fp32, continuations) - float32["scores"]).abs().mean()
+    print(f"float32: mean |Δ logprob| {delta:.2e}")
+    assert delta <= FP32_TOLERANCE, f"mean |Δ logprob| {delta:.2e}"
+    for mistake in (swap_gate_and_up, drop_down_bias):
+        broken = copy.deepcopy(fp32)
+        for layer in broken.model.layers:
+            mistake(layer.mlp.experts)
+        broken_delta = (scored(broken, continuations) - float32["scores"]).abs().mean()
+        print(f"float32: mean |Δ logprob| against a reference with {mistake.__name__}: {broken_delta:.4f}")
+        assert broken_delta > 10 * FP32_TOLERANCE, f"{mistake.__name__} passes ({broken_delta:.4f})"
 
 
-def test_served_gpt_oss_matches_the_float_reference(tiny, served: list[dict]) -> None:
-    fp32 = transformers.AutoModelForCausalLM.from_pretrained(tiny("gpt-oss")).float().eval()
+def test_served_in_bf16_is_as_close_to_the_float_reference_as_bf16_allows(fp32, served) -> None:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    assert all(len(c["token_ids"]) == TOKENS and len(set(c["token_ids"])) > 4 for c in served)
-
-    expected = [chosen_logprobs(fp32, c) for c in served]
-    delta = torch.cat([(e - vllm_logprobs(c)).abs() for e, c in zip(expected, served, strict=True)])
-    bf16_noise = torch.cat([(e - chosen_logprobs(bf16, c)).abs() for e, c in zip(expected, served, strict=True)])
-    assert delta.mean() <= MEAN_TOLERANCE, f"mean |Δ logprob| {delta.mean():.4f}"
-    assert delta.mean() <= 1.5 * bf16_noise.mean(), (delta.mean(), bf16_noise.mean())
+    bfloat16 = served("bfloat16")
+    choices, continuations = bfloat16["choices"], bfloat16["continuations"]
+    assert all(len(c["token_ids"]) == TOKENS and len(set(c["token_ids"])) > 4 for c in choices)
+    expected = scored(fp32, continuations)
+    delta = (expected - bfloat16["scores"]).abs().mean()
+    bf16_noise = (expected - scored(bf16, continuations)).abs().mean()
+    print(f"bf16: mean |Δ logprob| vLLM {delta:.4f}, transformers bf16 {bf16_noise:.4f}")
+    assert delta <= BF16_FACTOR * bf16_noise, (delta, bf16_noise)
     flips, bf16_flips = 0, 0
-    for choice in served:
+    for choice in choices:
         reference = reference_logprobs(fp32, choice["prompt_token_ids"], choice["token_ids"])
         top2 = reference.topk(2, -1).values
         confident = (top2[:, 0] - top2[:, 1]) > MARGIN
@@ -84,13 +119,6 @@ def test_served_gpt_oss_matches_the_float_reference(tiny, served: list[dict]) ->
         bf16_argmax = reference_logprobs(bf16, choice["prompt_token_ids"], choice["token_ids"]).argmax(-1)
         bf16_flips += int((reference.argmax(-1) != bf16_argmax).sum())
     assert flips <= bf16_flips, (flips, bf16_flips)
-
-    for mistake in (swap_gate_and_up, drop_down_bias):
-        broken = copy.deepcopy(fp32)
-        for layer in broken.model.layers:
-            mistake(layer.mlp.experts)
-        broken_delta = torch.cat([(chosen_logprobs(broken, c) - vllm_logprobs(c)).abs() for c in served])
-        assert broken_delta.mean() > MEAN_TOLERANCE, f"{mistake.__name__} passes ({broken_delta.mean():.4f})"
 
 
 def swap_gate_and_up(experts) -> None:

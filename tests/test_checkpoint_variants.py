@@ -1,0 +1,157 @@
+"""Checkpoints as other tools save them convert: configs written by transformers 5.x (renamed keys), float
+tensors in another float dtype than the family's usual one, multi-token-prediction layers; what moeprep cannot
+read is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprep.checkpoint.manifest import load_manifest
+from moeprep.checkpoint.source import open_local
+from moeprep.errors import UnsupportedModelError
+from moeprep.families import family_names
+from moeprep.families.config_view import ALIASES, ConfigView
+from moeprep.fixtures import build_fixture
+from moeprep.plan import build_plan
+from tests.conftest import run_cli
+
+
+def plan_rows(folder: Path) -> list[tuple]:
+    plan = build_plan(open_local(folder))
+    return sorted((j.entry.name, j.entry.dtype, j.entry.shape, j.recipe, j.sources) for j in plan.jobs)
+
+
+def resaved_by_transformers(src: Path, dest: Path) -> Path:
+    """``src`` with its config.json as transformers' own config class saves it (``save_pretrained``)."""
+    from transformers import AutoConfig
+
+    shutil.copytree(src, dest)
+    AutoConfig.from_pretrained(src).save_pretrained(dest)
+    return dest
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_config_saved_by_transformers_plans_like_the_original(tiny, tmp_path: Path, family: str) -> None:
+    pytest.importorskip("transformers")
+    resaved = resaved_by_transformers(tiny(family), tmp_path / family)
+    assert json.loads((resaved / "config.json").read_text()) != json.loads((tiny(family) / "config.json").read_text())
+    assert plan_rows(resaved) == plan_rows(tiny(family))
+
+
+def test_qwen3_moe_saved_by_transformers_5_converts(tiny, tmp_path: Path) -> None:
+    """transformers 5.x writes Qwen3-MoE's ``num_experts`` as ``num_local_experts`` (and ``dtype``,
+    ``rope_parameters``)."""
+    transformers = pytest.importorskip("transformers")
+    resaved = resaved_by_transformers(tiny("qwen3-moe"), tmp_path / "src")
+    config = json.loads((resaved / "config.json").read_text())
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert "num_local_experts" in config and "num_experts" not in config
+    result = run_cli("convert", resaved, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 8
+
+
+def test_aliases_are_the_ones_transformers_declares() -> None:
+    """Every ``attribute_map`` entry of the families' transformers config classes that names a key moeprep reads
+    is in ``ALIASES`` (moeprep does not import transformers at run time)."""
+    from transformers import CONFIG_MAPPING
+
+    for model_type, groups in ALIASES.items():
+        declared = {frozenset(pair) for pair in CONFIG_MAPPING[model_type].attribute_map.items()}
+        ours = {frozenset(group) for group in groups}
+        assert ours <= declared, (model_type, ours - declared)
+    for model_type in ("qwen2_moe", "llama4_text"):
+        assert model_type not in ALIASES and not CONFIG_MAPPING[model_type].attribute_map
+
+
+def test_config_view_answers_for_aliases_and_names_what_is_missing() -> None:
+    view = ConfigView({"model_type": "qwen3_moe", "num_local_experts": 8, "dtype": "bfloat16"})
+    assert view["num_experts"] == 8 and view["torch_dtype"] == "bfloat16" and "num_experts" in view
+    assert view.get("hidden_size", 7) == 7
+    with pytest.raises(UnsupportedModelError, match="has no 'hidden_size'"):
+        view["hidden_size"]
+
+
+def test_config_without_a_needed_key_is_one_line(tiny, tmp_path: Path) -> None:
+    src = shutil.copytree(tiny("qwen3-moe"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    del config["num_experts"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("convert", src, tmp_path / "out"), "'num_experts' / 'num_local_experts'")
+    assert not (tmp_path / "out").exists()
+
+
+def with_tensors_cast(src: Path, dest: Path, suffix: str, dtype: torch.dtype) -> Path:
+    """A copy of ``src`` whose tensors ending in ``suffix`` are stored in ``dtype``."""
+    shutil.copytree(src, dest)
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        changed = {name: t.to(dtype) for name, t in tensors.items() if name.endswith(suffix)}
+        if changed:
+            save_file({**tensors, **changed}, str(shard), metadata={"format": "pt"})
+    return dest
+
+
+def test_float32_sinks_are_kept_as_stored(tiny, tmp_path: Path) -> None:
+    src = with_tensors_cast(tiny("gpt-oss"), tmp_path / "src", ".self_attn.sinks", torch.float32)
+    for backend in ("none", "dequant", "triton"):
+        out = tmp_path / backend
+        args = ("--arch", "sm90") if backend == "triton" else ()
+        result = run_cli("convert", src, out, "--backend", backend, *args)
+        assert result.returncode == 0, result.stderr
+        records = load_manifest(out).tensors
+        sinks = [name for name in records if name.endswith(".self_attn.sinks")]
+        assert sinks and all(records[name].dtype == "F32" for name in sinks)
+        stored = {k: v for shard in out.glob("model-*.safetensors") for k, v in load_file(shard).items()}
+        original = {k: v for shard in src.glob("*.safetensors") for k, v in load_file(shard).items()}
+        assert all(torch.equal(stored[name], original[name]) for name in sinks)
+
+
+def test_a_transformed_tensor_in_another_float_dtype_is_refused(tiny, tmp_path: Path) -> None:
+    src = with_tensors_cast(tiny("gpt-oss"), tmp_path / "src", ".mlp.experts.gate_up_proj_bias", torch.float32)
+    result = run_cli("convert", src, tmp_path / "out", "--backend", "triton", "--arch", "sm90")
+    assert_one_line_error(result, "gate_up_proj_bias", "is F32", "reads it as BF16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_correction_bias_converts_plain_and_fused(tiny, tmp_path: Path) -> None:
+    suffix = ".mlp.gate.e_score_correction_bias"
+    src = with_tensors_cast(tiny("deepseek-v3"), tmp_path / "src", suffix, torch.bfloat16)
+    for name, args in (("plain", ()), ("fused", ("--fuse-shared-experts",))):
+        result = run_cli("convert", src, tmp_path / name, *args)
+        assert result.returncode == 0, result.stderr
+        records = load_manifest(tmp_path / name).tensors
+        assert {records[n].dtype for n in records if n.endswith(suffix)} == {"BF16"}
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "glm4-moe"])
+def test_mtp_layer_converts_plain_and_fused_and_stays_as_stored(tmp_path: Path, family: str) -> None:
+    src = build_fixture(family, tmp_path / "src", config_overrides={"num_nextn_predict_layers": 1})
+    mtp = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    source = open_local(src)
+    mtp_names = [n for n in source.tensor_names if n.startswith(f"model.layers.{mtp}.")]
+    assert f"model.layers.{mtp}.eh_proj.weight" in mtp_names
+    assert f"model.layers.{mtp}.mlp.shared_experts.down_proj.weight" in mtp_names
+    assert build_plan(source).unknown_tensors == []  # the MTP layer is part of the family's inventory
+    for name, args in (("plain", ()), ("fused", ("--fuse-shared-experts",))):
+        result = run_cli("convert", src, tmp_path / name, *args)
+        assert result.returncode == 0, result.stderr
+        manifest = load_manifest(tmp_path / name)
+        assert all(manifest.tensors[n].recipe == "passthrough" for n in mtp_names)
+        stored = {k: v for shard in (tmp_path / name).glob("model-*.safetensors") for k, v in load_file(shard).items()}
+        assert all(torch.equal(stored[n], source.read(n)) for n in mtp_names)
+    contract = load_manifest(tmp_path / "fused").routing["fused_shared_experts"]
+    assert contract["mtp_layers"] == [mtp] and "not fused" in contract["mtp_shared_experts"]
