@@ -45,8 +45,10 @@ def upload_prepared(
     revision: str | None = None,
     token: str | None = None,
     on_commit: Callable[[list[str]], None] | None = None,
+    commit_message: str | None = None,
 ) -> UploadReport:
-    """Verify ``folder`` (refusing to upload one that fails), then upload it to ``repo_id``."""
+    """Verify ``folder`` (refusing to upload one that fails), then upload it to ``repo_id`` (``token``: None for
+    HF_TOKEN or the login's; ``commit_message``: what each commit says before the files it adds)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
@@ -63,7 +65,10 @@ def upload_prepared(
         for group in groups:
             operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in group]
             info = api.create_commit(
-                repo_id, operations, commit_message=f"moeprep: upload {', '.join(group)}", revision=branch
+                repo_id,
+                operations,
+                commit_message=f"{commit_message or 'moeprep: upload'} {', '.join(group)}",
+                revision=branch,
             )
             if info.oid != head:  # an unchanged group creates no commit and returns the current head
                 commits, head = commits + 1, info.oid

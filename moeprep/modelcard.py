@@ -7,6 +7,7 @@ from typing import Any
 
 from moeprep import __version__
 from moeprep.checkpoint.manifest import MANIFEST_NAME, Source, Target
+from moeprep.checkpoint.source import SOURCE_README
 from moeprep.vllm_versions import served_vllm
 
 
@@ -71,6 +72,11 @@ def render_model_card(
             f"({summary.get('expert_format', 'unknown')} format), top-{summary['top_k']}.",
             '- `config.json` carries `quantization_config.quant_method = "moeprep"`: vLLM without the moeprep '
             "plugin refuses this folder instead of mis-loading it.",
+            *(
+                [f"- Every other file of the source is here as it was; its model card is `{SOURCE_README}`."]
+                if "README.md" in source.files
+                else ["- Every other file of the source is here as it was."]
+            ),
             "",
             "## Serve",
             "",

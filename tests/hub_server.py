@@ -44,6 +44,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # name -> commit sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
     history: list[tuple[str, list[str]]] = field(default_factory=list)  # (commit sha, paths added), in order
+    messages: dict[str, str] = field(default_factory=dict)  # commit sha -> its message (summary)
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.commits:
@@ -70,6 +71,7 @@ class HubState:
         repo.commits[sha] = tree
         repo.branches[branch] = sha
         repo.history.append((sha, sorted(files)))
+        repo.messages[sha] = message
         return sha
 
     def requests(self, method: str, pattern: str = "") -> list[str]:

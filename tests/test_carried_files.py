@@ -51,7 +51,8 @@ def test_non_weight_files_are_carried_byte_for_byte(source: Path, prepared: tupl
         assert (dest / name).read_bytes() == EXTRA[name], name
     assert (dest / "figures/benchmark.png").read_bytes() == EXTRA["figures/benchmark.png"]
     assert (dest / "README.source.md").read_bytes() == EXTRA["README.md"]
-    assert (dest / "README.md").read_text().startswith("---\n")  # the prepared folder's model card
+    card = (dest / "README.md").read_text()  # the prepared folder's model card
+    assert card.startswith("---\n") and "its model card is `README.source.md`" in card
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (dest / name).read_bytes() == (source / name).read_bytes(), name
 

@@ -193,6 +193,21 @@ def test_upload_to_a_branch(prepared: Path, tmp_path: Path) -> None:
         assert remote_files(hub, "org/prepared", "main") == {}
 
 
+def test_upload_with_a_token_option_and_commit_message(prepared: Path, tmp_path: Path) -> None:
+    with HubServer(token=TOKEN) as hub:
+        denied = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared", token=None)
+        assert_one_line_error(denied, "org/prepared")
+        args = ("upload", prepared, "org/prepared", "--token", TOKEN, "--commit-message", "gpt-oss for H200")
+        result = moeprep(hub, tmp_path / "home", *args, token=None)
+        assert result.returncode == 0, result.stderr
+        assert remote_files(hub, "org/prepared", "main") == folder_files(prepared)
+        repo = hub.state.repos["org/prepared"]
+        messages = [
+            repo.messages[sha] for sha, paths in repo.history if MANIFEST_NAME in paths or "config.json" in paths
+        ]
+        assert messages and all(m.startswith("gpt-oss for H200 ") for m in messages)
+
+
 def test_interrupted_upload_resumes_without_sending_committed_shards_again(prepared: Path, tmp_path: Path) -> None:
     shards = sorted(p.name for p in prepared.glob("model-*.safetensors"))
     with HubServer(token=TOKEN) as hub:

@@ -221,9 +221,7 @@ def convert(
                 print_plan(plan, as_json)
             return
         with byte_progress(plan.total_bytes, "convert", disable=quiet or as_json) as advance:
-            manifest = run_convert(
-                source, plan, dest, overwrite, shard_bytes, advance, upload_repo, lora or []
-            )
+            manifest = run_convert(source, plan, dest, overwrite, shard_bytes, advance, upload_repo, lora or [])
         unserved = unserved_reason(
             manifest.target, manifest.rank_tensors[0] if manifest.rank_tensors else (), on_cpu=False
         )
@@ -295,13 +293,20 @@ def check_convert_options(
         raise UnsupportedModelError("--dry-run writes nothing, so there is nothing to upload: drop --upload-repo")
 
 
-def run_upload(folder: Path, repo_id: str, private: bool, revision: str | None) -> None:
+def run_upload(
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> None:
     from moeprep.hub import upload_prepared
 
     def committed(group: list[str]) -> None:
         console.print(f"uploaded {group[0]}" + (f" and {len(group) - 1} more files" if len(group) > 1 else ""))
 
-    report = upload_prepared(folder, repo_id, private, revision, on_commit=committed)
+    report = upload_prepared(folder, repo_id, private, revision, token, committed, commit_message)
     say(f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {report.commits} new commits")
 
 
@@ -311,10 +316,14 @@ def upload(
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, org/name (created if missing)")],
     private: Annotated[bool, typer.Option(help="create the repo private")] = False,
     revision: Annotated[str | None, typer.Option(help="branch to upload to (created if missing)")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN or `hf auth login`'s)")] = None,
+    commit_message: Annotated[
+        str | None, typer.Option(help="what each commit says before the files it adds (default: moeprep: upload)")
+    ] = None,
 ) -> None:
     """Verify FOLDER, then upload it to the Hub; run it again to resume an interrupted upload."""
     with user_errors():
-        run_upload(folder, repo_id, private, revision)
+        run_upload(folder, repo_id, private, revision, token, commit_message)
 
 
 def print_plan(plan: Plan, as_json: bool) -> None:
