@@ -21,7 +21,14 @@ from moeprep.checkpoint.manifest import (
     TensorRecord,
     write_manifest,
 )
-from moeprep.checkpoint.source import BIN_INDEX, SAFE_INDEX, CheckpointSource, carried_name, open_source
+from moeprep.checkpoint.source import (
+    BIN_INDEX,
+    SAFE_INDEX,
+    CheckpointSource,
+    carried_name,
+    is_hub_source,
+    open_source,
+)
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
 from moeprep.modelcard import render_model_card
@@ -104,9 +111,15 @@ def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, 
 def load_plan(
     src: str, backend: str, revision: str | None = None, options: PlanOptions | None = None, headers_only: bool = False
 ) -> tuple[CheckpointSource, Plan]:
-    """The source and the plan for it (``headers_only``: a Hub source's shards are not downloaded, for dry runs)."""
+    """The source and the plan for it (``headers_only``: a Hub source's shards are not downloaded, for dry runs).
+    A Hub source is planned from its shard headers first, so a bad option or model fails before any download."""
+    options = options or PlanOptions()
+    if is_hub_source(src) and not headers_only:
+        headers = open_source(src, revision, headers_only=True)
+        build_plan(headers, backend, options)
+        revision = headers.revision or revision  # the commit the headers were read at
     source = open_source(src, revision, headers_only)
-    return source, build_plan(source, backend, options or PlanOptions())
+    return source, build_plan(source, backend, options)
 
 
 def convert(

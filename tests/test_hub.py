@@ -117,6 +117,13 @@ def test_dry_run_reads_shard_headers_and_downloads_no_shard(
     assert not list(home.rglob("*.safetensors")) and not (tmp_path / "out").exists()
 
 
+def test_options_that_do_not_fit_the_model_fail_before_any_shard_is_downloaded(hub: HubServer, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = moeprep(hub, home, "convert", REPO, tmp_path / "out", "--backend", "triton")
+    assert_one_line_error(result, "backend triton lays out mxfp4 experts")
+    assert not list(home.rglob("*.safetensors")) and not (tmp_path / "out").exists()
+
+
 def test_offline_uses_the_cache_and_fails_cleanly_without_it(hub: HubServer, tmp_path: Path) -> None:
     home = tmp_path / "home"
     assert moeprep(hub, home, "convert", REPO, tmp_path / "online").returncode == 0

@@ -336,10 +336,14 @@ def hub_headers(src: str, revision: str | None) -> CheckpointSource:
     return source
 
 
+def is_hub_source(src: str) -> bool:
+    return not Path(src).exists() and looks_like_repo_id(src)
+
+
 def open_source(src: str, revision: str | None = None, headers_only: bool = False) -> CheckpointSource:
     """A local folder, or a Hub repo id (``org/name``): downloaded by ``download``, or with ``headers_only``
     only its config and shard headers (``hub_headers``, for dry runs)."""
-    if Path(src).exists() or not looks_like_repo_id(src):
+    if not is_hub_source(src):
         if revision:
             raise CheckpointError(f"--revision applies to Hub repo ids, not to the local folder {src}")
         return open_local(Path(src))
