@@ -41,6 +41,18 @@ class Backend(str, Enum):
     dequant = "dequant"
 
 
+class Arch(str, Enum):
+    """CUDA architectures: of the layouts, and with ``--backend auto`` of the serving GPU."""
+
+    any = "any"
+    sm80 = "sm80"
+    sm86 = "sm86"
+    sm89 = "sm89"
+    sm90 = "sm90"
+    sm100 = "sm100"
+    sm103 = "sm103"
+
+
 FUSE_SHARED = "--fuse-shared-experts"
 
 
@@ -141,9 +153,10 @@ def convert(
         str | None, typer.Option(help="with --backend auto: the GPU it will be served on (h100, h200, b200, a100, ...)")
     ] = None,
     arch: Annotated[
-        str | None,
+        Arch | None,
         typer.Option(
-            help="GPU architecture for mxfp4 layouts (triton: sm90 or sm100; flashinfer-trtllm: sm100; marlin: any)"
+            help="GPU architecture of mxfp4 layouts (triton: sm90 or sm100; flashinfer-trtllm: sm100; marlin: any); "
+            "with --backend auto, of the GPU it will be served on"
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="where layouts are computed: cpu or cuda")] = "cpu",
@@ -210,7 +223,14 @@ def convert(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
         )
         options = PlanOptions(
-            arch, device, fuse_shared_experts, requantize_shared_experts, tp, ep, vllm_version, target_gpu
+            arch.value if arch else None,
+            device,
+            fuse_shared_experts,
+            requantize_shared_experts,
+            tp,
+            ep,
+            vllm_version,
+            target_gpu,
         )
         shard_bytes = parse_size(max_shard_size)  # before anything is downloaded
         source, plan = load_plan(src, backend.value, revision, options, headers_only=dry_run)
