@@ -49,31 +49,30 @@ def local_arches() -> list[tuple[str, str]]:
     return pairs
 
 
-def run_checks(pairs: list[tuple[str, str]]) -> tuple[list[str], list[LayoutCheck]]:
-    lines, checks = [], []
+def run_checks(pairs: list[tuple[str, str]]) -> tuple[list[str], str | None]:
+    """The checks' report lines, and the first tensor that differs (None: none did)."""
+    lines, failure = [], None
     for backend, arch in pairs:
         try:
             check = check_layout(backend, arch)
         except CannotCheck as exc:
             lines.append(f"{backend} {arch}: not checked here ({exc})")
             continue
-        checks.append(check)
         lines.extend(describe_check(check))
-    return lines, checks
+        if check.first_mismatch and failure is None:
+            failure = f"{backend} {arch} layout: {check.first_mismatch} differs from vLLM's own transform"
+    return lines, failure
 
 
 def doctor(folder: Path | None) -> tuple[list[str], str | None]:
     """The report's lines, and the first failure (None: nothing failed)."""
     lines = list(machine_lines())
     if folder is None:
-        check_lines, checks = run_checks([p for p in local_arches() if p[0] in VLLM_TRANSFORMS])
-        failed = next((c for c in checks if c.first_mismatch), None)
-        reason = (
-            f"{failed.backend} {failed.arch} layout: {failed.first_mismatch} differs from vLLM's" if failed else None
-        )
-        return lines + check_lines, reason
+        check_lines, failure = run_checks([p for p in local_arches() if p[0] in VLLM_TRANSFORMS])
+        return lines + check_lines, failure
     from moeprep.checkpoint.manifest import load_manifest
     from moeprep.modelcard import serve_command
+    from moeprep.plan import serve_flags
 
     manifest = load_manifest(folder)
     target, installed = manifest.target, installed_vllm()
@@ -81,14 +80,10 @@ def doctor(folder: Path | None) -> tuple[list[str], str | None]:
     if installed and target.locked_to_vllm:
         inside = in_ranges(installed[0], target.served_vllm_ranges)
         lines.append(f"installed vLLM {installed[0]}: {'in' if inside else 'OUTSIDE'} the verified ranges")
-    check_lines, checks = run_checks([(target.backend, str(target.knobs.get("arch", "any")))])
-    lines += check_lines
-    failed = next((c for c in checks if c.first_mismatch), None)
-    lines += ["serve with:", serve_command(str(folder), target, {"serve_flags": serve_flags(target.backend)})]
-    return lines, f"{failed.first_mismatch} differs from vLLM's own transform" if failed else None
-
-
-def serve_flags(backend: str) -> list[str]:
-    from moeprep.plan import MXFP4_BACKENDS
-
-    return list(MXFP4_BACKENDS[backend].SERVE_FLAGS) if backend in MXFP4_BACKENDS else []
+    check_lines, failure = run_checks([(target.backend, str(target.knobs.get("arch", "any")))])
+    lines += [
+        *check_lines,
+        "serve with:",
+        serve_command(str(folder), target, {"serve_flags": serve_flags(target.backend)}),
+    ]
+    return lines, failure

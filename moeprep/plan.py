@@ -6,6 +6,7 @@ tensor passes through), the source tensors it reads and the recipe that turns on
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -62,6 +63,11 @@ class TensorJob:
             object.__setattr__(self, "view_strides", contiguous_strides(self.entry.shape))
 
 
+def serve_flags(backend: str) -> list[str]:
+    """The ``vllm serve`` flags a backend's folders need (the mxfp4 layouts name vLLM's kernel)."""
+    return list(MXFP4_BACKENDS[backend].SERVE_FLAGS) if backend in MXFP4_BACKENDS else []
+
+
 @dataclass
 class Plan:
     family: Family
@@ -91,13 +97,9 @@ class Plan:
             "experts": self.moe.num_experts,
             "top_k": self.moe.top_k,
             "expert_format": self.moe.expert_format,
-            "serve_flags": list(MXFP4_BACKENDS[self.target.backend].SERVE_FLAGS)
-            if self.target.backend in MXFP4_BACKENDS
-            else [],
+            "serve_flags": serve_flags(self.target.backend),
             "not_in_family_inventory": len(self.unknown_tensors),
-            "kept_float_dtypes": {
-                d: list(self.kept_dtypes.values()).count(d) for d in sorted(set(self.kept_dtypes.values()))
-            },
+            "kept_float_dtypes": dict(sorted(Counter(self.kept_dtypes.values()).items())),
             "fused_shared_experts": (self.routing or {}).get("fused_shared_experts"),
         }
 

@@ -171,23 +171,30 @@ def test_bare_flag_means_one_replica() -> None:
     assert with_optional_replicas(["--fuse-shared-experts", "3"]) == ["--fuse-shared-experts", "3"]
 
 
+def top2_slot_contract(routed_experts: int, replicas: int, gated: bool, slot_ids: tuple[tuple[int, ...], ...]):
+    """A slot contract with top-2 routing, 64-wide slots, no routed scaling and no renormalisation."""
+    from moeprep.runtime.fused_shared import SlotContract
+
+    return SlotContract(
+        routed_experts=routed_experts,
+        slots=len(slot_ids),
+        replicas=replicas,
+        top_k=2,
+        expert_intermediate=64,
+        gated=gated,
+        routed_scaling_factor=1.0,
+        renormalize=False,
+        slot_ids=slot_ids,
+    )
+
+
 def test_slot_router_appends_every_slot_with_its_weight() -> None:
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
-    from moeprep.runtime.fused_shared import SharedSlotRouter, SlotContract, slot_id_table
+    from moeprep.runtime.fused_shared import SharedSlotRouter, slot_id_table
 
-    contract = SlotContract(
-        routed_experts=8,
-        slots=2,
-        replicas=3,
-        top_k=2,
-        expert_intermediate=64,
-        gated=True,
-        routed_scaling_factor=1.0,
-        renormalize=False,
-        slot_ids=((8, 9, 10), (11, 12, 13)),
-    )
+    contract = top2_slot_contract(8, replicas=3, gated=True, slot_ids=((8, 9, 10), (11, 12, 13)))
     inner = create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False)
     router = SharedSlotRouter(inner, contract, slot_id_table(contract, 4))
     hidden, logits = torch.randn(7, 16), torch.randn(7, 9)
@@ -222,19 +229,9 @@ def test_slot_routers_skip_padding_rows_and_monolithic_kernels() -> None:
     """vLLM 0.34 routers mark CUDA-graph padding rows with expert id -1: their slots are skipped too (-1), and
     -1 is never mapped through the routed-id table (it would index its last entry)."""
     pytest.importorskip("vllm")
-    from moeprep.runtime.fused_shared import SlotContract, SlotRouter, mapped_ids, padding_rows_skipped, slot_id_table
+    from moeprep.runtime.fused_shared import SlotRouter, mapped_ids, padding_rows_skipped, slot_id_table
 
-    contract = SlotContract(
-        routed_experts=4,
-        slots=1,
-        replicas=2,
-        top_k=2,
-        expert_intermediate=64,
-        gated=False,
-        routed_scaling_factor=1.0,
-        renormalize=False,
-        slot_ids=((4, 5),),
-    )
+    contract = top2_slot_contract(4, replicas=2, gated=False, slot_ids=((4, 5),))
     routed = torch.tensor([[0, 3], [-1, -1], [2, 1], [-1, -1]], dtype=torch.int32)
     slots = padding_rows_skipped(routed, slot_id_table(contract, 4))
     assert slots.tolist() == [[4], [-1], [4], [-1]]
