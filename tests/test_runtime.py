@@ -235,6 +235,40 @@ def test_vllm_hooks_of_the_prepared_mxfp4_methods_exist(monkeypatch: pytest.Monk
         vllm_compat.check_hooks()
 
 
+def test_weight_cache_mode_is_read_from_vllm() -> None:
+    """The prepared methods learn from vLLM whether its weight cache handed over post-processed tensors; the
+    Marlin method says it supports that mode, as vLLM's loader asks every quant method."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    from vllm.model_executor.utils import weights_already_processed
+
+    from moeprep.runtime import vllm_compat
+
+    assert vllm_compat.weights_pre_processed() is False
+    with weights_already_processed():
+        assert vllm_compat.weights_pre_processed() is True
+    assert QuantizeMethodBase.supports_pre_processed_weights is False
+    from moeprep.runtime.mxfp4 import PREPARED_METHODS
+
+    assert PREPARED_METHODS["marlin"].supports_pre_processed_weights is True
+    assert PREPARED_METHODS["none"].supports_pre_processed_weights is False  # vLLM's own transform runs at load
+
+
+def test_weight_cache_counts_prepared_tensors_as_loaded() -> None:
+    from moeprep.runtime.prepared_params import PreparedExpertParams, expert_param_names
+    from moeprep.runtime.tracking import PreparedTensorTracker
+
+    names = expert_param_names("weight", "scale", "bias")
+    records = {f"model.layers.0.mlp.experts.{n}": None for n in names}
+    tracker = PreparedTensorTracker(set(records))
+    params = PreparedExpertParams(names, "model.layers.0.mlp.experts", records, tracker)  # type: ignore[arg-type]
+    tracker.layer_built("model.layers.0.mlp.experts")
+    with pytest.raises(PreparedCheckpointMismatch, match="was never loaded"):
+        params.check_all_loaded()
+    params.taken_from_weight_cache()
+    params.check_all_loaded()
+    tracker.layer_ready("model.layers.0.mlp.experts")
+
+
 def triton_kernels_sm90(layer: dict, arch: str) -> dict:
     """A stand-in newer vLLM: the sm90 swizzle of the ``triton_kernels`` vLLM bundles (tests/reference.py)."""
     from moeprep.layout_check import vllm_parameters

@@ -1,6 +1,10 @@
 """Prepared gpt-oss mxfp4 experts: the experts module gets the prepared parameters (``moeprep_w13_*`` ...) in
 their stored shapes, vLLM's loader copies the bytes in, and post-processing hands them to vLLM's own kernel
-setup as the result of its weight conversion (``vllm_compat``). Nothing is re-laid-out."""
+setup as the result of its weight conversion (``vllm_compat``). Nothing is re-laid-out.
+
+The Triton and Marlin methods also serve from vLLM's weight cache (``vllm preload`` + ``--load-format
+ipc_cache``): the cache holds the tensors post-processing left on the layer, under vLLM's names, and the
+engine's post-processing only rebuilds the kernel around them."""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from moeprep.runtime.vllm_compat import (
     check_bundled_triton_kernels,
     keep_params_in_triton_tensors,
     setup_prepared_kernel,
+    triton_params_kept,
     triton_precision_config,
+    weights_pre_processed,
 )
 
 # Prepared parameters of the Marlin and padded layouts in the order of vLLM's conversion results (w13, w2,
@@ -63,8 +69,12 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        self.params.check_all_loaded()
-        tensors = self.kernel_tensors(layer)
+        if weights_pre_processed():
+            tensors = self.cached_kernel_tensors(layer)
+            self.params.taken_from_weight_cache()
+        else:
+            self.params.check_all_loaded()
+            tensors = self.kernel_tensors(layer)
         for name in self.PARAMS:
             delattr(layer, name)  # the kernel tensors keep the storage alive
         setup_prepared_kernel(self, layer, self.conversion_result(tensors), lambda: self.on_converted(layer, tensors))
@@ -73,6 +83,12 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
     def kernel_tensors(self, layer: Any) -> KernelTensors:
         """The prepared (w13, w2, w13 scale, w2 scale, w13 bias, w2 bias) as the kernel reads them."""
         raise NotImplementedError
+
+    def cached_kernel_tensors(self, layer: Any) -> KernelTensors:
+        """The same, from the tensors vLLM's weight cache put on the layer under vLLM's names."""
+        raise PreparedCheckpointMismatch(
+            f"moeprep: {self.LAYOUT} layouts cannot be served from vLLM's weight cache; load from disk"
+        )
 
     def conversion_result(self, tensors: KernelTensors) -> KernelTensors:
         """``tensors`` in the objects vLLM's weight conversion returns for this backend."""
@@ -89,6 +105,11 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     BACKENDS = frozenset({"TRITON", "TRITON_UNFUSED"})
     LAYOUT = "triton (matmul_ogs)"
 
+    @property
+    def supports_pre_processed_weights(self) -> bool:  # type: ignore[override]
+        """The weight cache can hand the Triton tensors over where vLLM keeps them as layer parameters."""
+        return triton_params_kept()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.knobs.get("arch") != "sm90":
@@ -98,6 +119,17 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
             )
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:
+        swizzled = ("moeprep_w13_value", "moeprep_w2_value", "moeprep_w13_scale", "moeprep_w2_scale")
+        stored = (getattr(layer, name).data.mT for name in swizzled)
+        return self.triton_tensors(*stored, layer.moeprep_w13_bias.data, layer.moeprep_w2_bias.data)
+
+    def cached_kernel_tensors(self, layer: Any) -> KernelTensors:
+        """vLLM keeps each Triton tensor's storage data as the parameter of vLLM's name."""
+        names = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
+        return self.triton_tensors(*(getattr(layer, name).data for name in names))
+
+    def triton_tensors(self, *data: torch.Tensor) -> KernelTensors:
+        """Triton tensors over the storage data of (w13, w2, w13 scale, w2 scale), with the biases."""
         check_bundled_triton_kernels()
         import triton_kernels.matmul_ogs_details.opt_flags as opt_flags
         from triton_kernels.tensor import FP4, Storage, Tensor
@@ -106,25 +138,25 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
         opt_flags.update_opt_flags_constraints({"split_k": 1})  # what vLLM's _swizzle_mxfp4 sets on sm90
         num_warps = int(self.knobs.get("num_warps", 8))
 
-        def value(name: str, k: int, n: int) -> Tensor:
+        def value(data: torch.Tensor, k: int, n: int) -> Tensor:
             """As ``convert_layout(wrap_torch_tensor(w.mT, FP4), HopperMXValueLayout)`` left it."""
             layout = HopperMXValueLayout([self.num_experts, k // 2, n], mx_axis=1)
-            return Tensor(Storage(getattr(layer, name).data.mT, layout), dtype=FP4, shape=[self.num_experts, k, n])
+            return Tensor(Storage(data, layout), dtype=FP4, shape=[self.num_experts, k, n])
 
-        def scale(name: str, k: int, n: int) -> Tensor:
+        def scale(data: torch.Tensor, k: int, n: int) -> Tensor:
             groups = (k // 32 + 3) // 4 * 4  # vLLM pads scale groups to 0 mod 4 on sm90
             layout = HopperMXScaleLayout([self.num_experts, groups, n], mx_axis=1, num_warps=num_warps)
-            data = getattr(layer, name).data.mT
             return Tensor(Storage(data, layout), dtype=torch.uint8, shape=[self.num_experts, groups, n])
 
+        w13, w2, w13_scale, w2_scale, w13_bias, w2_bias = data
         w13_rows, w2_rows = 2 * self.intermediate_size, self.hidden_size
         return (
-            value("moeprep_w13_value", self.hidden_size, w13_rows),
-            value("moeprep_w2_value", self.intermediate_size, w2_rows),
-            scale("moeprep_w13_scale", self.hidden_size, w13_rows),
-            scale("moeprep_w2_scale", self.intermediate_size, w2_rows),
-            layer.moeprep_w13_bias.data,
-            layer.moeprep_w2_bias.data,
+            value(w13, self.hidden_size, w13_rows),
+            value(w2, self.intermediate_size, w2_rows),
+            scale(w13_scale, self.hidden_size, w13_rows),
+            scale(w2_scale, self.intermediate_size, w2_rows),
+            w13_bias,
+            w2_bias,
         )
 
     def on_converted(self, layer: Any, tensors: KernelTensors) -> None:
@@ -144,9 +176,13 @@ class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     PARAMS = expert_param_names("weight", "scale", "bias")
     BACKENDS = frozenset({"MARLIN", "BATCHED_MARLIN"})
     LAYOUT = "Marlin"
+    supports_pre_processed_weights = True  # vLLM keeps the Marlin tensors as parameters of its own names
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:
         return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
+
+    def cached_kernel_tensors(self, layer: Any) -> KernelTensors:
+        return tuple(getattr(layer, name).data for name in VLLM_ORDER)  # type: ignore[return-value]
 
 
 class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):

@@ -106,6 +106,13 @@ class PreparedExpertParams:
             short = by_full_name[name]
             self._loader(short)(getattr(layer, short), tensor)
 
+    def taken_from_weight_cache(self) -> None:
+        """vLLM's weight cache supplies this layer post-processed (the cache's own load was checked): count every
+        prepared tensor as loaded."""
+        for name in self.names:
+            self.loaded.add(name)
+            self.tracker.tensor_loaded(self.full_names[name])
+
     def check_all_loaded(self) -> None:
         missing = [p for p in self.names if p not in self.loaded]
         if missing:

@@ -125,6 +125,21 @@ def triton_precision_config(scale: Any) -> Any:
     return module.PrecisionConfig(**kwargs, flex_ctx=module.FlexCtx(rhs_data=InFlexData()))
 
 
+def weights_pre_processed() -> bool:
+    """Whether vLLM is re-running post-processing on tensors that already went through it: its weight cache
+    (``vllm preload`` + ``--load-format ipc_cache``, vLLM 0.30+) hands over the post-processed tensors, and
+    methods must then only rebuild their kernels. False on vLLMs without that mode."""
+    utils = importlib.import_module("vllm.model_executor.utils")
+    check = getattr(utils, "is_weights_pre_processed", None)
+    return bool(check is not None and check())
+
+
+def triton_params_kept() -> bool:
+    """Whether vLLM keeps each swizzled Triton tensor's storage as a layer parameter (vLLM 0.34+), so that the
+    weight cache can hand the post-processed Triton tensors over."""
+    return hasattr(importlib.import_module(MXFP4_ORACLE_MODULE), "store_params_in_triton")
+
+
 def keep_params_in_triton_tensors(layer: Any, **tensors: Any) -> None:
     """Where vLLM's conversion keeps each swizzled tensor's storage as the layer's parameter of that name (its
     ``store_params_in_triton``), do the same; older vLLMs drop those parameters instead."""

@@ -2,10 +2,13 @@
 
 Usage: python tests/gpu/generate.py MODEL OUT.json [--max-tokens N] [--moe-backend B]
            [--lora ADAPTER [--mixed-moe-lora-format]] [--score SEQUENCES.json]
+           [--load-format F [--loader-config JSON]]
 Writes the greedy tokens of the sample prompts and the log-probability of every token after the first
 of each sequence (teacher forcing, through prompt_logprobs): the given sequences, or by default each
 prompt followed by its greedy tokens. Run one checkpoint per process so each engine starts on a clean GPU;
-MOEPREP_GPU_MEMORY_UTILIZATION (default 0.5) lets several such processes share one GPU.
+MOEPREP_GPU_MEMORY_UTILIZATION (default 0.5) lets several such processes share one GPU, and
+MOEPREP_KV_CACHE_BYTES fixes the KV cache size, so that engines starting side by side (``run_all.sh -n N``) do
+not read each other's allocations as their own in vLLM's memory profile.
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ def main() -> None:
     parser.add_argument("--mixed-moe-lora-format", action="store_true")
     parser.add_argument("--lora-target-modules", nargs="+", default=None)
     parser.add_argument("--score", default=None)
+    parser.add_argument("--load-format", default=None)
+    parser.add_argument("--loader-config", default=None, help="vLLM's model_loader_extra_config, as JSON")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     kwargs: dict = {"moe_backend": args.moe_backend} if args.moe_backend else {}
+    kwargs |= {"load_format": args.load_format} if args.load_format else {}
+    kwargs |= {"model_loader_extra_config": json.loads(args.loader_config)} if args.loader_config else {}
+    if kv_cache_bytes := os.environ.get("MOEPREP_KV_CACHE_BYTES"):
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
     lora = None
     if args.lora:
         rank = json.load(open(f"{args.lora}/adapter_config.json"))["r"]

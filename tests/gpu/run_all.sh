@@ -2,10 +2,16 @@
 # Run the GPU tier on the GPU host against an installed vLLM bundle: VLLM_BUNDLE=.vllm-gpu (vLLM 0.26, from
 # ../shared/gpu-vllm, the default) or VLLM_BUNDLE=.vllm-gpu-034 (vLLM 0.34, from ../shared/gpu-vllm-0.34):
 #   bash tests/gpu/run_all.sh [pytest args]      -> results under $OUT (junit xml, logs, generated tokens)
+# With pytest-xdist's `-n N` the tests run N at a time on the one GPU: each engine then takes a small share of
+# its memory and a fixed KV cache (MOEPREP_GPU_MEMORY_UTILIZATION, MOEPREP_KV_CACHE_BYTES; see generate.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source "${VLLM_BUNDLE:-.vllm-gpu}/env.sh"
 export OUT="${OUT:-/tmp/moeprep-gpu-out}" PYTHONPATH="$PWD:$PYTHONPATH"
 mkdir -p "$OUT"
+if [[ " $* " == *" -n "* ]]; then
+  export MOEPREP_GPU_MEMORY_UTILIZATION="${MOEPREP_GPU_MEMORY_UTILIZATION:-0.08}"
+  export MOEPREP_KV_CACHE_BYTES="${MOEPREP_KV_CACHE_BYTES:-1073741824}"
+fi
 python tests/gpu/register_plugin.py "$(python -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
 python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log"
