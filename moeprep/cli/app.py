@@ -1,6 +1,7 @@
 """``moeprep`` commands: fixture, convert, upload, lora split, verify, doctor, inspect.
 
-Every ``MoeprepError`` becomes one line on stderr and exit code 2, never a traceback."""
+Every ``MoeprepError`` becomes one line on stderr and exit code 2; any other error one line and exit code 1
+(the traceback only with ``--debug`` or ``MOEPREP_DEBUG=1``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -26,7 +28,9 @@ from moeprep.errors import MoeprepError, UnsupportedModelError
 if TYPE_CHECKING:
     from moeprep.plan import Plan
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prepare MoE checkpoints offline for vLLM.")
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+DEBUG_ENV = "MOEPREP_DEBUG"
+settings = SimpleNamespace(debug=False)
 console = Console(stderr=True)
 out = Console()
 
@@ -70,14 +74,41 @@ def main() -> None:
     app(args=with_optional_replicas(sys.argv[1:]))
 
 
+@app.callback()
+def options(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar=DEBUG_ENV, help="show the traceback of an unexpected error")
+    ] = False,
+) -> None:
+    """Prepare MoE checkpoints offline for vLLM."""
+    settings.debug = debug
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn MoeprepError into a one-line message and exit code 2."""
+def user_errors(action: str) -> Iterator[None]:
+    """Turn MoeprepError into a one-line message and exit code 2, and any other error (a bug, or a failure
+    moeprep did not foresee) into one line naming ``action`` and the file involved, exit code 1: no traceback
+    unless ``--debug``. Usage errors pass through to click."""
     try:
         yield
     except MoeprepError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {one_line(exc)}\n")
         raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, typer.BadParameter):  # exits and usage errors, which click reports
+        raise
+    except Exception as exc:
+        if settings.debug:
+            raise
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        sys.stderr.write(
+            f"error: unexpected {type(exc).__name__} while {action}{where}: {one_line(exc)} "
+            f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback, and please report it)\n"
+        )
+        raise typer.Exit(1) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def parse_size(text: str) -> int:
@@ -133,7 +164,7 @@ def fixture(
     """Write a deterministic random checkpoint in a real model's exact on-disk format."""
     from moeprep.fixtures import build_fixture, fixture_bytes
 
-    with user_errors():
+    with user_errors(f"writing the {family} fixture to {dest}"):
         total = fixture_bytes(family, preset, layers, quantization)
         with byte_progress(total, f"fixture {family}") as advance:
             build_fixture(
@@ -217,7 +248,7 @@ def convert(
     from moeprep.plan import PASSTHROUGH, PlanOptions
     from moeprep.serving import unserved_reason
 
-    with user_errors():
+    with user_errors(f"converting {src} to {dest}"):
         fused = fuse_shared_experts > 0
         check_convert_options(
             upload_repo, private, upload_revision, bool(lora), dry_run, fused, requantize_shared_experts
@@ -342,7 +373,7 @@ def upload(
     ] = None,
 ) -> None:
     """Verify FOLDER, then upload it to the Hub; run it again to resume an interrupted upload."""
-    with user_errors():
+    with user_errors(f"uploading {folder} to {repo_id}"):
         run_upload(folder, repo_id, private, revision, token, commit_message)
 
 
@@ -386,7 +417,7 @@ def lora_split(
     """Split fused / 3-D MoE LoRA into the per-expert adapter vLLM loads, padded like BASE."""
     from moeprep.lora import split_adapter
 
-    with user_errors():
+    with user_errors(f"splitting {adapter} for {base}"):
         report = split_adapter(adapter, base, dest, overwrite)
     command = [
         "vllm serve",
@@ -410,7 +441,7 @@ def verify(
     """Re-hash every file and tensor of a prepared folder against moeprep.json."""
     from moeprep.verify import verify_folder
 
-    with user_errors():
+    with user_errors(f"verifying {folder}"):
         report = verify_folder(folder)
     if as_json:
         say(json.dumps({"ok": True, **asdict(report)}, indent=2))
@@ -425,7 +456,7 @@ def doctor(
     """Prove moeprep's layouts (FOLDER's, or each one this machine can check) against the installed vLLM."""
     from moeprep.doctor import doctor as run_doctor
 
-    with user_errors():
+    with user_errors(f"checking {folder or 'the layouts'} against this vLLM"):
         lines, failure = run_doctor(folder)
     say(*lines)
     if failure:
@@ -442,7 +473,7 @@ def inspect(
     from moeprep.checkpoint.manifest import load_manifest
     from moeprep.vllm_versions import served_vllm
 
-    with user_errors():
+    with user_errors(f"inspecting {folder}"):
         manifest = load_manifest(folder)
     if as_json:
         say(manifest.to_json().rstrip("\n"))
