@@ -34,6 +34,7 @@ from moeprep.layouts.padding import round_up
 from moeprep.vllm_versions import describe, in_ranges, target_version
 
 PASSTHROUGH = PASSTHROUGH_RECIPE
+VLLM_BIAS_DTYPE = "BF16"  # vLLM's gpt-oss mxfp4 methods hold the expert biases in bf16 parameters
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]  # served in the tests; any vLLM serves pass-through folders
 MXFP4_BACKENDS: dict[str, ModuleType] = {
     module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
@@ -78,6 +79,7 @@ class Plan:
     routing: dict[str, Any] | None = None  # the manifest's routing contract (fused shared experts)
     kept_dtypes: dict[str, str] = field(default_factory=dict)  # float tensors stored in another dtype, kept as such
     chosen_because: str | None = None  # why ``--backend auto`` chose this backend
+    cast_dtypes: dict[str, str] = field(default_factory=dict)  # re-laid-out tensors cast as vLLM's loader casts them
 
     @property
     def total_bytes(self) -> int:
@@ -100,6 +102,7 @@ class Plan:
             "serve_flags": serve_flags(self.target.backend),
             "not_in_family_inventory": len(self.unknown_tensors),
             "kept_float_dtypes": dict(sorted(Counter(self.kept_dtypes.values()).items())),
+            "cast_as_vllm_loads": dict(sorted(Counter(self.cast_dtypes.values()).items())),
             "fused_shared_experts": (self.routing or {}).get("fused_shared_experts"),
         }
 
@@ -234,7 +237,7 @@ def _mxfp4_jobs(
         every = range(moe.num_experts)
         shares = [(part.rank if tp_size > 1 else None, part, every) for part in Mxfp4Partition.of(inter, tp_size)]
     tp_share = 1 if ep_size > 1 else tp_size  # under expert parallelism vLLM does not split the experts
-    jobs, consumed = [], set()
+    jobs, consumed, cast = [], set(), {}
     for rank, part, experts in shares:
         dims = Mxfp4ExpertDims(
             len(experts),
@@ -257,15 +260,24 @@ def _mxfp4_jobs(
                 entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
                 transform = _on_device(recipe, device)
                 name = recipe.recipe
+                if recipe.source.endswith("_bias") and (stored := source.tensor_meta(src)[0]) != VLLM_BIAS_DTYPE:
+                    transform = then(as_vllm_bias, transform)
+                    cast[src] = f"{stored}->{VLLM_BIAS_DTYPE}"
+                    name = f"{name}+cast-{stored}-{VLLM_BIAS_DTYPE}".lower()  # the manifest's record says so
                 if ep_size > 1:
-                    name = f"{recipe.recipe}+{RECIPE_EP}"
+                    name = f"{name}+{RECIPE_EP}"
                 elif rank is not None:
                     transform = then(partial(part.cut, recipe.source), transform)
-                    name = f"{recipe.recipe}+{RECIPE_TP}"
+                    name = f"{name}+{RECIPE_TP}"
                 run = partial(dim0_chunks, name=src, transform=transform, rows=experts)
                 jobs.append(TensorJob(entry, (src,), name, run, recipe.view_shape, recipe.view_strides, rank))
                 consumed.add(src)
-    return jobs, consumed
+    return jobs, consumed, cast
+
+
+def as_vllm_bias(bias: torch.Tensor) -> torch.Tensor:
+    """An expert bias as vLLM's loader leaves it: copied into its bf16 parameter (round to nearest even)."""
+    return bias.to(torch.bfloat16)
 
 
 def transform_device(device: str) -> torch.device:
@@ -401,6 +413,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     target = replace(target, tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
+    cast: dict[str, str] = {}
     if options.ep_size > 1 and options.ep_size % options.tp_size:
         raise UnsupportedModelError(
             f"--ep {options.ep_size} with --tp {options.tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
@@ -410,7 +423,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
         raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
     if module is not None:
         device = transform_device(options.device)
-        jobs, consumed = _mxfp4_jobs(
+        jobs, consumed, cast = _mxfp4_jobs(
             source, moe, module, target.knobs["arch"], target.padding, device, options.tp_size, options.ep_size
         )
     elif options.tp_size > 1 or options.ep_size > 1:
@@ -433,7 +446,8 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             contract.update(placement.routing(contract["slot_ids"]))
         elif options.tp_size > 1:
             fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
-    check_transformed_dtypes(source, inventory, consumed)
+    check_transformed_dtypes(source, inventory, consumed - set(cast))
     jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
-    kept = {name: stored for name, (stored, _) in inventory.other_float_dtype.items()}
-    return Plan(family, moe, target, jobs + fused, inventory.unknown, routing, kept, choice.reason if choice else None)
+    kept = {name: stored for name, (stored, _) in inventory.other_float_dtype.items() if name not in cast}
+    reason = choice.reason if choice else None
+    return Plan(family, moe, target, jobs + fused, inventory.unknown, routing, kept, reason, cast)

@@ -5,6 +5,7 @@ read is refused in one line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
+from moeprep.convert import convert, load_plan
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import family_names
 from moeprep.families.config_view import ALIASES, ConfigView
 from moeprep.fixtures import build_fixture
-from moeprep.plan import build_plan
+from moeprep.plan import PlanOptions, build_plan
 from tests.conftest import run_cli
 
 
@@ -94,12 +96,20 @@ def test_config_without_a_needed_key_is_one_line(tiny, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def with_tensors_cast(src: Path, dest: Path, suffix: str, dtype: torch.dtype) -> Path:
-    """A copy of ``src`` whose tensors ending in ``suffix`` are stored in ``dtype``."""
+def with_tensors_cast(
+    src: Path, dest: Path, suffix: str | tuple[str, ...], dtype: torch.dtype, jitter: torch.Generator | None = None
+) -> Path:
+    """A copy of ``src`` whose tensors ending in ``suffix`` are stored in ``dtype`` (with ``jitter``: plus random
+    noise below bf16's resolution, so that rounding to bf16 matters)."""
     shutil.copytree(src, dest)
+
+    def changed_tensor(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t + torch.rand(t.shape, generator=jitter, dtype=dtype) * t.abs() * 2**-9 if jitter else t
+
     for shard in dest.glob("*.safetensors"):
         tensors = load_file(shard)
-        changed = {name: t.to(dtype) for name, t in tensors.items() if name.endswith(suffix)}
+        changed = {name: changed_tensor(t) for name, t in tensors.items() if name.endswith(suffix)}
         if changed:
             save_file({**tensors, **changed}, str(shard), metadata={"format": "pt"})
     return dest
@@ -120,10 +130,38 @@ def test_float32_sinks_are_kept_as_stored(tiny, tmp_path: Path) -> None:
         assert all(torch.equal(stored[name], original[name]) for name in sinks)
 
 
+@pytest.mark.parametrize(
+    ("backend", "arch"), [("none", "sm90"), ("triton", "sm90"), ("marlin", None), ("dequant", None), ("cpu", None)]
+)
+def test_float32_expert_biases_are_cast_as_vllm_loads_them(tiny, tmp_path: Path, backend: str, arch: str) -> None:
+    """vLLM copies gpt-oss's expert biases into bf16 parameters: an F32 checkpoint converts to the bytes of the
+    same checkpoint with its biases rounded to bf16 first, and the manifest says they were cast."""
+    rng = torch.Generator().manual_seed(seed := int.from_bytes(os.urandom(4), "little"))
+    print(f"seed {seed}")
+    bias = ".mlp.experts.gate_up_proj_bias", ".mlp.experts.down_proj_bias"
+    as_f32 = with_tensors_cast(tiny("gpt-oss"), tmp_path / "f32", bias, torch.float32, jitter=rng)
+    as_bf16 = with_tensors_cast(as_f32, tmp_path / "bf16", bias, torch.bfloat16)
+    prepared = {}
+    for name, src in (("f32", as_f32), ("bf16", as_bf16)):
+        source, plan = load_plan(str(src), backend, options=PlanOptions(arch=arch))
+        convert(source, plan, tmp_path / f"out-{name}")
+        prepared[name] = {
+            k: v for f in (tmp_path / f"out-{name}").glob("model-*.safetensors") for k, v in load_file(f).items()
+        }
+    assert prepared["f32"].keys() == prepared["bf16"].keys()
+    assert all(torch.equal(prepared["f32"][k], prepared["bf16"][k]) for k in prepared["f32"])
+    recipes = [record.recipe for _, record in load_manifest(tmp_path / "out-f32").all_tensor_records()]
+    assert sum(recipe.endswith("+cast-f32-bf16") for recipe in recipes) == 2 * 2  # two biases in each of two layers
+    assert not any("+cast" in record.recipe for _, record in load_manifest(tmp_path / "out-bf16").all_tensor_records())
+
+
 def test_a_transformed_tensor_in_another_float_dtype_is_refused(tiny, tmp_path: Path) -> None:
-    src = with_tensors_cast(tiny("gpt-oss"), tmp_path / "src", ".mlp.experts.gate_up_proj_bias", torch.float32)
-    result = run_cli("convert", src, tmp_path / "out", "--backend", "triton", "--arch", "sm90")
-    assert_one_line_error(result, "gate_up_proj_bias", "is F32", "reads it as BF16")
+    """Fused shared experts re-lay the shared expert out into slots: a float32 one is refused in one line."""
+    src = with_tensors_cast(
+        tiny("deepseek-v3"), tmp_path / "src", ".mlp.shared_experts.down_proj.weight", torch.float32
+    )
+    result = run_cli("convert", src, tmp_path / "out", "--fuse-shared-experts")
+    assert_one_line_error(result, "shared_experts.down_proj is [weight F32]", "routed experts are [weight BF16]")
     assert not (tmp_path / "out").exists()
 
 
