@@ -1,6 +1,14 @@
 """On an sm90 GPU with vLLM 0.34+: prepared Triton and Marlin folders are served from vLLM's weight cache
 (``vllm preload`` holds the post-processed weights, the engine maps them with ``--load-format ipc_cache``) and
-generate the original's greedy tokens; the engine must map the daemon's tensors, not fall back to disk."""
+generate the original's greedy tokens; the engine must map the daemon's tensors, not fall back to disk.
+
+vLLM 0.34 itself cannot run gpt-oss from its weight cache yet: the engine builds the model on the meta device and
+swaps the daemon's tensors into the modules' parameters, but FlashAttention keeps the attention-sink tensor it
+was constructed with (``FlashAttentionImpl.sinks``), still on the meta device, so the first forward fails in
+``_vllm_fa3_C::fwd`` (seen on the H200). The original gpt-oss cannot use the weight cache at all (vLLM's
+``GptOssMxfp4MoEMethod`` does not declare ``supports_pre_processed_weights``). The test requires moeprep's part,
+the mapping and the MoE kernel rebuild, and reports that vLLM failure as an expected failure; once vLLM keeps
+the sinks, it requires the original's tokens."""
 
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.test_mxfp4_gpu import OUT, VLLM_MOE_BACKEND, generate, tiny_gpt_oss  # noqa: F401 (fixture)
+from tests.gpu.test_mxfp4_gpu import HERE, OUT, VLLM_MOE_BACKEND, generate, tiny_gpt_oss  # noqa: F401 (fixture)
 
 HAS_WEIGHT_CACHE = importlib.util.find_spec("vllm.model_executor.model_loader.weight_cache") is not None
 
@@ -57,14 +65,23 @@ def test_prepared_folder_served_from_the_weight_cache(tiny_gpt_oss: dict[str, Pa
     preload += ["--weight-cache-health-host", "127.0.0.1"]
     with log.open("w") as f:
         daemon = subprocess.Popen(preload, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    name = f"gpt-oss-{backend}-weight-cache"
+    loader = json.dumps({"socket_dir": sockets, "fallback": False})
+    command = [sys.executable, str(HERE / "generate.py"), str(folder), str(OUT / f"{name}.json"), *moe_backend]
     try:
         wait_healthy(port, daemon, log)
-        loader = json.dumps({"socket_dir": sockets, "fallback": False})
-        name = f"gpt-oss-{backend}-weight-cache"
-        cached = generate(folder, name, *moe_backend, "--load-format", "ipc_cache", "--loader-config", loader)
+        with (OUT / f"{name}.log").open("w") as f:
+            command += ["--load-format", "ipc_cache", "--loader-config", loader]
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(60)
-    assert "Mapped" in (OUT / f"{name}.log").read_text()  # "Mapped N tensors from the weight cache daemon"
+    engine_log = (OUT / f"{name}.log").read_text()
+    assert "tensors from the weight cache daemon" in engine_log, engine_log[-4000:]  # "Mapped N tensors ..."
+    assert "PreparedCheckpointMismatch" not in engine_log  # the prepared methods rebuilt their kernels
+    if code != 0 and "_vllm_fa3_C::fwd: attempted to run this operator with Meta tensors" in engine_log:
+        pytest.xfail("vLLM 0.34's weight cache leaves gpt-oss's attention sinks on the meta device")
+    assert code == 0, engine_log[-4000:]
+    cached = json.loads((OUT / f"{name}.json").read_text())["tokens"]
     original = generate(tiny_gpt_oss["original"], f"gpt-oss-original-{backend}-weight-cache", *moe_backend)
     assert cached == original
