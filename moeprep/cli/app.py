@@ -435,6 +435,8 @@ def lora_split(
         f"{report.input_tensors} input tensors (rank {report.rank}, scaling {report.scaling:g}); serve with:",
         " ".join(command),
     )
+    if report.note:
+        say(f"note: {report.note}")
 
 
 @app.command()

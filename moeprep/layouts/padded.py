@@ -29,6 +29,7 @@ KNOBS: dict[str, int] = {}
 RECIPE_VERSION = 1
 SERVE_FLAGS: tuple[str, ...] = ()
 LORA_SERVE_FLAGS = triton.LORA_SERVE_FLAGS
+LORA_NOTE = triton.LORA_NOTE
 PLATFORM = "cuda"
 VLLM_RANGES = (("0.26.0", "0.34.0"),)
 EXPERTS_MODULE = "mlp.experts.routed_experts"

@@ -43,6 +43,12 @@ SERVE_FLAGS: tuple[str, ...] = ()  # vLLM 0.26 picks this kernel by default on H
 # With LoRA on, vLLM 0.26 skips its fused Triton kernel (no LoRA support) for Marlin, whose layout this is not;
 # its unfused Triton kernel reads the same layouts and applies MoE LoRA.
 LORA_SERVE_FLAGS = ("--moe-backend", "triton_unfused")
+# Seen on an H200: vLLM 0.34's LoRA MoE wrapper (FusedMoEModularMethod.apply) hands the unfused Triton kernel the
+# raw weight parameter instead of its Triton tensor, and fails there, for the original gpt-oss too.
+LORA_NOTE = (
+    "vLLM 0.34's MoE LoRA fails on the unfused Triton kernel (its LoRA wrapper passes the raw weight; the original "
+    "gpt-oss too); vLLM 0.26 serves it, and on vLLM 0.34 an adapter split for a --backend marlin base serves"
+)
 PLATFORM = "cuda"
 # triton_kernels (bundled with vLLM) and _swizzle_mxfp4's Hopper/Blackwell parts are the same code in 0.26.0-0.34.0
 VLLM_RANGES = (("0.26.0", "0.34.0"),)

@@ -121,6 +121,7 @@ class SplitReport:
     rank: int
     scaling: float
     serve_flags: tuple[str, ...]  # what vLLM needs besides --enable-lora to load it
+    note: str | None = None  # what stands in the way of serving it on some vLLM releases
 
 
 class ExpertLoras:
@@ -339,21 +340,23 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
     write_json(folder / LORA_RECORD_NAME, record)
     # vLLM 0.26 wraps gpt-oss's qkv projection for LoRA whatever the adapter holds, and its LoRA kernel then
     # fails an is_contiguous() assertion there: only the adapter's own modules may be wrapped.
+    backend_flags, note = _backend_lora(base.backend, base.expert_format)
     flags = (
-        *_backend_lora_flags(base.backend, base.expert_format),
+        *backend_flags,
         *(("--lora-target-modules", *targets) if three_d else ()),
     )
     if base.tp_size > 1:
         flags += ("--tensor-parallel-size", str(base.tp_size))
-    return SplitReport(inputs, len(experts), len(others), rank, scaling, flags)
+    return SplitReport(inputs, len(experts), len(others), rank, scaling, flags, note)
 
 
-def _backend_lora_flags(backend: str, expert_format: str) -> tuple[str, ...]:
-    """The MoE kernel choice vLLM needs to apply LoRA on this backend's prepared layouts."""
+def _backend_lora(backend: str, expert_format: str) -> tuple[tuple[str, ...], str | None]:
+    """The MoE kernel choice vLLM needs to apply LoRA on this backend's prepared layouts, and what stands in its
+    way on some vLLM releases."""
     from moeprep.plan import mxfp4_module
 
     module = mxfp4_module(backend, expert_format)
-    return module.LORA_SERVE_FLAGS if module is not None else ()
+    return (module.LORA_SERVE_FLAGS, getattr(module, "LORA_NOTE", None)) if module is not None else ((), None)
 
 
 def _key_name(key: tuple[str, int, str]) -> str:
