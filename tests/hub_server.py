@@ -58,6 +58,7 @@ class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
     log: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    served: list[tuple[str, str, int]] = field(default_factory=list)  # resolve GETs: (file, Range header, bytes sent)
     lock: threading.Lock = field(default_factory=threading.Lock)
     commit_hook: Any = None  # called with (repo_id, paths) after each commit
 
@@ -208,6 +209,9 @@ class HubHandler(BaseHTTPRequestHandler):
             stop = int(ranged.group(2)) + 1 if ranged.group(2) else len(data)
             status, part = 206, data[start:stop]
             headers["Content-Range"] = f"bytes {start}-{start + len(part) - 1}/{len(data)}"
+        if self.command == "GET":
+            with self.state.lock:
+                self.state.served.append((file, self.headers.get("Range", ""), len(part)))
         self.reply(status, headers=headers, raw=part)
 
     # -- write API ---------------------------------------------------------------------------

@@ -115,6 +115,14 @@ def test_dry_run_reads_shard_headers_and_downloads_no_shard(
     local = moeprep(hub, home, "convert", two_revisions[1], tmp_path / "out", "--dry-run", "--json")
     assert plan == json.loads(local.stdout)  # the same plan as from the downloaded folder
     assert not list(home.rglob("*.safetensors")) and not (tmp_path / "out").exists()
+    shards = [request for request in hub.state.served if request[0].endswith(".safetensors")]
+    assert {file for file, _, _ in shards} == plan_shards(two_revisions[1])  # every shard's header was read...
+    assert all(ranged.startswith("bytes=0-") for _, ranged, _ in shards), shards  # ...by a ranged read of its start
+    assert sum(sent for *_, sent in shards) < sum(p.stat().st_size for p in two_revisions[1].glob("*.safetensors"))
+
+
+def plan_shards(folder: Path) -> set[str]:
+    return set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
 
 
 def test_options_that_do_not_fit_the_model_fail_before_any_shard_is_downloaded(hub: HubServer, tmp_path: Path) -> None:
