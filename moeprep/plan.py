@@ -35,7 +35,7 @@ from moeprep.vllm_versions import describe, in_ranges, target_version
 
 PASSTHROUGH = PASSTHROUGH_RECIPE
 VLLM_BIAS_DTYPE = "BF16"  # vLLM's gpt-oss mxfp4 methods hold the expert biases in bf16 parameters
-PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0"]  # served in the tests; any vLLM serves pass-through folders
+PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0", "0.34.0"]  # served in the tests; any vLLM serves pass-through folders
 MXFP4_BACKENDS: dict[str, ModuleType] = {
     module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
 }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +24,22 @@ def rewrite_manifest(folder: Path, change: Callable[[dict], None]) -> None:
     change(manifest)
     path.write_text(json.dumps(manifest))
     seal_manifest(folder)
+
+
+SEED_ENV = "MOEPREP_TEST_SEED"
+
+
+def fresh_seed(nbytes: int = 4) -> int:
+    """A fresh random seed for a test's inputs, printed (pytest shows it with a failure); ``MOEPREP_TEST_SEED=N``
+    replays seed N."""
+    seed = int(os.environ.get(SEED_ENV) or int.from_bytes(os.urandom(nbytes), "little"))
+    print(f"seed {seed} ({SEED_ENV}={seed} replays it)")
+    return seed
+
+
+def fresh_bytes(size: int) -> bytes:
+    """``size`` random bytes drawn from a ``fresh_seed``."""
+    return random.Random(fresh_seed()).randbytes(size)
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ read is refused in one line."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from moeprep.families import family_names
 from moeprep.families.config_view import ALIASES, ConfigView
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions, build_plan
-from tests.conftest import run_cli
+from tests.conftest import fresh_seed, run_cli
 
 
 def plan_rows(folder: Path) -> list[tuple]:
@@ -136,8 +135,7 @@ def test_float32_sinks_are_kept_as_stored(tiny, tmp_path: Path) -> None:
 def test_float32_expert_biases_are_cast_as_vllm_loads_them(tiny, tmp_path: Path, backend: str, arch: str) -> None:
     """vLLM copies gpt-oss's expert biases into bf16 parameters: an F32 checkpoint converts to the bytes of the
     same checkpoint with its biases rounded to bf16 first, and the manifest says they were cast."""
-    rng = torch.Generator().manual_seed(seed := int.from_bytes(os.urandom(4), "little"))
-    print(f"seed {seed}")
+    rng = torch.Generator().manual_seed(fresh_seed())
     bias = ".mlp.experts.gate_up_proj_bias", ".mlp.experts.down_proj_bias"
     as_f32 = with_tensors_cast(tiny("gpt-oss"), tmp_path / "f32", bias, torch.float32, jitter=rng)
     as_bf16 = with_tensors_cast(as_f32, tmp_path / "bf16", bias, torch.bfloat16)

@@ -21,7 +21,7 @@ from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
 from moeprep.plan import PlanOptions
-from tests.conftest import rewrite_manifest, run_cli
+from tests.conftest import fresh_seed, rewrite_manifest, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_verify_detects_one_flipped_byte_anywhere_in_any_file(prepared: Path, tm
     from moeprep.errors import MoeprepError
     from moeprep.verify import verify_folder
 
-    rng = random.Random(os.urandom(8))
+    rng = random.Random(fresh_seed())
     names = sorted(p.relative_to(prepared).as_posix() for p in prepared.rglob("*") if p.is_file())
     assert {"moeprep.json", "moeprep.seal.json", "config.json", "README.md"} <= set(names)
     for name in names:

@@ -15,6 +15,7 @@ import torch
 
 from moeprep.checkpoint import file_sink
 from moeprep.checkpoint.file_sink import BufferedFile, DirectFile, FileSink, open_sink
+from tests.conftest import fresh_bytes
 
 FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -70,7 +71,7 @@ def write_pieces(sink: FileSink, pieces: list[bytes], slow_reader: bool) -> byte
 def test_sink_writes_the_bytes_and_the_reader_sees_them(tmp_path: Path, small_ring: None, kind: str, seed: int) -> None:
     rng = random.Random(seed)
     sizes = [rng.choice([0, 1, 8, 4095, 4096, 4097, 8192, 20_000]) for _ in range(12)]
-    pieces = [os.urandom(n) for n in sizes]
+    pieces = [rng.randbytes(n) for n in sizes]
     path = tmp_path / "f.bin"
     seen = write_pieces(make_sink(kind, path), pieces, slow_reader=seed % 2 == 1)
     assert path.read_bytes() == b"".join(pieces)
@@ -132,7 +133,7 @@ def test_other_open_errors_are_raised(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["direct", "buffered"])
 def test_abort_closes_the_file(tmp_path: Path, small_ring: None, kind: str) -> None:
     sink = make_sink(kind, tmp_path / "f.bin")
-    sink.write(as_tensor(os.urandom(10_000)), lambda _: [])
+    sink.write(as_tensor(fresh_bytes(10_000)), lambda _: [])
     sink.abort()
     fd = sink._fd  # type: ignore[union-attr]
     assert fd == -1

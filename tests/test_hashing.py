@@ -22,10 +22,11 @@ from moeprep.checkpoint.hashing import (
     sha256_tree,
     sha256_tree_ranges,
 )
+from tests.conftest import fresh_bytes
 
 
 def test_sha256_tree_is_the_sha256_of_the_piece_digests() -> None:
-    data = os.urandom(2500)
+    data = fresh_bytes(2500)
     pieces = [data[:1000], data[1000:2000], data[2000:]]
     expected = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
     assert sha256_tree(data, piece_bytes=1000) == expected
@@ -38,7 +39,7 @@ def test_sha256_tree_is_the_sha256_of_the_piece_digests() -> None:
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 7777])
 def test_tree_hasher_in_random_chunks_equals_the_definition(lanes: int, size: int) -> None:
     rng = random.Random(size * 10 + lanes)
-    data = memoryview(os.urandom(size))
+    data = memoryview(fresh_bytes(size))
     with HashLanes(lanes) as pool:
         hasher, pos = TreeHasher(pool, piece_bytes=1000), 0
         while pos < size:
@@ -49,7 +50,7 @@ def test_tree_hasher_in_random_chunks_equals_the_definition(lanes: int, size: in
 
 
 def test_tree_ranges_of_a_file(tmp_path: Path) -> None:
-    data = os.urandom(10_500)
+    data = fresh_bytes(10_500)
     (tmp_path / "f.bin").write_bytes(data)
     ranges = {"a": (0, 2048), "b": (2048, 2048), "c": (2048, 9000), "d": (9000, 10_500)}
     got = sha256_tree_ranges(tmp_path / "f.bin", ranges, workers=3, piece_bytes=1000)
@@ -64,19 +65,19 @@ def test_hash_workers_scale_with_cores() -> None:
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (64 << 20) + 12345])  # empty, tiny, a page, many map slices
 def test_sha256_file_equals_hashlib(tmp_path: Path, size: int) -> None:
-    data = os.urandom(size)
+    data = fresh_bytes(size)
     (tmp_path / "f.bin").write_bytes(data)
     assert sha256_file(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
 
 
 def test_background_hashes_are_the_file_hashes_and_stop_on_exit(tmp_path: Path) -> None:
-    files = {tmp_path / f"f{i}.bin": os.urandom(random.Random(i).randrange(1, 3 << 20)) for i in range(5)}
+    files = {tmp_path / f"f{i}.bin": fresh_bytes(random.Random(i).randrange(1, 3 << 20)) for i in range(5)}
     for path, data in files.items():
         path.write_bytes(data)
     with BackgroundFileHashes(files, workers=2) as hashes:
         assert {p: hashes.sha256(p.name) for p in files} == {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(1 << 20) * 256)  # 256 MiB: four slices
+    big.write_bytes(fresh_bytes(1 << 20) * 256)  # 256 MiB: four slices
     stop = threading.Event()
     stop.set()
     with pytest.raises(HashingStopped):

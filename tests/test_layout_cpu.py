@@ -7,12 +7,11 @@ padded checkpoint tensors."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from moeprep.layouts import cpu_amx
+from tests.conftest import fresh_seed
 from tests.golden_inputs import CPU_AMX_CASES, cpu_amx_inputs
 
 
@@ -31,8 +30,7 @@ def vllm_cpu_pack():
 @pytest.mark.parametrize(("experts", "rows", "k"), [case[1:] for case in CPU_AMX_CASES])
 def test_cpu_layout_equals_the_running_vllm_cpu_transform(experts: int, rows: int, k: int) -> None:
     prepare = vllm_cpu_pack()
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
+    seed = fresh_seed()
     weight, scale = cpu_amx_inputs(seed, experts, rows, k)  # zero-padded to 32 as vLLM's parameters are
     ref_weight, _, ref_scale, _ = prepare(weight, weight, scale, scale)
     assert torch.equal(cpu_amx.pack_cpu_weight(weight), ref_weight.view(torch.uint8))

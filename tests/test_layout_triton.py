@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from moeprep.layouts.triton_hopper import (
     swizzle_hopper_value_fused,
     swizzle_hopper_value_torch,
 )
+from tests.conftest import fresh_seed
 from tests.golden_inputs import TRITON_CASES, mxfp4_inputs
 from tests.reference import reference_blackwell, reference_hopper_scale, reference_hopper_value
 
@@ -80,7 +80,7 @@ def test_matches_golden_reference_hashes(arch: str, case: dict) -> None:
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize(("experts", "rows", "k"), FRESH_SHAPES)
 def test_matches_live_reference_on_fresh_random_inputs(arch: str, experts: int, rows: int, k: int) -> None:
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     blocks, scales = mxfp4_inputs(seed, experts, rows, k)
     expected_value, expected_scale = ARCHES[arch][2](blocks, scales)
     for layouts in ARCHES[arch][1]:
@@ -90,7 +90,7 @@ def test_matches_live_reference_on_fresh_random_inputs(arch: str, experts: int, 
 
 
 def test_cpu_dispatch_uses_the_fused_kernel_and_agrees_with_torch() -> None:
-    blocks, _ = mxfp4_inputs(int.from_bytes(os.urandom(4), "little"), 3, 77, 160)  # neither dim padded evenly
+    blocks, _ = mxfp4_inputs(fresh_seed(), 3, 77, 160)  # neither dim padded evenly
     assert torch.equal(swizzle_hopper_value(blocks), swizzle_hopper_value_torch(blocks))
     narrow = blocks[:, :, :40].contiguous()
     assert torch.equal(swizzle_hopper_value(narrow), swizzle_hopper_value_torch(narrow))
@@ -98,7 +98,7 @@ def test_cpu_dispatch_uses_the_fused_kernel_and_agrees_with_torch() -> None:
 
 @pytest.mark.parametrize("num_warps", [4, 8, 16])
 def test_hopper_scale_num_warps_variants_match_reference(num_warps: int) -> None:
-    _, scales = mxfp4_inputs(int.from_bytes(os.urandom(4), "little"), 2, 700, 2880)
+    _, scales = mxfp4_inputs(fresh_seed(), 2, 700, 2880)
     expected = reference_hopper_scale(scales, num_warps)
     assert torch.equal(swizzle_hopper_scale(scales, num_warps), expected)
 

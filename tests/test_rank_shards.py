@@ -6,7 +6,6 @@ cannot be split per rank is refused in one line."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,12 @@ from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.fixtures import build_fixture
 from moeprep.rank_shards import SpreadSlotPlacement, linear_placement
-from tests.conftest import run_cli
+from tests.conftest import fresh_seed, run_cli
 
 
 @pytest.mark.parametrize(("family", "tp"), [("glm4-moe", 2), ("qwen2-moe", 4), ("deepseek-v3", 2)])
 def test_rank_files_hold_vllm_tensor_parallel_slices(tmp_path: Path, family: str, tp: int) -> None:
-    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    source = build_fixture(family, tmp_path / "src", seed=fresh_seed(3))
     dest = tmp_path / "tp"
     result = run_cli("convert", source, dest, "--tp", str(tp))
     assert result.returncode == 0, result.stderr
@@ -52,7 +51,7 @@ def test_rank_files_hold_vllm_tensor_parallel_slices(tmp_path: Path, family: str
 def test_expert_parallel_rank_files_hold_whole_experts_of_linear_placement(
     tmp_path: Path, family: str, ep: int
 ) -> None:
-    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    source = build_fixture(family, tmp_path / "src", seed=fresh_seed(3))
     dest = tmp_path / "ep"
     result = run_cli("convert", source, dest, "--ep", str(ep))
     assert result.returncode == 0, result.stderr
@@ -91,7 +90,7 @@ def test_fused_shared_slots_are_sliced_per_rank_like_routed_experts(tmp_path: Pa
     """``--tp 2 --fuse-shared-experts``: each rank file holds its slice of every slot (gate/up rows, down
     columns) of the single-partition fused folder, bitwise; the router (Qwen2-MoE's widened gate) stays
     replicated."""
-    source = build_fixture(family, tmp_path / "src", seed=int.from_bytes(os.urandom(3), "little"))
+    source = build_fixture(family, tmp_path / "src", seed=fresh_seed(3))
     whole, split = tmp_path / "fused", tmp_path / "fused-tp2"
     assert run_cli("convert", source, whole, f"--fuse-shared-experts={replicas}").returncode == 0
     result = run_cli("convert", source, split, f"--fuse-shared-experts={replicas}", "--tp", "2")
@@ -203,7 +202,7 @@ def fp8_deepseek(tmp_path: Path, moe_intermediate: int) -> Path:
     return build_fixture(
         "deepseek-v3",
         tmp_path / f"fp8-{moe_intermediate}",
-        seed=int.from_bytes(os.urandom(3), "little"),
+        seed=fresh_seed(3),
         quantization="fp8-block",
         config_overrides={"moe_intermediate_size": moe_intermediate},
     )

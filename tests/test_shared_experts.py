@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from moeprep.cli.app import with_optional_replicas
 from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
 from moeprep.plan import padded_chunk
-from tests.conftest import run_cli
+from tests.conftest import fresh_seed, run_cli
 
 SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", "qwen2-moe": "shared_expert"}
 
@@ -64,7 +63,7 @@ def converted(source: Path, dest: Path, replicas: int) -> tuple[dict[str, torch.
 def test_slots_add_up_to_the_shared_expert(
     tmp_path: Path, family: str, replicas: int, overrides: dict | None, slots: int, quantization: str
 ) -> None:
-    seed = int.from_bytes(os.urandom(3), "little")
+    seed = fresh_seed(3)
     source = build_fixture(family, tmp_path / "src", seed=seed, config_overrides=overrides, quantization=quantization)
     original = open_local(source)
     tensors, manifest = converted(source, tmp_path / "fused", replicas)
@@ -119,7 +118,7 @@ def test_llama4_slots_are_appended_to_the_3d_experts(tmp_path: Path, replicas: i
     """Llama 4 (3-D experts, router weight on the input): gate_up_proj [E+R, H, 2I] and down_proj [E+R, I, H]
     end with the shared expert in that layout (gate half first), once per replica; routed experts unchanged;
     the contract says the slots run on their own token rows, top-1."""
-    seed = int.from_bytes(os.urandom(3), "little")
+    seed = fresh_seed(3)
     source = build_fixture("llama4", tmp_path / "src", seed=seed, config_overrides=overrides)
     tensors, manifest = converted(source, tmp_path / "fused", replicas)
     original = open_local(source)
@@ -273,7 +272,7 @@ def reference_block_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def test_bf16_shared_expert_is_requantized_to_the_routed_block_fp8(tmp_path: Path) -> None:
-    source = mixed_fixture(tmp_path / "src", "shared_experts", int.from_bytes(os.urandom(3), "little"))
+    source = mixed_fixture(tmp_path / "src", "shared_experts", fresh_seed(3))
     refused = run_cli("convert", source, tmp_path / "refused", "--fuse-shared-experts")
     assert refused.returncode == 2 and "add --requantize-shared-experts" in refused.stderr
     assert not (tmp_path / "refused").exists()
@@ -299,7 +298,7 @@ def test_bf16_shared_expert_is_requantized_to_the_routed_block_fp8(tmp_path: Pat
 
 
 def test_block_fp8_shared_expert_is_dequantized_to_the_routed_bf16(tmp_path: Path) -> None:
-    source = mixed_fixture(tmp_path / "src", "experts", int.from_bytes(os.urandom(3), "little"))
+    source = mixed_fixture(tmp_path / "src", "experts", fresh_seed(3))
     result = run_cli("convert", source, tmp_path / "fused", "--fuse-shared-experts", "--requantize-shared-experts")
     assert result.returncode == 0, result.stderr
     tensors = {k: v for shard in (tmp_path / "fused").glob("model-*.safetensors") for k, v in load_file(shard).items()}

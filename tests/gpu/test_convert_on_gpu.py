@@ -15,6 +15,7 @@ from moeprep.checkpoint.file_sink import DirectFile
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions
+from tests.conftest import fresh_seed
 
 NEEDS_VLLM = False
 
@@ -22,7 +23,7 @@ NEEDS_VLLM = False
 def test_gpu_chunks_written_through_the_pinned_ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(file_sink, "SLOT_BYTES", 1 << 20)
     monkeypatch.setattr(file_sink, "SLOTS", 3)
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
     sizes = [1, 4095, 1 << 20, (3 << 20) + 17, 12345]
     chunks = [torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8, device="cuda") for n in sizes]
     seen: list[bytes] = []

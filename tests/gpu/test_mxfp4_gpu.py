@@ -18,6 +18,7 @@ from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.layouts.triton_hopper import swizzle_hopper_scale, swizzle_hopper_value
 from moeprep.plan import PlanOptions
+from tests.conftest import fresh_seed
 
 OUT = Path(os.environ.get("OUT", "/tmp/moeprep-gpu-out"))
 HERE = Path(__file__).parent
@@ -29,7 +30,7 @@ def test_layout_equals_vllm_swizzle_on_gpu(experts: int, rows: int, k: int) -> N
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the triton sm90 layout is defined for Hopper")
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    gen = torch.Generator(device="cuda").manual_seed(fresh_seed())
     blocks = torch.randint(0, 256, (experts, rows, k // 2), generator=gen, dtype=torch.uint8, device="cuda")
     scales = torch.randint(110, 135, (experts, rows, k // 32), generator=gen, dtype=torch.uint8, device="cuda")
     value, _, scale = _swizzle_mxfp4(blocks, scales)
