@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.manifest import MANIFEST_NAME, seal_manifest
 from moeprep.fixtures import build_fixture
@@ -40,6 +43,34 @@ def fresh_seed(nbytes: int = 4) -> int:
 def fresh_bytes(size: int) -> bytes:
     """``size`` random bytes drawn from a ``fresh_seed``."""
     return random.Random(fresh_seed()).randbytes(size)
+
+
+def with_tensors_cast(
+    src: Path, dest: Path, suffix: str | tuple[str, ...], dtype: torch.dtype, jitter: torch.Generator | None = None
+) -> Path:
+    """A copy of ``src`` whose tensors ending in ``suffix`` are stored in ``dtype`` (with ``jitter``: plus random
+    noise below bf16's resolution, so that rounding to bf16 matters)."""
+    shutil.copytree(src, dest)
+
+    def changed_tensor(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t + torch.rand(t.shape, generator=jitter, dtype=dtype) * t.abs() * 2**-9 if jitter else t
+
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        changed = {name: changed_tensor(t) for name, t in tensors.items() if name.endswith(suffix)}
+        if changed:
+            save_file({**tensors, **changed}, str(shard), metadata={"format": "pt"})
+    return dest
+
+
+def resaved_by_transformers(src: Path, dest: Path) -> Path:
+    """``src`` with its config.json as transformers' own config class saves it (``save_pretrained``)."""
+    from transformers import AutoConfig
+
+    shutil.copytree(src, dest)
+    AutoConfig.from_pretrained(src).save_pretrained(dest)
+    return dest
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

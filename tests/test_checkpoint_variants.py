@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
@@ -20,21 +20,12 @@ from moeprep.families import family_names
 from moeprep.families.config_view import ALIASES, ConfigView
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions, build_plan
-from tests.conftest import fresh_seed, run_cli
+from tests.conftest import fresh_seed, resaved_by_transformers, run_cli, with_tensors_cast
 
 
 def plan_rows(folder: Path) -> list[tuple]:
     plan = build_plan(open_local(folder))
     return sorted((j.entry.name, j.entry.dtype, j.entry.shape, j.recipe, j.sources) for j in plan.jobs)
-
-
-def resaved_by_transformers(src: Path, dest: Path) -> Path:
-    """``src`` with its config.json as transformers' own config class saves it (``save_pretrained``)."""
-    from transformers import AutoConfig
-
-    shutil.copytree(src, dest)
-    AutoConfig.from_pretrained(src).save_pretrained(dest)
-    return dest
 
 
 def assert_one_line_error(result, *words: str) -> None:
@@ -93,25 +84,6 @@ def test_config_without_a_needed_key_is_one_line(tiny, tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run_cli("convert", src, tmp_path / "out"), "'num_experts' / 'num_local_experts'")
     assert not (tmp_path / "out").exists()
-
-
-def with_tensors_cast(
-    src: Path, dest: Path, suffix: str | tuple[str, ...], dtype: torch.dtype, jitter: torch.Generator | None = None
-) -> Path:
-    """A copy of ``src`` whose tensors ending in ``suffix`` are stored in ``dtype`` (with ``jitter``: plus random
-    noise below bf16's resolution, so that rounding to bf16 matters)."""
-    shutil.copytree(src, dest)
-
-    def changed_tensor(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dtype)
-        return t + torch.rand(t.shape, generator=jitter, dtype=dtype) * t.abs() * 2**-9 if jitter else t
-
-    for shard in dest.glob("*.safetensors"):
-        tensors = load_file(shard)
-        changed = {name: changed_tensor(t) for name, t in tensors.items() if name.endswith(suffix)}
-        if changed:
-            save_file({**tensors, **changed}, str(shard), metadata={"format": "pt"})
-    return dest
 
 
 def test_float32_sinks_are_kept_as_stored(tiny, tmp_path: Path) -> None:

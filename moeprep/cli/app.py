@@ -115,7 +115,7 @@ def parse_size(text: str) -> int:
     """A size as Hugging Face writes them: ``5GB`` is 5 * 10**9 bytes, ``5GiB`` 5 * 2**30."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?))?B?\s*", text, re.IGNORECASE)
     if not match:
-        raise typer.BadParameter(f"{text!r} is not a size like 500MB, 5GB or 4GiB")
+        raise typer.BadParameter(f"{text!r} is not a size like 500MB, 5GB or 4GiB", param_hint="'--max-shard-size'")
     power = "_KMGT".index((match.group(2) or "_").upper())
     return int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
 
@@ -376,7 +376,7 @@ def upload(
     an interrupted upload."""
     if Path(repo_id, "moeprep.json").is_file() and not Path(folder, "moeprep.json").is_file():
         swapped = f"moeprep upload {shlex.quote(str(folder))} {shlex.quote(repo_id)}"
-        raise typer.BadParameter(f"the repo id comes first, as in hf upload: {swapped}")
+        raise typer.BadParameter(f"the repo id comes first, as in hf upload: {swapped}", param_hint="REPO_ID FOLDER")
     with user_errors(f"uploading {folder} to {repo_id}"):
         run_upload(folder, repo_id, private, revision, token, commit_message)
 

@@ -1,5 +1,6 @@
 """gpt-oss (mxfp4 experts) served by vLLM CPU through ``--backend dequant``, checked against a float32
-reference: transformers' gpt-oss on the original checkpoint (its own mxfp4 dequantization).
+reference: transformers' gpt-oss on the original checkpoint (its own mxfp4 dequantization). The converted source
+stores its attention sinks and expert biases in float32, as other tools save them (the same values).
 
 vLLM scores the float32 reference's own greedy continuations (teacher forcing; the sequences do not depend on the
 CPU's kernels). Served in float32, its mean |Δ log-probability| is at most FP32_TOLERANCE, and references with
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import rewrite_manifest, run_cli
+from tests.conftest import rewrite_manifest, run_cli, with_tensors_cast
 from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, sequence_logprobs, vllm_server
 
 pytest.importorskip("vllm")
@@ -30,6 +31,7 @@ FP32_TOLERANCE = 1e-4  # mean |Δ logprob| in nats; measured 9e-7 (dropping the 
 BF16_FACTOR = 2.0  # vLLM's bf16 error may be this much above transformers' own bf16 error
 MARGIN = 0.25  # the bf16 reference itself flips tokens with margins up to ~0.15
 TOKENS = 32
+FLOAT32_SAVED = (".self_attn.sinks", ".mlp.experts.gate_up_proj_bias", ".mlp.experts.down_proj_bias")
 
 
 def reference_logprobs(model, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
@@ -57,8 +59,11 @@ def fp32(tiny):
 def served(tiny, fp32, tmp_path_factory: pytest.TempPathFactory):
     """``served(dtype)``: vLLM's greedy completions and its log-probabilities of the float32 reference's greedy
     continuations, served in ``dtype`` (each dtype's server started once)."""
-    dest = tmp_path_factory.mktemp("gpt-oss-cpu") / "dequant"
-    result = run_cli("convert", tiny("gpt-oss"), dest, "--backend", "dequant")
+    root = tmp_path_factory.mktemp("gpt-oss-cpu")
+    # as other tools save gpt-oss: float32 attention sinks and expert biases (the same values, exactly)
+    src = with_tensors_cast(tiny("gpt-oss"), root / "f32-src", FLOAT32_SAVED, torch.float32)
+    dest = root / "dequant"
+    result = run_cli("convert", src, dest, "--backend", "dequant")
     assert result.returncode == 0, result.stderr
     cache: dict[str, dict] = {}
 
