@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,8 +75,25 @@ def resaved_by_transformers(src: Path, dest: Path) -> Path:
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m moeprep ARGS`` and capture its output."""
-    return subprocess.run([sys.executable, "-m", "moeprep", *map(str, args)], capture_output=True, text=True)
+    """Run ``moeprep ARGS`` in this process (typer's ``CliRunner``, so no interpreter and torch start per call),
+    with the argument handling of ``python -m moeprep``; an exception that escaped the CLI is written to stderr
+    with its traceback, as the interpreter would. ``run_cli_process`` runs the real command."""
+    from typer.testing import CliRunner
+
+    from moeprep.cli.app import app, with_optional_replicas
+
+    argv = with_optional_replicas([str(arg) for arg in args])
+    result = CliRunner().invoke(app, argv)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["moeprep", *argv], result.exit_code, result.stdout, stderr)
+
+
+def run_cli_process(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m moeprep ARGS`` in a new process and capture its output."""
+    command = [sys.executable, "-m", "moeprep", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="session")

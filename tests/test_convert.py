@@ -7,8 +7,6 @@ import os
 import random
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
 from moeprep.plan import PlanOptions
-from tests.conftest import fresh_seed, rewrite_manifest, run_cli
+from tests.conftest import fresh_seed, rewrite_manifest, run_cli, run_cli_process
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +209,7 @@ def test_sizes_read_as_hugging_face_writes_them() -> None:
 
 def test_serve_command_is_a_line_of_its_own_in_a_narrow_terminal(tiny, tmp_path: Path) -> None:
     dest = tmp_path / "a folder with spaces"
-    env = {**os.environ, "COLUMNS": "40"}
-    result = subprocess.run(
-        [sys.executable, "-m", "moeprep", "convert", str(tiny("qwen3-moe")), str(dest)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_cli_process("convert", tiny("qwen3-moe"), dest, env={**os.environ, "COLUMNS": "40"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-2].endswith("serve with:")
