@@ -253,6 +253,28 @@ def test_weight_cache_mode_is_read_from_vllm() -> None:
     assert PREPARED_METHODS["none"].supports_pre_processed_weights is False  # vLLM's own transform runs at load
 
 
+def test_lora_on_triton_layouts_is_refused_where_vllm_hands_the_kernel_raw_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM 0.34 keeps Triton tensors beside raw-storage parameters, and its MoE LoRA wrapper passes the parameter;
+    a wrapper that reads ``triton_weight`` (as vLLM's own mxfp4 method does) would be fine."""
+    import types
+
+    from moeprep.runtime import vllm_compat
+
+    assert vllm_compat.lora_hands_triton_kernels_raw_weights() is False  # this vLLM keeps no Triton params
+    monkeypatch.setattr(vllm_compat, "triton_params_kept", lambda: True)
+    assert vllm_compat.lora_hands_triton_kernels_raw_weights() is True  # its LoRA wrapper passes layer.w13_weight
+
+    class FixedWrapper:
+        def apply(self, layer: object) -> object:
+            return triton_weight(layer, "w13_weight")  # noqa: F821
+
+    fixed = types.SimpleNamespace(FusedMoEModularMethod=FixedWrapper)
+    monkeypatch.setattr(vllm_compat.importlib, "import_module", lambda name: fixed)
+    assert vllm_compat.lora_hands_triton_kernels_raw_weights() is False
+
+
 def test_weight_cache_counts_prepared_tensors_as_loaded() -> None:
     from moeprep.runtime.prepared_params import PreparedExpertParams, expert_param_names
     from moeprep.runtime.tracking import PreparedTensorTracker

@@ -21,6 +21,7 @@ from moeprep.runtime.vllm_compat import (
     KernelTensors,
     check_bundled_triton_kernels,
     keep_params_in_triton_tensors,
+    lora_hands_triton_kernels_raw_weights,
     setup_prepared_kernel,
     triton_params_kept,
     triton_precision_config,
@@ -116,6 +117,11 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
             raise PreparedCheckpointMismatch(
                 f"moeprep: serving triton layouts for {self.knobs.get('arch')} is not verified on such a GPU yet "
                 "(only sm90 is); convert with --backend marlin, or serve the original checkpoint"
+            )
+        if getattr(self.moe, "is_lora_enabled", False) and lora_hands_triton_kernels_raw_weights():
+            raise PreparedCheckpointMismatch(
+                "moeprep: this vLLM's MoE LoRA hands the unfused Triton kernel the raw weight instead of its Triton "
+                "tensor and fails, for vLLM's own gpt-oss too; serve LoRA on a folder converted with --backend marlin"
             )
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:

@@ -140,6 +140,20 @@ def triton_params_kept() -> bool:
     return hasattr(importlib.import_module(MXFP4_ORACLE_MODULE), "store_params_in_triton")
 
 
+LORA_MOE_METHOD_MODULE = "vllm.model_executor.layers.fused_moe.fused_moe_modular_method"
+
+
+def lora_hands_triton_kernels_raw_weights() -> bool:
+    """Whether vLLM's MoE LoRA wrapper (``FusedMoEModularMethod.apply``) would hand the unfused Triton kernel the
+    layer's weight parameter, which holds only the raw storage where vLLM keeps Triton tensors beside it (vLLM
+    0.34), instead of the Triton tensor (its own mxfp4 method reads ``triton_weight``). Seen failing on an H200
+    with vLLM 0.34, for vLLM's own gpt-oss too."""
+    if not triton_params_kept():
+        return False
+    method = getattr(importlib.import_module(LORA_MOE_METHOD_MODULE), "FusedMoEModularMethod", None)
+    return method is not None and "triton_weight" not in inspect.getsource(method.apply)
+
+
 def keep_params_in_triton_tensors(layer: Any, **tensors: Any) -> None:
     """Where vLLM's conversion keeps each swizzled tensor's storage as the layer's parameter of that name (its
     ``store_params_in_triton``), do the same; older vLLMs drop those parameters instead."""
