@@ -13,5 +13,7 @@ if [[ " $* " == *" -n "* ]]; then
   export MOEPREP_GPU_MEMORY_UTILIZATION="${MOEPREP_GPU_MEMORY_UTILIZATION:-0.08}"
   export MOEPREP_KV_CACHE_BYTES="${MOEPREP_KV_CACHE_BYTES:-1073741824}"
 fi
-python tests/gpu/register_plugin.py "$(python -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
+SITE="$(python -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
+python tests/gpu/register_plugin.py "$SITE"
+python tests/gpu/bundle_fixups.py "$SITE"   # what the trimmed offline bundles leave out (see the script)
 python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log"
