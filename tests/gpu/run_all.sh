@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 source "${VLLM_BUNDLE:-.vllm-gpu}/env.sh"
 export OUT="${OUT:-/tmp/moeprep-gpu-out}" PYTHONPATH="$PWD:$PYTHONPATH"
 mkdir -p "$OUT"
-if [[ " $* " == *" -n "* ]]; then
+if [[ " $* " =~ \ (-n\ ?|--numprocesses[=\ ])[0-9a-z] ]]; then   # pytest-xdist: several tests at a time
   export MOEPREP_GPU_MEMORY_UTILIZATION="${MOEPREP_GPU_MEMORY_UTILIZATION:-0.08}"
   export MOEPREP_KV_CACHE_BYTES="${MOEPREP_KV_CACHE_BYTES:-1073741824}"
 fi
