@@ -43,6 +43,15 @@ def source(family: str) -> Path:
     return SOURCES[family]
 
 
+def apply_edits(mapping: dict, edits: dict) -> None:
+    """Set each key of ``edits`` to its value in ``mapping``, or remove it where the value is ``DELETE``."""
+    for key, value in edits.items():
+        if value is DELETE:
+            mapping.pop(key, None)
+        else:
+            mapping[key] = value
+
+
 def variant(family: str, config_edits: dict, index_edits: dict | None = None) -> Path:
     """A folder whose shards link to the fixture's, with ``config.json`` (and the index's weight map) edited."""
     src = source(family)
@@ -50,15 +59,12 @@ def variant(family: str, config_edits: dict, index_edits: dict | None = None) ->
     for path in src.iterdir():
         (folder / path.name).symlink_to(path)
     config = json.loads((src / "config.json").read_text())
-    for key, value in config_edits.items():
-        config.pop(key, None) if value is DELETE else config.__setitem__(key, value)
+    apply_edits(config, config_edits)
     (folder / "config.json").unlink()
     (folder / "config.json").write_text(json.dumps(config))
     if index_edits is not None:
         index = json.loads((src / "model.safetensors.index.json").read_text())
-        weight_map = index["weight_map"]
-        for key, value in index_edits.items():
-            weight_map.pop(key, None) if value is DELETE else weight_map.__setitem__(key, value)
+        apply_edits(index["weight_map"], index_edits)
         (folder / "model.safetensors.index.json").unlink()
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder

@@ -97,7 +97,8 @@ def checked_value(key: str, value: Any, model_type: object) -> Any:
     else:
         return value
     if not ok:
-        shown = json.dumps(value) if len(json.dumps(value)) <= 40 else json.dumps(value)[:37] + "..."
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise UnsupportedModelError(
             f"config.json ({model_type if isinstance(model_type, str) else 'no model_type'}): {key} is {shown}, "
             f"expected {want}; fix it as the model's original config has it"

@@ -138,10 +138,11 @@ class DeepseekV3(Family):
         hidden, specs = config["hidden_size"], common.decoder_shell(config)
         heads, q_rank, kv_rank = config["num_attention_heads"], config["q_lora_rank"], config["kv_lora_rank"]
         nope, rope, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
-        moe = set(deepseek_moe_layers(config)) | set(mtp_layers(config))
-        for i in [*range(config["num_hidden_layers"]), *mtp_layers(config)]:
+        mtp = mtp_layers(config)
+        moe = set(deepseek_moe_layers(config)) | set(mtp)
+        for i in [*range(config["num_hidden_layers"]), *mtp]:
             layer, attn = f"model.layers.{i}", f"model.layers.{i}.self_attn"
-            if i in mtp_layers(config):
+            if i in mtp:
                 specs |= mtp_extra_specs(layer, config, embed_and_head=True)
             specs |= common.layer_norms(layer, hidden)
             if q_rank:

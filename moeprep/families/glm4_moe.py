@@ -62,10 +62,11 @@ class Glm4Moe(Family):
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         hidden, specs = config["hidden_size"], common.decoder_shell(config)
-        moe = set(glm_moe_layers(config)) | set(mtp_layers(config))
-        for i in [*range(config["num_hidden_layers"]), *mtp_layers(config)]:
+        mtp = mtp_layers(config)
+        moe = set(glm_moe_layers(config)) | set(mtp)
+        for i in [*range(config["num_hidden_layers"]), *mtp]:
             layer = f"model.layers.{i}"
-            if i in mtp_layers(config):
+            if i in mtp:
                 specs |= mtp_extra_specs(layer, config, embed_and_head=False)
             specs |= common.layer_norms(layer, hidden)
             specs |= common.attention(

@@ -23,6 +23,7 @@ from moeprep.runtime.errors import PreparedCheckpointMismatch
 
 MXFP4_METHOD_MODULE = "vllm.model_executor.layers.quantization.mxfp4"
 MXFP4_ORACLE_MODULE = "vllm.model_executor.layers.fused_moe.oracle.mxfp4"
+LORA_MOE_METHOD_MODULE = "vllm.model_executor.layers.fused_moe.fused_moe_modular_method"
 CONVERSION = "convert_gpt_oss_weight_to_mxfp4_moe_kernel_format"
 SETUP_KERNEL_ARGS = ("layer", "w13", "w2", "w13_scale", "w2_scale", "w13_bias", "w2_bias")
 BUNDLED_TRITON_KERNELS = Path("vllm", "third_party", "triton_kernels")
@@ -140,9 +141,6 @@ def triton_params_kept() -> bool:
     return hasattr(importlib.import_module(MXFP4_ORACLE_MODULE), "store_params_in_triton")
 
 
-LORA_MOE_METHOD_MODULE = "vllm.model_executor.layers.fused_moe.fused_moe_modular_method"
-
-
 def lora_hands_triton_kernels_raw_weights() -> bool:
     """Whether vLLM's MoE LoRA wrapper (``FusedMoEModularMethod.apply``) would hand the unfused Triton kernel the
     layer's weight parameter, which holds only the raw storage where vLLM keeps Triton tensors beside it (vLLM
@@ -157,6 +155,5 @@ def lora_hands_triton_kernels_raw_weights() -> bool:
 def keep_params_in_triton_tensors(layer: Any, **tensors: Any) -> None:
     """Where vLLM's conversion keeps each swizzled tensor's storage as the layer's parameter of that name (its
     ``store_params_in_triton``), do the same; older vLLMs drop those parameters instead."""
-    oracle = importlib.import_module(MXFP4_ORACLE_MODULE)
-    if hasattr(oracle, "store_params_in_triton"):
-        oracle.store_params_in_triton(layer, **tensors)
+    if triton_params_kept():
+        importlib.import_module(MXFP4_ORACLE_MODULE).store_params_in_triton(layer, **tensors)
