@@ -1,13 +1,27 @@
-"""vLLM load time and peak GPU memory, original gpt-oss checkpoint vs moeprep-prepared, in one run.
+"""vLLM load time and GPU memory, original gpt-oss checkpoint vs moeprep-prepared, both in the same page-cache state.
 
-    python benchmarks/load_time.py --preset 120b --layers 6 [--backend triton] [--out result.json]
+    python benchmarks/load_time.py --preset 120b --layers 4 --backend triton --rounds 2 --budget auto --out r.json
 
-On a GPU host with vLLM 0.26 (bundle from ../shared/gpu-vllm, plugin registered by
-tests/gpu/register_plugin.py). Builds a synthetic gpt-oss checkpoint with real expert dims
-(E=128, H=I=2880 for 120b), converts it (``--device cuda``, timed against copying the files),
-then loads each checkpoint in a fresh process with vLLM's ``LLM`` and reports vLLM's own
-"Loading weights took" / "Model loading took", the time of MoE post-processing
-(``process_weights_after_loading``), peak GPU memory during the load, and 4 x 32 greedy tokens.
+On a GPU host with vLLM (a bundle from ../shared/gpu-vllm*, plugin registered by tests/gpu/register_plugin.py).
+Builds a synthetic gpt-oss checkpoint with real expert dims (E=128, H=I=2880 for 120b) unless the work folder
+already holds one, converts it on the GPU, then loads each checkpoint in a fresh process with vLLM's ``LLM`` in
+two page-cache states per round:
+
+- cold: both checkpoints' files evicted (``fsync`` + ``posix_fadvise(DONTNEED)``, checked with ``mincore``);
+- warm: both read fully first (checked the same way).
+
+Each load reports vLLM's "Loading weights took" / "Model loading took", MoE post-processing
+(``process_weights_after_loading``), time to a ready engine, peak and final GPU memory of the load, and 4 x 32
+greedy tokens; beside it the plain read time of the same files in the same state (the I/O floor). The order of
+the two checkpoints alternates between rounds. The KV cache is fixed (1 GiB) so that both engines do the same
+work after loading.
+
+Also measured once per run:
+- convert then serve: the prepared folder loaded as the converter left it (source evicted before converting),
+  against the original's cold load;
+- ``--budget``: both loaded under a GPU memory cap (``torch.cuda.set_per_process_memory_fraction`` in the engine
+  process) that the final weights fit but the original's load-time transient does not (``auto``: halfway between
+  the two peaks measured above): the original is expected to fail, the prepared folder to give its tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ import argparse
 import json
 import os
 import re
-import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import page_cache  # noqa: E402
 
 from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS as PROMPTS  # noqa: E402
 
@@ -31,16 +48,27 @@ LOG_PATTERNS = {
     "loading_weights_s": r"Loading weights took ([\d.]+) seconds",
     "model_loading_s": r"Model loading took [\d.]+ GiB memory and ([\d.]+) seconds",
 }
+KV_CACHE_BYTES = 2**30
+METRICS = (
+    "io_floor_s",
+    "loading_weights_s",
+    "model_loading_s",
+    "post_processing_s",
+    "engine_ready_s",
+    "load_peak_gib",
+    "loaded_weights_gib",
+)
 
 
-def child_load(model: str, out: Path, moe_backend: str | None) -> None:
-    """Load ``model`` in this process, timing vLLM's post-processing and tracking peak GPU memory."""
+def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float | None) -> None:
+    """Load ``model`` in this process, timing vLLM's post-processing and tracking peak GPU memory; under
+    ``budget_gib`` the process may allocate at most that much GPU memory."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
     from vllm import LLM, SamplingParams
     from vllm.model_executor.model_loader import base_loader
 
-    facts: dict[str, float] = {}
+    facts: dict[str, float | str] = {}
     original_post = base_loader.process_weights_after_loading
     original_load = base_loader.BaseModelLoader.load_model
 
@@ -63,85 +91,198 @@ def child_load(model: str, out: Path, moe_backend: str | None) -> None:
 
     base_loader.process_weights_after_loading = timed_post
     base_loader.BaseModelLoader.load_model = tracked_load
+    if budget_gib:
+        torch.cuda.set_per_process_memory_fraction(
+            budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        )
     kwargs = {"moe_backend": moe_backend} if moe_backend else {}
     start = time.perf_counter()
-    llm = LLM(model, max_model_len=512, gpu_memory_utilization=0.85, enforce_eager=True, seed=0, **kwargs)
+    try:
+        llm = LLM(
+            model,
+            max_model_len=512,
+            gpu_memory_utilization=0.85,
+            kv_cache_memory_bytes=KV_CACHE_BYTES,
+            enforce_eager=True,
+            seed=0,
+            **kwargs,
+        )
+    except Exception as error:  # the budget run records the failure instead of raising it
+        out.write_text(json.dumps({**facts, "failed": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}))
+        raise SystemExit(3) from error
     facts["engine_ready_s"] = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     tokens = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
     out.write_text(json.dumps({**facts, "tokens": tokens}))
 
 
-def load_in_subprocess(model: Path, out: Path, log: Path, moe_backend: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model), str(out)] + ([moe_backend] if moe_backend else [])
+def load_in_subprocess(
+    model: Path, name: str, workdir: Path, moe_backend: str | None, budget_gib: float | None = None
+) -> dict:
+    """One load in a fresh process: its facts, vLLM's own timings from its log, or ``failed``."""
+    out, log = workdir / f"{name}.json", workdir / f"{name}.log"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", str(model), str(out), moe_backend or "-", str(budget_gib or 0)]
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     text = log.read_text()
-    if code:
+    if not out.exists():
         raise SystemExit(f"loading {model} failed:\n{text[-3000:]}")
     facts = json.loads(out.read_text())
+    facts["exit_code"] = code
     for key, pattern in LOG_PATTERNS.items():
         match = re.search(pattern, text)
         facts[key] = float(match.group(1)) if match else None
     return facts
 
 
-def timed(fn, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - start
+def set_state(files: list[Path], mode: str) -> dict[str, float]:
+    """Put ``files`` in ``mode`` (cold/warm); time a plain read of them in that state (the I/O floor), then restore
+    the state and check it."""
+    if mode == "cold":
+        page_cache.evict(files)
+        floor = page_cache.read_all(files)
+        left = page_cache.evict(files)
+    else:
+        page_cache.warm(files)
+        floor = page_cache.read_all(files)
+        left = page_cache.resident_fraction(files)
+    return {"io_floor_s": floor, "resident_before_load": left}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="120b")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--backend", default="triton")
-    parser.add_argument("--moe-backend", default=None, help="vLLM moe_backend for both loads (e.g. marlin)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-load"))
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child_load(args.child[0], Path(args.child[1]), args.child[2] if len(args.child) > 2 else None)
-        return
-
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """The original and prepared folders (built and converted unless the work folder holds them) and the facts of
+    building them, including the convert-then-serve load."""
     from moeprep.convert import convert, load_plan
     from moeprep.fixtures import build_fixture
     from moeprep.plan import PlanOptions
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    src, prepared = args.workdir / "original", args.workdir / f"prepared-{args.backend}"
-    fixture_s = timed(build_fixture, "gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
-    copy_s = timed(shutil.copytree, src, args.workdir / "copy", dirs_exist_ok=True)
+    src, prepared = args.workdir / f"original-{args.preset}-{args.layers}l", args.workdir / f"prepared-{args.backend}"
+    facts: dict = {}
+    if not (src / "model.safetensors.index.json").exists() and not (src / "model.safetensors").exists():
+        start = time.perf_counter()
+        build_fixture("gpt-oss", src, preset=args.preset, num_layers=args.layers, overwrite=True)
+        facts["fixture_s"] = time.perf_counter() - start
+    page_cache.evict(page_cache.checkpoint_files(src))
+    start = time.perf_counter()
     source, plan = load_plan(str(src), args.backend, options=PlanOptions(device="cuda"))
-    convert_s = timed(convert, source, plan, prepared, overwrite=True)
-    size_gb = sum(p.stat().st_size for p in src.iterdir()) / 1e9
-    original = load_in_subprocess(src, args.workdir / "original.json", args.workdir / "original.log", args.moe_backend)
-    ready = load_in_subprocess(
-        prepared, args.workdir / "prepared.json", args.workdir / "prepared.log", args.moe_backend
-    )
-    layer_gib = size_gb * 1e9 / args.layers / 2**30
+    convert(source, plan, prepared, overwrite=True)
+    facts["convert_cold_source_s"] = time.perf_counter() - start
+    files = page_cache.checkpoint_files(prepared)
+    facts["prepared_resident_after_convert"] = page_cache.resident_fraction(files)
+    facts["checkpoint_gb"] = sum(p.stat().st_size for p in page_cache.checkpoint_files(src)) / 1e9
+    facts["load_after_convert"] = load_in_subprocess(prepared, "prepared-after-convert", args.workdir, args.moe_backend)
+    return src, prepared, facts
+
+
+def summarize(loads: list[dict]) -> dict:
+    """Median, min and max of each metric over rounds."""
+    summary = {}
+    for key in METRICS:
+        values = [load[key] for load in loads if load.get(key) is not None]
+        if values:
+            summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def table(result: dict) -> str:
+    """The fair table as markdown: per mode, original and prepared medians (min-max) and their ratio."""
+    lines = ["| mode | metric | original | prepared | prepared / original |", "|---|---|---|---|---|"]
+    for mode, sides in result["modes"].items():
+        for key in METRICS:
+            if key not in sides["original"] or key not in sides["prepared"]:
+                continue
+            o, p = sides["original"][key], sides["prepared"][key]
+            ratio = p["median"] / o["median"] if o["median"] else float("nan")
+            cell = "{median:.3f} ({min:.3f}-{max:.3f})"
+            lines.append(f"| {mode} | {key} | {cell.format(**o)} | {cell.format(**p)} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    src, prepared, facts = prepare(args)
+    folders = {"original": src, "prepared": prepared}
+    files = {side: page_cache.checkpoint_files(folder) for side, folder in folders.items()}
+    loads: dict[str, dict[str, list[dict]]] = {m: {"original": [], "prepared": []} for m in args.modes}
+    tokens: dict[str, list] = {}
+    for round_ in range(args.rounds):
+        modes = args.modes if round_ % 2 == 0 else args.modes[::-1]
+        for mode in modes:
+            first = (round_ + args.modes.index(mode)) % 2 == 0  # each mode alternates which side loads first
+            order = ["original", "prepared"] if first else ["prepared", "original"]
+            for side in order:
+                state = set_state(files[side], mode)
+                load = load_in_subprocess(folders[side], f"{side}-{mode}-{round_}", args.workdir, args.moe_backend)
+                if load["exit_code"]:
+                    raise SystemExit(f"{side} failed to load: {load.get('failed')}")
+                tokens.setdefault(side, load.pop("tokens"))
+                load.pop("tokens", None)
+                loads[mode][side].append({**load, **state, "round": round_, "position": order.index(side)})
+                print(f"round {round_} {mode} {side}: {json.dumps(loads[mode][side][-1])}", flush=True)
     result = {
         "preset": args.preset,
         "layers": args.layers,
         "backend": args.backend,
-        "checkpoint_gb": size_gb,
-        "fixture_s": fixture_s,
-        "copy_s": copy_s,
-        "convert_cuda_s": convert_s,
-        "convert_cuda_gb_per_s": size_gb / convert_s,
-        "convert_to_copy": convert_s / copy_s,
-        "original": {k: v for k, v in original.items() if k != "tokens"},
-        "prepared": {k: v for k, v in ready.items() if k != "tokens"},
-        "tokens_identical": original["tokens"] == ready["tokens"],
-        "prepared_post_processing_over_weight_load": ready["post_processing_s"] / ready["loading_weights_s"]
-        if ready.get("loading_weights_s")
-        else None,
-        "one_layer_gib": layer_gib,
-        "prepared_peak_minus_final_gib": ready["load_peak_gib"] - ready["loaded_weights_gib"],
+        "moe_backend": args.moe_backend,
+        "rounds": args.rounds,
+        **facts,
+        "tokens_identical": tokens["original"] == tokens["prepared"],
+        "loads": loads,
+        "modes": {mode: {side: summarize(runs) for side, runs in sides.items()} for mode, sides in loads.items()},
     }
-    print(json.dumps(result, indent=1))
+    after = facts["load_after_convert"]
+    result["load_after_convert_tokens_identical"] = after.pop("tokens", None) == tokens["original"]
+    if "cold" in loads:
+        cold_original = result["modes"]["cold"]["original"]["model_loading_s"]["median"]
+        result["convert_then_serve_vs_original_cold"] = {
+            "prepared_model_loading_s": after["model_loading_s"],
+            "original_cold_model_loading_s": cold_original,
+            "convert_plus_prepared_load_s": facts["convert_cold_source_s"] + after["model_loading_s"],
+        }
+    if args.budget:
+        result["budget"] = budget_run(args, folders, files, loads, tokens["original"])
+    return result
+
+
+def budget_run(args: argparse.Namespace, folders: dict, files: dict, loads: dict, reference: list) -> dict:
+    """Both checkpoints loaded (warm) under a GPU memory cap between the prepared and the original load peaks."""
+    peaks = {side: max(run["load_peak_gib"] for mode in loads.values() for run in mode[side]) for side in folders}
+    budget = (peaks["original"] + peaks["prepared"]) / 2 if args.budget == "auto" else float(args.budget)
+    outcome: dict = {"budget_gib": budget, "unconstrained_load_peak_gib": peaks}
+    for side in ("original", "prepared"):
+        set_state(files[side], "warm")
+        load = load_in_subprocess(folders[side], f"{side}-budget", args.workdir, args.moe_backend, budget)
+        outcome[side] = {
+            "served": load["exit_code"] == 0,
+            "failed": load.get("failed"),
+            "tokens_identical_to_unconstrained_original": load.get("tokens") == reference,
+        }
+    return outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="120b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--moe-backend", default=None, help="vLLM moe_backend for both loads (e.g. marlin)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="cold,warm", type=lambda s: s.split(","))
+    parser.add_argument("--budget", default=None, help="GiB, or auto: a GPU memory cap for one more pair of loads")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-load"))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model, out, moe_backend, budget = args.child
+        child_load(model, Path(out), None if moe_backend == "-" else moe_backend, float(budget) or None)
+        return
+    if set(args.modes) - {"cold", "warm"}:
+        parser.error("--modes takes cold and/or warm")
+    result = run(args)
+    print(json.dumps({k: v for k, v in result.items() if k != "loads"}, indent=1))
+    print(table(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if not result["tokens_identical"]:

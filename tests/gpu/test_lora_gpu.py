@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
+from moeprep.runtime.vllm_compat import lora_hands_triton_kernels_raw_weights
 from tests.gpu.test_mxfp4_gpu import HERE, OUT, generate
 
 PREFIX = "base_model.model."
@@ -137,13 +138,32 @@ def merged_gpt_oss(src: Path, adapter: Path, dest: Path) -> Path:
     return copy_model(src, dest, weights, config)
 
 
-def scores(model: Path, name: str, sequences: Path, *extra: str) -> torch.Tensor:
+def score_run(model: Path, name: str, sequences: Path, *extra: str) -> tuple[int, str]:
+    """Score ``sequences`` with ``model`` in a fresh process; its exit code and log."""
     out = OUT / f"{name}.json"
     with (OUT / f"{name}.log").open("w") as log:
         command = [sys.executable, str(HERE / "generate.py"), str(model), str(out), "--score", str(sequences)]
         code = subprocess.run([*command, *extra], stdout=log, stderr=subprocess.STDOUT).returncode
-    assert code == 0, (OUT / f"{name}.log").read_text()[-4000:]
+    return code, (OUT / f"{name}.log").read_text()
+
+
+def scores(model: Path, name: str, sequences: Path, *extra: str) -> torch.Tensor:
+    code, log = score_run(model, name, sequences, *extra)
+    assert code == 0, log[-4000:]
+    out = OUT / f"{name}.json"
     return torch.tensor([score for sequence in json.loads(out.read_text())["scores"] for score in sequence])
+
+
+def assert_refused_like_vllms_own(
+    src: Path, prepared: Path, name: str, sequences: Path, lora: list[str], serve: list[str]
+) -> None:
+    """Where this vLLM's MoE LoRA hands the unfused Triton kernel raw weights, the plugin refuses the prepared
+    folder in one line, and vLLM's own gpt-oss with the same adapter fails inside that kernel."""
+    code, log = score_run(prepared, f"{name}-lora-refused", sequences, *serve, *lora)
+    assert code != 0 and "serve LoRA on a folder converted with --backend marlin" in log, log[-4000:]
+    code, log = score_run(src, f"{name}-original-lora", sequences, *serve, *lora)
+    (OUT / f"{name}-summary.json").write_text(json.dumps({"plugin_refused": True, "original_exit_code": code}))
+    assert code != 0, "vLLM's own gpt-oss served LoRA on the unfused Triton kernel: the plugin's refusal is stale"
 
 
 # gpt-oss: experts only. vLLM 0.26 wraps every supported module with LoRA, and its LoRA on gpt-oss's
@@ -181,12 +201,16 @@ def test_split_adapter_served_with_lora_matches_merged_weights(
 
     name = f"lora-{family}-{backend}"
     serve = [*moe_backend, *([] if attention else ["--lora-target-modules", "experts"])]
+    lora = ["--lora", str(tmp_path / "split")]
     generated = generate(merged, f"{name}-merged-generate")
     prompts = json.loads((OUT / f"{name}-merged-generate.json").read_text())["prompt_ids"]
     sequences = tmp_path / "sequences.json"
     sequences.write_text(json.dumps([p + t for p, t in zip(prompts, generated, strict=True)]))
+    if backend == "triton" and lora_hands_triton_kernels_raw_weights():
+        assert_refused_like_vllms_own(src, tmp_path / "prepared", name, sequences, lora, serve)
+        return
     reference = scores(merged, f"{name}-merged", sequences)
-    with_lora = scores(tmp_path / "prepared", f"{name}-lora", sequences, *serve, "--lora", str(tmp_path / "split"))
+    with_lora = scores(tmp_path / "prepared", f"{name}-lora", sequences, *serve, *lora)
     bare = scores(tmp_path / "prepared", f"{name}-bare", sequences, *moe_backend)
     lora_error = (with_lora - reference).abs().mean().item()
     bare_error = (bare - reference).abs().mean().item()
