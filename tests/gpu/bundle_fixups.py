@@ -1,9 +1,10 @@
-"""Fit a trimmed offline vLLM bundle (``../shared/gpu-vllm-0.34``) to what it leaves out, for the GPU tier only.
+"""Fit a trimmed offline vLLM bundle (``../shared/gpu-vllm*``) to what it leaves out, for the GPU tier only.
 
-The bundle has no nvidia-cutlass-dsl (``cutlass``), which ``pip install vllm`` brings. vLLM 0.34 builds the MoE
+The bundles have no nvidia-cutlass-dsl (``cutlass``), which ``pip install vllm`` brings. vLLM 0.34 builds the MoE
 router of GLM-4-MoE and other models (``GateLinear``) with a CuTe-DSL bf16x3 GEMM on Hopper, which imports
 ``cutlass``, so the original checkpoints fail there as well as the prepared ones. Without ``cutlass`` this turns
 that GEMM off (vLLM then runs the router with its plain GEMM, for the original and the prepared folder alike).
+vLLM 0.26 has the same switch, opt-in and SM100-only there, so the edit changes nothing that runs on it.
 Usage: python tests/gpu/bundle_fixups.py SITE      (SITE: where the bundle installed vLLM; idempotent)
 """
 
