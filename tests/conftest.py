@@ -76,13 +76,13 @@ def resaved_by_transformers(src: Path, dest: Path) -> Path:
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run ``moeprep ARGS`` in this process (typer's ``CliRunner``, so no interpreter and torch start per call),
-    with the argument handling of ``python -m moeprep``; an exception that escaped the CLI is written to stderr
+    as ``python -m moeprep`` would; an exception that escaped the CLI is written to stderr
     with its traceback, as the interpreter would. ``run_cli_process`` runs the real command."""
     from typer.testing import CliRunner
 
-    from moeprep.cli.app import app, with_optional_replicas
+    from moeprep.cli.app import app
 
-    argv = with_optional_replicas([str(arg) for arg in args])
+    argv = [str(arg) for arg in args]
     result = CliRunner().invoke(app, argv)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from moeprep.checkpoint.source import open_local
-from moeprep.cli.app import with_optional_replicas
+from moeprep.cli.app import bare_flag_as_one_replica
+from moeprep.errors import UnsupportedModelError
 from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
-from moeprep.plan import padded_chunk
+from moeprep.plan import PlanOptions, padded_chunk
 from tests.conftest import fresh_seed, run_cli
 
 SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", "qwen2-moe": "shared_expert"}
@@ -165,9 +166,32 @@ def test_families_without_fusable_shared_experts_are_refused(
 
 
 def test_bare_flag_means_one_replica() -> None:
-    assert with_optional_replicas(["convert", "a", "b", "--fuse-shared-experts"])[-1] == "--fuse-shared-experts=1"
-    assert with_optional_replicas(["--fuse-shared-experts", "--dry-run"])[:1] == ["--fuse-shared-experts=1"]
-    assert with_optional_replicas(["--fuse-shared-experts", "3"]) == ["--fuse-shared-experts", "3"]
+    assert bare_flag_as_one_replica(["a", "b", "--fuse-shared-experts"])[-1] == "--fuse-shared-experts=1"
+    assert bare_flag_as_one_replica(["--fuse-shared-experts", "--dry-run"])[:1] == ["--fuse-shared-experts=1"]
+    assert bare_flag_as_one_replica(["--fuse-shared-experts", "3"]) == ["--fuse-shared-experts", "3"]
+    assert bare_flag_as_one_replica(["--", "--fuse-shared-experts"]) == ["--", "--fuse-shared-experts"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "replicas"),
+    [(["--fuse-shared-experts"], 1), (["--fuse-shared-experts", "2"], 2), (["--fuse-shared-experts=3"], 3), ([], 0)],
+)
+def test_the_convert_command_reads_the_optional_replica_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str], replicas: int
+) -> None:
+    """In process, as ``python -m moeprep`` runs it: the command's own parsing reads the bare flag as one replica,
+    before or after the positional arguments."""
+    seen = []
+
+    def planned(src: str, backend: str, revision: str | None, options: PlanOptions, headers_only: bool):
+        seen.append(options.fuse_shared_replicas)
+        raise UnsupportedModelError("stop after parsing")
+
+    monkeypatch.setattr("moeprep.convert.load_plan", planned)
+    for args in ([*flag, "SRC", str(tmp_path / "out")], ["SRC", str(tmp_path / "out"), *flag]):
+        result = run_cli("convert", *args, "--dry-run")
+        assert result.returncode == 2 and "stop after parsing" in result.stderr, result.stderr
+    assert seen == [replicas, replicas]
 
 
 def top2_slot_contract(routed_experts: int, replicas: int, gated: bool, slot_ids: tuple[tuple[int, ...], ...]):

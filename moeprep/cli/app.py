@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from moeprep.checkpoint.pipeline import use_huge_page_buffers
 from moeprep.errors import MoeprepError, UnsupportedModelError
@@ -28,7 +29,7 @@ from moeprep.errors import MoeprepError, UnsupportedModelError
 if TYPE_CHECKING:
     from moeprep.plan import Plan
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
 DEBUG_ENV = "MOEPREP_DEBUG"
 settings = SimpleNamespace(debug=False)
 console = Console(stderr=True)
@@ -60,18 +61,29 @@ class Arch(str, Enum):
 FUSE_SHARED = "--fuse-shared-experts"
 
 
-def with_optional_replicas(argv: list[str]) -> list[str]:
-    """``--fuse-shared-experts`` alone means one replica: ``--fuse-shared-experts=1`` (click options take a value)."""
-    fixed = []
-    for i, arg in enumerate(argv):
-        bare = arg == FUSE_SHARED and not (i + 1 < len(argv) and argv[i + 1].isdigit())
-        fixed.append(f"{FUSE_SHARED}=1" if bare else arg)
-    return fixed
+class OptionalReplicasCommand(TyperCommand):
+    """``convert``: ``--fuse-shared-experts`` takes an optional value (``[=R]``; alone: one replica), which the
+    click that typer vendors has no option type for. Its bare form is read as ``=1`` here, in the command's own
+    argument parsing (click's ``Command.parse_args`` hook), so it holds wherever the command runs."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_flag_as_one_replica(args))
+
+
+def bare_flag_as_one_replica(args: list[str]) -> list[str]:
+    """``args`` with a bare ``--fuse-shared-experts`` (not followed by a number) as ``--fuse-shared-experts=1``;
+    nothing after ``--`` is touched."""
+    end = args.index("--") if "--" in args else len(args)
+
+    def bare(i: int) -> bool:
+        return args[i] == FUSE_SHARED and i < end and not (i + 1 < end and args[i + 1].isdigit())
+
+    return [f"{FUSE_SHARED}=1" if bare(i) else arg for i, arg in enumerate(args)]
 
 
 def main() -> None:
     use_huge_page_buffers()
-    app(args=with_optional_replicas(sys.argv[1:]))
+    app()
 
 
 @app.callback()
@@ -173,7 +185,7 @@ def fixture(
     say(f"wrote {family} ({preset}) fixture to {dest}")
 
 
-@app.command()
+@app.command(cls=OptionalReplicasCommand)
 def convert(
     src: Annotated[str, typer.Argument(help="model folder or Hub repo id (org/name)")],
     dest: Annotated[Path, typer.Argument(help="output folder (written atomically)")],
