@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 from moeprep import __version__
@@ -57,6 +58,7 @@ def render_model_card(
         front += [f"base_model: {base}", "base_model_relation: quantized"]
     front += ["tags:", *[f"- {t}" for t in card_tags(target, model_type, summary)], "---"]
     revision = f" at revision `{source.revision}`" if source.revision else ""
+    origin = f"`{base}`" if base else f"the local folder `{Path(source.location).name}`"  # no user's path
     recipes = ", ".join(f"{name} ×{count}" for name, count in dict(summary["recipes"]).items())
     source_bytes = sum(record.size for record in source.files.values())
     return "\n".join(
@@ -65,7 +67,7 @@ def render_model_card(
             "",
             f"# {model_type} prepared by moeprep for vLLM",
             "",
-            f"Prepared from `{source.location}`{revision} by moeprep {__version__} for the "
+            f"Prepared from {origin}{revision} by moeprep {__version__} for the "
             f"`{target.backend}` backend (recipe `{target.recipe}` v{target.recipe_version}).",
             "",
             "## What was done",
