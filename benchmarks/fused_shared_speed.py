@@ -70,13 +70,14 @@ def weightless_folders(
     family_name: str, preset: str, layers: int, replicas: int, quantization: str, root: Path
 ) -> dict[str, Path]:
     """``original`` (config + tokenizer) and ``fused`` (prepared config + manifest) folders, no weights."""
-    from moeprep.checkpoint.manifest import Manifest, Source, write_manifest
     from moeprep.checkpoint.writer import write_json
     from moeprep.convert import _file_record, prepared_config
     from moeprep.families import get_family
     from moeprep.fixtures.build import fixture_config
     from moeprep.fixtures.tokenizer import write_word_tokenizer
     from moeprep.plan import backend_target
+    from moeprep.schema.manifest import Manifest, Source, write_manifest
+    from moeprep.schema.routing import routing_json
     from moeprep.shared_experts import check_fusable, routing_contract
 
     family = get_family(family_name)
@@ -90,12 +91,14 @@ def weightless_folders(
         write_word_tokenizer(folder, config["vocab_size"], config.get("max_position_embeddings", 2048))
     write_json(folders["original"] / "config.json", config)
     target = backend_target("none", None)
-    routing = {"fused_shared_experts": routing_contract(family, moe, config, replicas)}
+    contract = routing_contract(family, moe, config, replicas)
     fused = folders["fused"]
-    write_json(fused / "config.json", prepared_config(config, target, routing))
+    write_json(fused / "config.json", prepared_config(config, target, contract))
     files = {p.name: _file_record(p) for p in sorted(fused.iterdir())}
     source = Source("local", f"synthetic {family_name} {preset} ({layers} layers)", None, {})
-    manifest = Manifest("bench", config["model_type"], config["architectures"], source, target, files, {}, routing)
+    manifest = Manifest(
+        "bench", config["model_type"], config["architectures"], source, target, files, {}, routing_json(contract)
+    )
     write_manifest(fused, manifest)
     return folders
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprep.errors import UnsupportedModelError
-from moeprep.vllm_versions import installed_vllm
+from moeprep.schema.vllm_versions import installed_vllm
 
 AUTO = "auto"
 # GPUs by name, as people say them, and their CUDA architecture

@@ -10,17 +10,6 @@ from typing import Any
 
 from moeprep import __version__
 from moeprep.checkpoint.hashing import sha256_file
-from moeprep.checkpoint.manifest import (
-    MANIFEST_NAME,
-    QUANT_METHOD,
-    SCHEMA_VERSION,
-    FileRecord,
-    Manifest,
-    Source,
-    Target,
-    TensorRecord,
-    write_manifest,
-)
 from moeprep.checkpoint.source import (
     BIN_INDEX,
     SAFE_INDEX,
@@ -31,20 +20,32 @@ from moeprep.checkpoint.source import (
 )
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError
+from moeprep.jobs import TensorJob
 from moeprep.modelcard import render_model_card
-from moeprep.plan import Plan, PlanOptions, TensorJob, build_plan
-from moeprep.serving import unserved_reason
+from moeprep.plan import Plan, PlanOptions, build_plan
+from moeprep.schema.manifest import (
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    SCHEMA_VERSION,
+    FileRecord,
+    Manifest,
+    Source,
+    Target,
+    TensorRecord,
+    write_manifest,
+)
+from moeprep.schema.routing import FusedSharedExperts, routing_json
+from moeprep.schema.serving import unserved_reason
 
 LORA_FOLDER = "lora"
 
 
-def prepared_config(config: dict[str, Any], target: Target, routing: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepared_config(config: dict[str, Any], target: Target, fused: FusedSharedExperts | None = None) -> dict[str, Any]:
     """config.json with the original quantization_config wrapped under the ``moeprep`` method; with fused
     shared experts, the runtime's architecture that routes to the slots."""
-    fused = (routing or {}).get("fused_shared_experts")
     return {
         **config,
-        **({"architectures": [fused["architecture"]]} if fused else {}),
+        **({"architectures": [fused.architecture]} if fused else {}),
         "quantization_config": {
             "quant_method": QUANT_METHOD,
             "schema_version": SCHEMA_VERSION,
@@ -143,7 +144,7 @@ def convert(
         for name in source.aux_files:
             (tmp / carried_name(name)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source.folder / name, tmp / carried_name(name))
-        write_json(tmp / "config.json", prepared_config(source.config, plan.target, plan.routing))
+        write_json(tmp / "config.json", prepared_config(source.config, plan.target, plan.fused_shared))
         written = {
             rank: write_sharded(
                 tmp,
@@ -181,7 +182,7 @@ def convert(
             target=plan.target,
             files=dict(sorted(files.items())),
             tensors=records.get(None, {}),
-            routing=plan.routing,
+            routing=routing_json(plan.fused_shared),
             lora=lora_records,
             rank_tensors=[records.get(rank, {}) for rank in range(plan.target.moe_ranks)]
             if plan.target.moe_ranks > 1

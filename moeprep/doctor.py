@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moeprep.errors import UnsupportedModelError
 from moeprep.layout_check import VLLM_TRANSFORMS, CannotCheck, LayoutCheck, check_layout
-from moeprep.vllm_versions import in_ranges, installed_vllm, served_vllm
+from moeprep.schema.vllm_versions import in_ranges, installed_vllm, served_vllm
 
 
 def describe_check(check: LayoutCheck) -> Iterator[str]:
@@ -70,9 +70,9 @@ def doctor(folder: Path | None) -> tuple[list[str], str | None]:
     if folder is None:
         check_lines, failure = run_checks([p for p in local_arches() if p[0] in VLLM_TRANSFORMS])
         return lines + check_lines, failure
-    from moeprep.checkpoint.manifest import load_manifest
     from moeprep.modelcard import serve_command
     from moeprep.plan import serve_flags
+    from moeprep.schema.manifest import load_manifest
 
     manifest = load_manifest(folder)
     target, installed = manifest.target, installed_vllm()

@@ -1,8 +1,14 @@
-"""Typed errors. The CLI turns every MoeprepError into a one-line message and exit code 2."""
+"""Every error moeprep raises on purpose, in one hierarchy (standard library only: the plugin imports it too).
+The CLI turns every MoeprepError into a one-line message and its ``exit_code``; inside vLLM, the plugin's
+``PreparedCheckpointMismatch`` is also a ValueError, which vLLM reports as a bad model."""
+
+from typing import ClassVar
 
 
 class MoeprepError(Exception):
     """Base class: a problem the user can fix; the message names the file or tensor and the fix."""
+
+    exit_code: ClassVar[int] = 2  # the CLI's exit code: bad input, nothing written
 
 
 class CheckpointError(MoeprepError):
@@ -23,3 +29,15 @@ class VerificationError(MoeprepError):
 
 class OutputError(MoeprepError):
     """The output folder cannot be written (exists, disk full, permissions)."""
+
+
+class LoraError(MoeprepError):
+    """A LoRA adapter is malformed, unsupported, or does not fit the base it is prepared for."""
+
+
+class HubError(MoeprepError):
+    """The Hub refused a request or could not be reached."""
+
+
+class PreparedCheckpointMismatch(MoeprepError, ValueError):
+    """The plugin refuses a prepared folder: it does not fit the running vLLM, GPU or options."""

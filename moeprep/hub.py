@@ -12,14 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, SEAL_NAME, load_manifest
 from moeprep.checkpoint.source import first_line, hub_errors
-from moeprep.errors import MoeprepError
+from moeprep.errors import HubError
+from moeprep.schema.manifest import MANIFEST_NAME, SEAL_NAME, load_manifest
 from moeprep.verify import verify_folder
-
-
-class HubError(MoeprepError):
-    """The Hub refused a request or could not be reached."""
 
 
 @dataclass(frozen=True)

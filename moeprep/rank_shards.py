@@ -12,7 +12,6 @@ stays in the replicated shards vLLM shards itself as usual.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -22,14 +21,20 @@ from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import MoeSpec, fp8_block
-from moeprep.families.fp8_block import SCALE_SUFFIX
-from moeprep.plan import TensorJob, dim0_chunks, padded_chunk, read_chunk
+from moeprep.jobs import TensorJob, dim0_chunks, padded_chunk, read_chunk
+from moeprep.schema.names import SCALE_SUFFIX, ExpertTensor, parse_expert_tensor
+from moeprep.schema.routing import FusedSharedExperts
 
 RECIPE_TP = "tp-shard"
 RECIPE_EP = "ep-expert"
-EXPERT_TENSOR = re.compile(
-    r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)"
-)
+
+
+def decoder_expert_tensor(name: str) -> ExpertTensor | None:
+    """A decoder layer's per-expert weight or block-fp8 scale (``model.layers.N.mlp.experts.E.{proj}.{kind}``)."""
+    parsed = parse_expert_tensor(name)
+    if parsed and parsed.decoder_layer is not None and parsed.kind in ("weight", SCALE_SUFFIX):
+        return parsed
+    return None
 
 
 def linear_placement(num_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -77,22 +82,22 @@ class SpreadSlotPlacement:
         rank, offset = divmod(replica, self.replicas // self.ep_size)
         return rank * self.per_rank + routed_per_rank + slot * (self.replicas // self.ep_size) + offset
 
-    def routing(self, slot_ids: list[list[int]]) -> dict[str, object]:
-        """What the routing contract records of this placement, ``slot_ids`` being the contract's checkpoint ids."""
-        return {
-            "placement": f"slot replicas spread over {self.ep_size} expert-parallel ranks (linear blocks of "
+    def spread(self, contract: FusedSharedExperts) -> FusedSharedExperts:
+        """``contract`` with this placement: the layer id of every router expert and slot replica."""
+        return contract.spread(
+            f"slot replicas spread over {self.ep_size} expert-parallel ranks (linear blocks of "
             f"{self.per_rank}: each rank's routed experts, then its replicas)",
-            "routed_ids": [self.global_id(e) for e in range(self.routed)],
-            "slot_ids": [[self.global_id(e) for e in replicas] for replicas in slot_ids],
-        }
+            [self.global_id(e) for e in range(self.routed)],
+            [[self.global_id(e) for e in replicas] for replicas in contract.slot_ids],
+        )
 
     def place(self, job: TensorJob) -> TensorJob:
         """``job`` under its expert's layer id, in the file of the rank that holds it (other tensors unchanged)."""
-        match = EXPERT_TENSOR.fullmatch(job.entry.name)
-        if not match:
+        parsed = decoder_expert_tensor(job.entry.name)
+        if not parsed:
             return job
-        expert = self.global_id(int(match[2]))
-        name = f"model.layers.{match[1]}.mlp.experts.{expert}.{match[3]}.{match[4]}"
+        expert = self.global_id(parsed.expert)
+        name = parsed._replace(expert=expert).name
         recipe = job.recipe if job.recipe == RECIPE_EP else f"{job.recipe}+{RECIPE_EP}"
         return replace(job, entry=replace(job.entry, name=name), recipe=recipe, rank=expert // self.per_rank)
 
@@ -111,7 +116,7 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
             f"{tp_size} equal parts (vLLM needs it to)"
         )
     layers = set(moe.moe_layers)
-    names = [n for n in source.tensor_names if (m := EXPERT_TENSOR.fullmatch(n)) and int(m[1]) in layers]
+    names = [n for n in source.tensor_names if (t := decoder_expert_tensor(n)) and t.decoder_layer in layers]
     if not names:
         raise UnsupportedModelError(f"{option}: no mlp.experts.{{e}}.{{gate,up,down}}_proj weights found to split")
     owner = {e: r for r in range(ep_size) for e in linear_placement(moe.num_experts, ep_size, r)}
@@ -124,7 +129,7 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
                 f"{option}: {name} is {dtype}; per-rank expert shards are written for float and block-fp8 experts"
             )
         if ep_size > 1:
-            expert = int(EXPERT_TENSOR.fullmatch(name)[2])  # type: ignore[index]
+            expert = decoder_expert_tensor(name).expert  # type: ignore[union-attr]
             run = partial(dim0_chunks, name=name)
             jobs.append(TensorJob(TensorEntry(name, dtype, shape), (name,), RECIPE_EP, run, rank=owner[expert]))
             continue
@@ -142,7 +147,7 @@ def tensor_parallel_cut(
     """(dim, width per rank) of an expert tensor under TP: gate/up rows, down columns, ``width`` intermediate
     entries each; a block-fp8 scale by whole blocks, so a rank's share must be a multiple of the block (vLLM
     refuses other sizes for block-fp8 MoE too)."""
-    proj, kind = EXPERT_TENSOR.fullmatch(name).group(3, 4)  # type: ignore[union-attr]
+    _, _, proj, kind = decoder_expert_tensor(name)  # type: ignore[misc]
     dim = 1 if proj == "down_proj" else 0
     if block is None:
         return dim, width
@@ -158,7 +163,7 @@ def tensor_parallel_slices(job: TensorJob, tp_size: int) -> list[TensorJob]:
     """An expert tensor another job writes (a fused shared-expert slot, or its block-fp8 scale) as every TP rank's
     slice of it, cut like the routed experts' (gate/up rows, down columns); other tensors stay replicated."""
     name = job.entry.name
-    if not EXPERT_TENSOR.fullmatch(name):
+    if not decoder_expert_tensor(name):
         return [job]
     shape = job.entry.shape
     dim = 1 if ".down_proj." in name else 0  # a block-fp8 slot's scale splits with its weight, in blocks

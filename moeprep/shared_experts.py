@@ -27,15 +27,13 @@ from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec, fp8_block
 from moeprep.families.common import GATE_UP_DOWN
-from moeprep.plan import TensorJob, dim0_chunks, padded_chunk, read_chunk
+from moeprep.jobs import TensorJob, dim0_chunks, padded_chunk, read_chunk
+from moeprep.schema.routing import FusedSharedExperts
 
 RECIPE_SLOT = "shared-expert-slot"
 RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
 RECIPE_ROUTER = "router+shared-expert-gate"
 RECIPE_3D_SLOTS = "experts-3d+shared-expert-slots"
-CONTRACT_VERSION = 1
-SLOT_WEIGHT_ONE = "1"
-SLOT_WEIGHT_GATED = "sigmoid(shared_expert_gate(x))"
 TensorMetas = dict[str, tuple[str, tuple[int, ...]]]  # {name suffix: (dtype, shape)}
 
 
@@ -54,45 +52,26 @@ def _tensors_under(source: CheckpointSource, prefix: str) -> TensorMetas:
 
 def routing_contract(
     family: Family, moe: MoeSpec, config: dict[str, Any], replicas: int, requantized: str | None = None
-) -> dict[str, Any]:
+) -> FusedSharedExperts:
     """The manifest's ``routing.fused_shared_experts``: how the runtime routes to the slots (``requantized``:
     the slots' format change, when the shared expert was stored in another format than the routed ones)."""
-    slots = slot_count(moe.shared_intermediate, moe.expert_intermediate)
-    experts = moe.num_experts
-    on_input = family.router_weight_on_input
     first_mtp, mtp_count = config.get("num_hidden_layers") or 0, config.get("num_nextn_predict_layers") or 0
-    mtp = list(range(first_mtp, first_mtp + mtp_count))
-    return {
-        "version": CONTRACT_VERSION,
-        "routed_experts": experts,
-        "slots": slots,
-        "replicas": replicas,
-        "slot_ids": [[experts + s * replicas + r for r in range(replicas)] for s in range(slots)],
-        "replica_rule": "token_index % replicas",
-        "num_experts": experts + slots * replicas,
-        "top_k": moe.top_k,
-        "fused_top_k": moe.top_k if on_input else moe.top_k + slots,
-        "router_weight_on_input": on_input,
-        "slot_placement": "one extra row per slot and token, each routed to its slot alone"
-        if on_input
-        else "slots appended to every token's routed top-k",
-        "expert_intermediate": moe.expert_intermediate,
-        "shared_intermediate": moe.shared_intermediate,
-        "slot_weight": SLOT_WEIGHT_GATED if family.shared_expert_gate_module else SLOT_WEIGHT_ONE,
-        "shared_gate_row": experts if family.shared_expert_gate_module else None,
-        "routed_scaling_factor": moe.routed_scaling_factor,
-        "routed_scaling_applied_to": "routed weights, in the router (slot weights are not scaled)",
-        "renormalize": moe.renormalize,
-        "renormalize_excludes_slots": True,
-        "original_architectures": list(config.get("architectures") or []),
-        "architecture": family.fused_shared_architecture,
-        "slots_requantized": requantized,
-        "mtp_layers": mtp,
-        "mtp_shared_experts": "stored as in the source, not fused: vLLM's MTP draft model loads the MTP layers "
-        "with the original architecture"
-        if mtp
-        else None,
-    }
+    return FusedSharedExperts.of(
+        routed_experts=moe.num_experts,
+        slots=slot_count(moe.shared_intermediate, moe.expert_intermediate),
+        replicas=replicas,
+        top_k=moe.top_k,
+        expert_intermediate=moe.expert_intermediate,
+        gated=bool(family.shared_expert_gate_module),
+        routed_scaling_factor=moe.routed_scaling_factor,
+        renormalize=moe.renormalize,
+        router_weight_on_input=family.router_weight_on_input,
+        shared_intermediate=moe.shared_intermediate,
+        architecture=family.fused_shared_architecture,
+        original_architectures=tuple(config.get("architectures") or []),
+        slots_requantized=requantized,
+        mtp_layers=tuple(range(first_mtp, first_mtp + mtp_count)),
+    )
 
 
 def check_fusable(family: Family, moe: MoeSpec, replicas: int) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprep.checkpoint.hashing import hash_workers, sha256_file, sha256_tree_ranges
-from moeprep.checkpoint.manifest import (
+from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_bytes, read_header
+from moeprep.errors import VerificationError
+from moeprep.schema.manifest import (
     MANIFEST_NAME,
     SEAL_NAME,
     FileRecord,
@@ -15,8 +17,6 @@ from moeprep.checkpoint.manifest import (
     check_file_sizes,
     load_manifest,
 )
-from moeprep.checkpoint.safetensors_io import SafetensorsFile, read_bytes, read_header
-from moeprep.errors import VerificationError
 
 
 @dataclass(frozen=True)

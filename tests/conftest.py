@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, seal_manifest
 from moeprep.fixtures import build_fixture
+from moeprep.schema.manifest import MANIFEST_NAME, seal_manifest
 
 
 def rewrite_manifest(folder: Path, change: Callable[[dict], None]) -> None:

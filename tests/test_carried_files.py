@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import carried_files
+from moeprep.schema.manifest import load_manifest
 from tests.conftest import run_cli
 
 # What released repos ship beside their weights (Kimi-K2, DeepSeek-V3, gpt-oss, Llama 4 ...)

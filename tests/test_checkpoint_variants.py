@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
 from moeprep.errors import UnsupportedModelError
@@ -20,6 +19,7 @@ from moeprep.families import family_names
 from moeprep.families.config_view import ALIASES, ConfigView
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions, build_plan
+from moeprep.schema.manifest import load_manifest
 from tests.conftest import fresh_seed, resaved_by_transformers, run_cli, with_tensors_cast
 
 

@@ -15,10 +15,10 @@ import typer
 from safetensors.torch import load_file, save_file
 
 from moeprep import __version__
-from moeprep.checkpoint.manifest import SCHEMA_VERSION, load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
 from moeprep.plan import PlanOptions
+from moeprep.schema.manifest import SCHEMA_VERSION, load_manifest
 from tests.conftest import fresh_seed, rewrite_manifest, run_cli, run_cli_process
 
 
@@ -177,7 +177,7 @@ def test_manifest_with_a_wrongly_typed_field_is_refused(prepared: Path, tmp_path
     copy = shutil.copytree(prepared, tmp_path / "copy")
     rewrite_manifest(copy, lambda manifest: manifest["target"].update(vllm_versions="0.26.0"))
     result = run_cli("inspect", copy)
-    assert result.returncode == 2 and "target.vllm_versions has the wrong type" in result.stderr
+    assert result.returncode == 2 and "target.vllm_versions is not a list" in result.stderr
 
 
 def test_verify_detects_one_flipped_byte_anywhere_in_any_file(prepared: Path, tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from moeprep.checkpoint.source import open_local
+from moeprep.jobs import CHUNK_BYTES
 from moeprep.layouts import cpu_amx, flashinfer_trtllm, marlin, triton_blackwell, triton_hopper
 from moeprep.layouts.padding import pad_to, round_up
-from moeprep.plan import CHUNK_BYTES
 from tests.conftest import run_cli
 
 EXPERTS = "model.layers.1.mlp.experts"
@@ -92,7 +92,7 @@ def test_prepared_tensors_equal_the_layout_of_the_whole_tensor(
     tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, arch: str
 ) -> None:
     src = tiny("gpt-oss")
-    monkeypatch.setattr("moeprep.plan.CHUNK_BYTES", 64 * 1024)  # several expert chunks per tensor
+    monkeypatch.setattr("moeprep.jobs.CHUNK_BYTES", 64 * 1024)  # several expert chunks per tensor
     assert CHUNK_BYTES > 64 * 1024
     from moeprep.convert import convert, load_plan
     from moeprep.plan import PlanOptions
@@ -151,7 +151,7 @@ def test_layouts_are_prepared_for_the_vllm_releases_their_recipe_covers(tiny, tm
     """The manifest records the vLLM ranges whose transform gives the layout's bytes; the sm100 padding-only
     recipe follows the targeted release (vLLM 0.27 pads the intermediate size to 128, 0.26 to 256); a release
     outside a recipe's ranges is refused in one line, without output."""
-    from moeprep.checkpoint.manifest import load_manifest
+    from moeprep.schema.manifest import load_manifest
 
     expected = {
         ("triton", "0.30.0"): ([["0.26.0", "0.34.0"]], 64),

@@ -10,10 +10,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeprep.checkpoint.manifest import SCHEMA_VERSION, Manifest
 from moeprep.checkpoint.safetensors_io import read_header
-from moeprep.errors import CheckpointError, ManifestError
-from moeprep.lora.adapter import LoraError, parse_adapter_config
+from moeprep.errors import CheckpointError, LoraError, ManifestError
+from moeprep.lora.adapter import parse_adapter_config
+from moeprep.schema.manifest import SCHEMA_VERSION, Manifest
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeprep.checkpoint.manifest import MANIFEST_NAME, load_manifest
 from moeprep.fixtures import build_fixture
+from moeprep.schema.manifest import MANIFEST_NAME, load_manifest
 from tests.hub_server import HubServer, git_blob_sha1
 
 TOKEN = "hf_loopback_secret"

@@ -401,7 +401,7 @@ def test_vllm_refuses_a_split_adapter_on_another_base(tiny, tmp_path: Path, adap
     """The plugin wraps vLLM's adapter-config reader: a split adapter loads only on the base it was split for."""
     from vllm.lora.peft_helper import PEFTHelper
 
-    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.errors import PreparedCheckpointMismatch
 
     lora_check = adapter_check
     base = prepared(tiny, tmp_path, "qwen3-moe", "none")
@@ -423,7 +423,7 @@ def test_vllm_refuses_a_split_adapter_on_another_base(tiny, tmp_path: Path, adap
 def test_vllm_takes_convert_lora_adapters_only_from_their_folder(tiny, tmp_path: Path, adapter_check) -> None:
     from vllm.lora.peft_helper import PEFTHelper
 
-    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.errors import PreparedCheckpointMismatch
 
     lora_check = adapter_check
     _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
+from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.fixtures import build_fixture
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims
 from moeprep.layouts.padding import round_up
 from moeprep.plan import PlanOptions, mxfp4_module, recipe_span
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.schema.manifest import load_manifest
 from tests.conftest import run_cli
 
 INTER = 160  # 5 scale groups: at TP 2 rank 0 gets 96 columns, rank 1 gets 64

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moeprep.checkpoint.manifest import load_manifest
 from moeprep.checkpoint.source import open_local
 from moeprep.fixtures import build_fixture
 from moeprep.rank_shards import SpreadSlotPlacement, linear_placement
+from moeprep.schema.manifest import load_manifest
+from moeprep.schema.routing import FusedSharedExperts
 from tests.conftest import fresh_seed, run_cli
 
 
@@ -77,7 +78,7 @@ def test_expert_parallel_rank_files_hold_whole_experts_of_linear_placement(
 
     assert f"--tensor-parallel-size {ep} --enable-expert-parallel" in serve_command("x", manifest.target, {})
     pytest.importorskip("vllm")
-    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.errors import PreparedCheckpointMismatch
     from moeprep.runtime.quant_config import check_rank_tensors
 
     check_rank_tensors(manifest, expert_parallel=True, on_cpu=True)  # served by vLLM CPU (tests/e2e)
@@ -121,17 +122,18 @@ def test_spread_slot_placement_gives_every_rank_its_routed_experts_and_a_share_o
     total = routed + slots * replicas
     ids = [placement.global_id(e) for e in range(total)]
     assert sorted(ids) == list(range(total))  # a renaming of the layer's experts
-    checkpoint_slot_ids = [[routed + s * replicas + p for p in range(replicas)] for s in range(slots)]
-    contract = placement.routing(checkpoint_slot_ids)
+    contract = placement.spread(
+        FusedSharedExperts.of(routed, slots, replicas, top_k=2, expert_intermediate=8, gated=False)
+    )
     for rank in range(ep):
         block = range(rank * total // ep, (rank + 1) * total // ep)  # what vLLM's linear placement gives the rank
         assert list(block) == list(linear_placement(total, ep, rank))
-        assert sum(g in block for g in contract["routed_ids"]) == routed // ep
-        for replicas_of_slot in contract["slot_ids"]:
+        assert sum(g in block for g in contract.routed_ids) == routed // ep
+        for replicas_of_slot in contract.slot_ids:
             assert sum(g in block for g in replicas_of_slot) == replicas // ep
     tokens_per_rank = [0] * ep  # token t takes replica t % replicas: each rank runs the shared expert as often
     for token in range(replicas * 5):
-        tokens_per_rank[contract["slot_ids"][0][token % replicas] // (total // ep)] += 1
+        tokens_per_rank[contract.slot_ids[0][token % replicas] // (total // ep)] += 1
     assert len(set(tokens_per_rank)) == 1
 
 
@@ -233,7 +235,7 @@ def test_block_fp8_rank_files_hold_weight_slices_with_their_block_scales(tmp_pat
             width = full.shape[dim] // 2
             assert width == (1 if name.endswith("weight_scale_inv") else 128), name
             assert torch.equal(stored[name].view(torch.uint8), full.narrow(dim, rank * width, width).view(torch.uint8))
-    from moeprep.runtime.errors import PreparedCheckpointMismatch
+    from moeprep.errors import PreparedCheckpointMismatch
     from moeprep.runtime.quant_config import check_rank_tensors
 
     with pytest.raises(PreparedCheckpointMismatch, match="block-fp8 expert shards is not verified"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moeprep.layouts import triton
-from moeprep.vllm_versions import in_ranges
+from moeprep.schema.vllm_versions import in_ranges
 from scripts.record_reference_sources import tree_sha256
 from tests.reference import REFERENCE_ROOT
 

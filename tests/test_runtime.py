@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from moeprep.checkpoint.manifest import SCHEMA_VERSION, FileRecord, Manifest, Source, Target, TensorRecord
+from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
-from moeprep.runtime.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.schema.manifest import SCHEMA_VERSION, FileRecord, Manifest, Source, Target, TensorRecord
+from moeprep.schema.routing import FusedSharedExperts, routing_json
 from tests.conftest import run_cli
 
 pytest.importorskip("vllm")
@@ -144,13 +145,12 @@ def test_unknown_backend_and_schema_are_refused() -> None:
 
 
 def test_fused_slots_are_served_only_by_their_architecture() -> None:
-    from moeprep.runtime.fused_shared import SlotContract, check_fused_parallelism
+    from moeprep.runtime.fused_shared import check_fused_parallelism
     from moeprep.runtime.quant_config import check_architecture
 
     plain = manifest("none")
-    fused = dataclasses.replace(
-        plain, routing={"fused_shared_experts": {"architecture": "MoeprepFusedGlm4MoeForCausalLM"}}
-    )
+    single = FusedSharedExperts.of(8, 1, 2, 2, 64, False, architecture="MoeprepFusedGlm4MoeForCausalLM")
+    fused = dataclasses.replace(plain, routing=routing_json(single))
     check_architecture(plain, ["GptOssForCausalLM"])
     check_architecture(fused, ["MoeprepFusedGlm4MoeForCausalLM"])
     with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['MoeprepFusedGlm4MoeForCausalLM'\\]"):
@@ -158,7 +158,6 @@ def test_fused_slots_are_served_only_by_their_architecture() -> None:
     with pytest.raises(PreparedCheckpointMismatch, match="was written for \\['GptOssForCausalLM'\\]"):
         check_architecture(plain, ["MoeprepFusedGlm4MoeForCausalLM"])
     parallel = type("Parallel", (), {"tensor_parallel_size": 2, "enable_expert_parallel": False, "enable_eplb": False})
-    single = SlotContract(8, 1, 2, 2, 64, False, 1.0, True, slot_ids=((8, 9),))
     spread = dataclasses.replace(single, slot_ids=((4, 9),), routed_ids=(0, 1, 2, 3, 5, 6, 7, 8))  # --ep 2
     check_fused_parallelism(parallel, single)  # tensor parallelism: served (tests/e2e/test_tensor_parallel_cpu.py)
     parallel.enable_expert_parallel = True
@@ -276,10 +275,11 @@ def test_lora_on_triton_layouts_is_refused_where_vllm_hands_the_kernel_raw_weigh
 
 
 def test_weight_cache_counts_prepared_tensors_as_loaded() -> None:
-    from moeprep.runtime.prepared_params import PreparedExpertParams, expert_param_names
+    from moeprep.runtime.prepared_params import PreparedExpertParams
     from moeprep.runtime.tracking import PreparedTensorTracker
+    from moeprep.schema.names import prepared_param_names
 
-    names = expert_param_names("weight", "scale", "bias")
+    names = prepared_param_names("weight", "scale", "bias")
     records = {f"model.layers.0.mlp.experts.{n}": None for n in names}
     tracker = PreparedTensorTracker(set(records))
     params = PreparedExpertParams(names, "model.layers.0.mlp.experts", records, tracker)  # type: ignore[arg-type]

@@ -3,7 +3,6 @@ and the runtime's slot router on vLLM CPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -18,7 +17,9 @@ from moeprep.cli.app import bare_flag_as_one_replica
 from moeprep.errors import UnsupportedModelError
 from moeprep.families.fp8_block import DEEPSEEK_FP8_CONFIG
 from moeprep.fixtures import build_fixture
-from moeprep.plan import PlanOptions, padded_chunk
+from moeprep.jobs import padded_chunk
+from moeprep.plan import PlanOptions
+from moeprep.schema.routing import FusedSharedExperts
 from tests.conftest import fresh_seed, run_cli
 
 SHARED_MODULE = {"glm4-moe": "shared_experts", "deepseek-v3": "shared_experts", "qwen2-moe": "shared_expert"}
@@ -194,21 +195,9 @@ def test_the_convert_command_reads_the_optional_replica_count(
     assert seen == [replicas, replicas]
 
 
-def top2_slot_contract(routed_experts: int, replicas: int, gated: bool, slot_ids: tuple[tuple[int, ...], ...]):
+def top2_slot_contract(routed_experts: int, slots: int, replicas: int, gated: bool) -> FusedSharedExperts:
     """A slot contract with top-2 routing, 64-wide slots, no routed scaling and no renormalisation."""
-    from moeprep.runtime.fused_shared import SlotContract
-
-    return SlotContract(
-        routed_experts=routed_experts,
-        slots=len(slot_ids),
-        replicas=replicas,
-        top_k=2,
-        expert_intermediate=64,
-        gated=gated,
-        routed_scaling_factor=1.0,
-        renormalize=False,
-        slot_ids=slot_ids,
-    )
+    return FusedSharedExperts.of(routed_experts, slots, replicas, 2, 64, gated, renormalize=False)
 
 
 def test_slot_router_appends_every_slot_with_its_weight() -> None:
@@ -217,7 +206,8 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
 
     from moeprep.runtime.fused_shared import SharedSlotRouter, slot_id_table
 
-    contract = top2_slot_contract(8, replicas=3, gated=True, slot_ids=((8, 9, 10), (11, 12, 13)))
+    contract = top2_slot_contract(8, slots=2, replicas=3, gated=True)
+    assert contract.slot_ids == ((8, 9, 10), (11, 12, 13))
     inner = create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False)
     router = SharedSlotRouter(inner, contract, slot_id_table(contract, 4))
     hidden, logits = torch.randn(7, 16), torch.randn(7, 9)
@@ -230,15 +220,7 @@ def test_slot_router_appends_every_slot_with_its_weight() -> None:
 
     from moeprep.rank_shards import SpreadSlotPlacement  # --ep 2: the layer's ids interleave routed and replicas
 
-    placed = SpreadSlotPlacement.checked(8, 1, 2, 2).routing([[8, 9]])
-    spread = dataclasses.replace(
-        contract,
-        slots=1,
-        replicas=2,
-        gated=False,
-        slot_ids=tuple(map(tuple, placed["slot_ids"])),
-        routed_ids=tuple(placed["routed_ids"]),
-    )
+    spread = SpreadSlotPlacement.checked(8, 1, 2, 2).spread(top2_slot_contract(8, slots=1, replicas=2, gated=False))
     router = SharedSlotRouter(
         inner, spread, slot_id_table(spread, 4), torch.tensor(spread.routed_ids, dtype=torch.int32)
     )
@@ -254,7 +236,7 @@ def test_slot_routers_skip_padding_rows_and_monolithic_kernels() -> None:
     pytest.importorskip("vllm")
     from moeprep.runtime.fused_shared import SlotRouter, mapped_ids, padding_rows_skipped, slot_id_table
 
-    contract = top2_slot_contract(4, replicas=2, gated=False, slot_ids=((4, 5),))
+    contract = top2_slot_contract(4, slots=1, replicas=2, gated=False)
     routed = torch.tensor([[0, 3], [-1, -1], [2, 1], [-1, -1]], dtype=torch.int32)
     slots = padding_rows_skipped(routed, slot_id_table(contract, 4))
     assert slots.tolist() == [[4], [-1], [4], [-1]]

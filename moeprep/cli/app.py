@@ -105,7 +105,7 @@ def user_errors(action: str) -> Iterator[None]:
         yield
     except MoeprepError as exc:
         sys.stderr.write(f"error: {one_line(exc)}\n")
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code) from None
     except (typer.Exit, typer.Abort, typer.BadParameter):  # exits and usage errors, which click reports
         raise
     except Exception as exc:
@@ -258,7 +258,7 @@ def convert(
     from moeprep.convert import load_plan
     from moeprep.modelcard import serve_command
     from moeprep.plan import PASSTHROUGH, PlanOptions
-    from moeprep.serving import unserved_reason
+    from moeprep.schema.serving import unserved_reason
 
     with user_errors(f"converting {src} to {dest}"):
         fused = fuse_shared_experts > 0
@@ -488,8 +488,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
 ) -> None:
     """Show what was done to a prepared folder."""
-    from moeprep.checkpoint.manifest import load_manifest
-    from moeprep.vllm_versions import served_vllm
+    from moeprep.schema.manifest import load_manifest
+    from moeprep.schema.routing import fused_shared_experts
+    from moeprep.schema.vllm_versions import served_vllm
 
     with user_errors(f"inspecting {folder}"):
         manifest = load_manifest(folder)
@@ -514,12 +515,11 @@ def inspect(
     recipe_counts = ", ".join(f"{k}: {v}" for k, v in sorted(recipes.items()))
     say(f"tensors: {sum(recipes.values())} ({recipe_counts}{per_rank})")
     adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
-    fused = (manifest.routing or {}).get("fused_shared_experts") or {}
+    fused = fused_shared_experts(manifest.routing)
     fused_text = (
-        f"{fused.get('slots')} slot(s) x {fused.get('replicas')} replica(s) after {fused.get('routed_experts')} "
-        f"routed experts, top-k {fused.get('top_k')} -> {fused.get('fused_top_k')}, "
-        f"slot weight {fused.get('slot_weight')}"
-        + (f", slots requantized {fused['slots_requantized']}" if fused.get("slots_requantized") else "")
+        f"{fused.slots} slot(s) x {fused.replicas} replica(s) after {fused.routed_experts} "
+        f"routed experts, top-k {fused.top_k} -> {fused.fused_top_k}, slot weight {fused.slot_weight}"
+        + (f", slots requantized {fused.slots_requantized}" if fused.slots_requantized else "")
         if fused
         else "no"
     )

@@ -11,28 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from moeprep.errors import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Expected shape/dtype of one checkpoint tensor and how a fixture fills it.
-
-    ``init``: ``linear`` (normal, std 1/sqrt(fan_in)), ``norm`` (1 + small noise), ``bias`` (small
-    normal), ``mxfp4_blocks`` (random bytes), ``e8m0_scales`` (random exponents near 2^0), ``fp8``
-    (standard normal in e4m3), ``fp8_scale`` (positive, near 1/sqrt(fan_in): fp8 * scale is a ``linear``).
-    ``fan_in_dim`` is the input dimension (-2 for fused 3-D experts applied as ``x @ W``); ``fan_in``
-    overrides it where the input size is not one of the tensor's dims (block scales).
-    """
-
-    shape: tuple[int, ...]
-    dtype: str = "BF16"
-    init: str = "linear"
-    fan_in_dim: int = -1
-    fan_in: int | None = None
-
-    @property
-    def fan_in_size(self) -> int:
-        return self.fan_in or self.shape[self.fan_in_dim]
+from moeprep.families import fp8_block
+from moeprep.families.tensor_spec import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -88,8 +68,6 @@ class Family:
 
     def checkpoint_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         """``tensor_specs`` as stored under ``config``'s quantization (block-scaled fp8 adds weight scales)."""
-        from moeprep.families import fp8_block
-
         return fp8_block.quantized(self.tensor_specs(config), config)
 
     def preset_config(self, preset: str, num_layers: int | None) -> dict[str, Any]:
@@ -108,38 +86,14 @@ class Family:
         return {**config, "num_hidden_layers": num_layers}
 
 
-_FAMILIES: dict[str, Family] = {}
+REGISTERED: dict[str, Family] = {}
 
 
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: make a family findable by its CLI name and its ``model_type`` values."""
     family = cls()
     for key in {cls.name, *cls.model_types}:
-        if key in _FAMILIES:
+        if key in REGISTERED:
             raise RuntimeError(f"family key {key!r} registered twice")
-        _FAMILIES[key] = family
+        REGISTERED[key] = family
     return cls
-
-
-def get_family(key: str) -> Family:
-    """The family for a CLI name or a config ``model_type``."""
-    from moeprep import families as _  # noqa: F401  (imports every family module)
-
-    if key not in _FAMILIES:
-        raise UnsupportedModelError(
-            f"unknown model family or model_type {key!r}; supported: {', '.join(family_names())}"
-        )
-    return _FAMILIES[key]
-
-
-def family_names() -> list[str]:
-    from moeprep import families as _  # noqa: F401
-
-    return sorted({f.name for f in _FAMILIES.values()})
-
-
-def family_for_config(config: dict[str, Any]) -> Family:
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        raise UnsupportedModelError("config.json has no model_type; is this a Hugging Face model folder?")
-    return get_family(model_type)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeprep.families.base import TensorSpec
+from moeprep.families.tensor_spec import TensorSpec
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 

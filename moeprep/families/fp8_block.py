@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from moeprep.errors import UnsupportedModelError
-from moeprep.families.base import TensorSpec
+from moeprep.families.tensor_spec import TensorSpec
+from moeprep.schema.names import SCALE_SUFFIX
 
 # quantization_config of DeepSeek-V3's own checkpoint (block 128 x 128, dynamic activation scales)
 DEEPSEEK_FP8_CONFIG: dict[str, Any] = {
@@ -24,7 +25,6 @@ DEEPSEEK_FP8_CONFIG: dict[str, Any] = {
 # Modules kept in high precision in every known block-fp8 MoE checkpoint: embeddings, LM heads, routers, and the
 # MTP layer's input projection (vLLM builds it as a plain nn.Linear).
 NEVER_QUANTIZED = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "mlp.gate", "shared_expert_gate")
-SCALE_SUFFIX = "weight_scale_inv"
 
 
 def block_size(config: dict[str, Any]) -> tuple[int, int] | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeprep.layouts.padding import pad_to
+from moeprep.schema.names import PREPARED_W2, PREPARED_W13
 
 MXFP4_BLOCK = 32
 
@@ -70,8 +71,8 @@ def gate_up_and_down(projection: Projection, dims: Mxfp4ExpertDims) -> list[Prep
     """``projection(prefix, source, rows, reduction, experts)`` for w13 = gate_up (rows 2*I', reduction H')
     and w2 = down (rows H', reduction I'), at the backend's padded sizes."""
     return [
-        *projection("moeprep_w13", "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),
-        *projection("moeprep_w2", "down_proj", dims.hidden_padded, dims.intermediate_padded, dims.experts),
+        *projection(PREPARED_W13, "gate_up_proj", 2 * dims.intermediate_padded, dims.hidden_padded, dims.experts),
+        *projection(PREPARED_W2, "down_proj", dims.hidden_padded, dims.intermediate_padded, dims.experts),
     ]
 
 

@@ -31,6 +31,7 @@ from moeprep.layouts.triton_hopper import (
     swizzle_hopper_scale,
     swizzle_hopper_value,
 )
+from moeprep.schema.names import PREPARED_W2, PREPARED_W13
 
 NAME = "triton"
 ARCHES = ("sm90", "sm100")
@@ -107,10 +108,10 @@ def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedEx
     """w13 = gate_up (rows 2*I', reduction H'), w2 = down (rows H', reduction I')."""
     w13_rows, w2_rows = 2 * dims.intermediate_padded, dims.hidden_padded
     return [
-        _value("moeprep_w13_value", "gate_up_proj_blocks", w13_rows, dims.hidden_padded, dims, arch),
-        _scale("moeprep_w13_scale", "gate_up_proj_scales", w13_rows, dims.hidden_padded, dims, arch),
-        _bias("moeprep_w13_bias", "gate_up_proj_bias", w13_rows, dims),
-        _value("moeprep_w2_value", "down_proj_blocks", w2_rows, dims.intermediate_padded, dims, arch),
-        _scale("moeprep_w2_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims, arch),
-        _bias("moeprep_w2_bias", "down_proj_bias", w2_rows, dims),
+        _value(f"{PREPARED_W13}_value", "gate_up_proj_blocks", w13_rows, dims.hidden_padded, dims, arch),
+        _scale(f"{PREPARED_W13}_scale", "gate_up_proj_scales", w13_rows, dims.hidden_padded, dims, arch),
+        _bias(f"{PREPARED_W13}_bias", "gate_up_proj_bias", w13_rows, dims),
+        _value(f"{PREPARED_W2}_value", "down_proj_blocks", w2_rows, dims.intermediate_padded, dims, arch),
+        _scale(f"{PREPARED_W2}_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims, arch),
+        _bias(f"{PREPARED_W2}_bias", "down_proj_bias", w2_rows, dims),
     ]

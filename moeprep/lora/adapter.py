@@ -17,16 +17,12 @@ from typing import Any
 import torch
 
 from moeprep.checkpoint.safetensors_io import read_header, read_tensor
-from moeprep.errors import MoeprepError
+from moeprep.errors import LoraError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-class LoraError(MoeprepError):
-    """A LoRA adapter is malformed, unsupported, or does not fit the base it is prepared for."""
 
 
 @dataclass(frozen=True)

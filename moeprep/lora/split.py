@@ -24,7 +24,6 @@ Every input tensor is consumed or named in an error.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moeprep.checkpoint.manifest import LORA_RECORD_NAME, Target, load_manifest, manifest_sha256
 from moeprep.checkpoint.writer import AtomicFolder, write_json
 from moeprep.families import Family, family_for_config
 from moeprep.families.config_view import config_view
@@ -47,10 +45,9 @@ from moeprep.lora.adapter import (
     load_adapter_config,
     load_adapter_tensors,
 )
+from moeprep.schema.manifest import LORA_RECORD_NAME, Target, load_manifest, manifest_sha256
+from moeprep.schema.names import ADAPTER_FUSED_3D, ADAPTER_LAYER, ADAPTER_PER_EXPERT
 
-PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)")
-FUSED_3D = re.compile(r"(?P<prefix>.*\.experts)(?P<nested>\.base_layer)?")
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TARGET_PARAMETERS_3D = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # PEFT's names for the 3-D layout
 PROJECTIONS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
@@ -133,7 +130,7 @@ class ExpertLoras:
 
     def add(self, prefix: str, expert: int, proj: str, pair: LoraPair, module: str) -> None:
         base = self.base
-        layer = LAYER.search(prefix + ".")
+        layer = ADAPTER_LAYER.search(prefix + ".")
         if layer is None or int(layer.group(1)) not in base.moe_layers:
             raise LoraError(f"{self.where}: {module!r} is not in a MoE layer of the base ({base.location})")
         if not 0 <= expert < base.experts:
@@ -213,14 +210,14 @@ def collect(adapter: Path, config: AdapterConfig, base: BaseExperts) -> tuple[Ex
     tensors_by_module = load_adapter_tensors(adapter)
     for module, tensors in sorted(tensors_by_module.items()):
         a, b = tensors["A"], tensors["B"]
-        if match := PER_EXPERT.fullmatch(module):
+        if match := ADAPTER_PER_EXPERT.fullmatch(module):
             proj = PROJECTIONS.get(match["proj"], "gate_up" if match["proj"] == "gate_up_proj" else None)
             if proj is None:
                 raise LoraError(f"{where}: expert module {module!r} is not a gate/up/down projection")
             _check_rank(config, module, a.shape[0], 1, where)
             pair = LoraPair(a, b, config.scaling(module))
             experts.add(match["prefix"], int(match["expert"]), proj, pair, module)
-        elif match := FUSED_3D.fullmatch(module):
+        elif match := ADAPTER_FUSED_3D.fullmatch(module):
             if not config.target_parameters:
                 raise LoraError(f"{where}: {module!r} looks like a 3-D experts LoRA but target_parameters is empty")
             _add_fused_3d(experts, match["prefix"], module, a, b, config, where)

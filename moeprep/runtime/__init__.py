@@ -1,6 +1,7 @@
 """vLLM plugin (entry point ``vllm.general_plugins: moeprep = moeprep.runtime:register``).
 
-Imports only torch, safetensors, vllm and ``moeprep.checkpoint.manifest``.
+Imports only torch, safetensors, vllm and moeprep's core (``moeprep.schema``, ``moeprep.errors``;
+``tests/test_import_structure.py``).
 """
 
 

@@ -15,10 +15,11 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
-from moeprep.checkpoint.manifest import TensorRecord
-from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin, expert_param_names
+from moeprep.errors import PreparedCheckpointMismatch
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
 from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.schema.manifest import TensorRecord
+from moeprep.schema.names import prepared_param_names
 
 logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
 
@@ -52,7 +53,7 @@ class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
     """Prepared ``dequant`` experts (``moeprep_{w13,w2}_{weight,scale,bias}``), computed by dequantizing
     each routed expert's mxfp4 weights on the fly; nothing is transformed at load."""
 
-    PARAMS = expert_param_names("weight", "scale", "bias")
+    PARAMS = prepared_param_names("weight", "scale", "bias")
 
     def __init__(
         self,

@@ -12,7 +12,6 @@ at weight 1) and the rows' outputs are summed. No shared-expert MLP is built, lo
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,48 +25,13 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.runtime.vllm_compat import replaced
+from moeprep.schema.names import parse_expert_tensor
+from moeprep.schema.routing import FusedSharedExperts
 
-SLOT_TENSOR = re.compile(r"^(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?:gate_proj|up_proj|down_proj)\.")
 # vLLM 0.26 names the MoE layer factory FusedMoE, 0.32 FusedMoEFactory.
 MOE_LAYER = getattr(fused_moe, "FusedMoEFactory", None) or fused_moe.FusedMoE
-
-
-@dataclass(frozen=True)
-class SlotContract:
-    """The manifest's ``routing.fused_shared_experts``, as the runtime uses it."""
-
-    routed_experts: int
-    slots: int
-    replicas: int
-    top_k: int
-    expert_intermediate: int
-    gated: bool
-    routed_scaling_factor: float
-    renormalize: bool
-    slot_ids: tuple[tuple[int, ...], ...]  # [slot][replica] -> the MoE layer's expert id
-    routed_ids: tuple[int, ...] | None = None  # router's expert -> the layer's id (None: the same)
-
-    @property
-    def num_experts(self) -> int:
-        return self.routed_experts + self.slots * self.replicas
-
-    @classmethod
-    def from_manifest(cls, contract: dict[str, Any]) -> SlotContract:
-        routed_ids = contract.get("routed_ids")
-        return cls(
-            routed_experts=int(contract["routed_experts"]),
-            slots=int(contract["slots"]),
-            replicas=int(contract["replicas"]),
-            top_k=int(contract["top_k"]),
-            expert_intermediate=int(contract["expert_intermediate"]),
-            gated=contract["shared_gate_row"] is not None,
-            routed_scaling_factor=float(contract["routed_scaling_factor"]),
-            renormalize=bool(contract["renormalize"]),
-            slot_ids=tuple(tuple(int(e) for e in replicas) for replicas in contract["slot_ids"]),
-            routed_ids=tuple(int(e) for e in routed_ids) if routed_ids is not None else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -83,7 +47,7 @@ class GateAndRouting:
     gate_params_dtype: torch.dtype | None = None
 
 
-def slot_id_table(contract: SlotContract, rows: int) -> torch.Tensor:
+def slot_id_table(contract: FusedSharedExperts, rows: int) -> torch.Tensor:
     """``[rows, slots]`` expert ids: row ``t`` takes replica ``t % replicas`` of every slot."""
     ids = torch.tensor(contract.slot_ids, dtype=torch.int32)  # [slots, replicas]
     replica = torch.arange(rows) % contract.replicas
@@ -93,7 +57,7 @@ def slot_id_table(contract: SlotContract, rows: int) -> torch.Tensor:
 class SlotRouter(BaseRouter):
     """A custom router: the family's own router (``inner``) over the routed experts, plus the slots."""
 
-    def __init__(self, inner: BaseRouter, contract: SlotContract, top_k: int) -> None:
+    def __init__(self, inner: BaseRouter, contract: FusedSharedExperts, top_k: int) -> None:
         super().__init__(top_k=top_k, global_num_experts=contract.num_experts)
         self.inner, self.contract = inner, contract
 
@@ -126,7 +90,11 @@ class SharedSlotRouter(SlotRouter):
     weights are sliced from tables built once, so a decode step adds only the two concatenations."""
 
     def __init__(
-        self, inner: BaseRouter, contract: SlotContract, slot_ids: torch.Tensor, routed_ids: torch.Tensor | None = None
+        self,
+        inner: BaseRouter,
+        contract: FusedSharedExperts,
+        slot_ids: torch.Tensor,
+        routed_ids: torch.Tensor | None = None,
     ) -> None:
         """``routed_ids``: the router's expert -> the layer's id, when they differ (``contract.routed_ids``)."""
         super().__init__(inner, contract, contract.top_k + contract.slots)
@@ -162,7 +130,7 @@ class SharedSlotRouter(SlotRouter):
         return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
 
 
-def current_contract() -> SlotContract:
+def current_contract() -> FusedSharedExperts:
     """The contract of the prepared folder vLLM is loading (read through the moeprep quantization config)."""
     from moeprep.runtime.quant_config import MoeprepConfig
 
@@ -171,7 +139,7 @@ def current_contract() -> SlotContract:
         raise PreparedCheckpointMismatch(
             "moeprep: the MoeprepFused* architectures load folders written by moeprep convert --fuse-shared-experts"
         )
-    return SlotContract.from_manifest(quant_config.fused_shared_contract())
+    return quant_config.fused_shared_contract()
 
 
 class FusedSharedExpertsMoE(nn.Module):
@@ -240,7 +208,7 @@ class SlotRowsRouter(SlotRouter):
     as ``1 + slots`` blocks of the same T token rows; block 0 is routed by the family's router, block ``1 + s``
     goes to slot ``s`` (replica ``token % replicas``) at weight 1, so its input stays unscaled."""
 
-    def __init__(self, inner: BaseRouter, contract: SlotContract) -> None:
+    def __init__(self, inner: BaseRouter, contract: FusedSharedExperts) -> None:
         super().__init__(inner, contract, contract.top_k)
 
     def _compute_routing(
@@ -369,7 +337,7 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
         self.moeprep_contract = contract
 
     def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        contract: SlotContract = self.moeprep_contract
+        contract: FusedSharedExperts = self.moeprep_contract
         params = dict(self.named_parameters())
         mapping = [
             entry
@@ -382,8 +350,8 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
 
         def routed_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
-                match = SLOT_TENSOR.match(name)
-                if match and int(match["expert"]) >= contract.routed_experts:
+                parsed = parse_expert_tensor(name)
+                if parsed and parsed.mlp.endswith(".mlp") and parsed.expert >= contract.routed_experts:
                     slots_loaded.add(load_slot_tensor(params, mapping, name, tensor))
                 else:
                     yield name, tensor
@@ -395,7 +363,7 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
     return type(arch, (parent,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__})
 
 
-def check_fused_parallelism(parallel_config: Any, contract: SlotContract) -> None:
+def check_fused_parallelism(parallel_config: Any, contract: FusedSharedExperts) -> None:
     """Fused slots are verified on one device, under tensor parallelism (each rank holds its slice of every
     slot, as of every routed expert) and, for folders converted with ``--ep``, under expert parallelism (each
     rank holds its share of every slot's replicas); refuse the parallel modes they were not verified under."""

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeprep.checkpoint.manifest import LORA_RECORD_NAME, manifest_sha256
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
+from moeprep.schema.manifest import LORA_RECORD_NAME, manifest_sha256
 
 _served_base: Path | None = None  # the prepared folder this process serves, once the plugin has read it
 _served_manifest_sha256: str | None = None

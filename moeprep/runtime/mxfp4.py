@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 import torch
 from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4MoEMethod
 
-from moeprep.checkpoint.manifest import TensorRecord
-from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin, expert_param_names
+from moeprep.errors import PreparedCheckpointMismatch
+from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
 from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.runtime.vllm_compat import (
     KernelTensors,
@@ -27,10 +26,12 @@ from moeprep.runtime.vllm_compat import (
     triton_precision_config,
     weights_pre_processed,
 )
+from moeprep.schema.manifest import TensorRecord
+from moeprep.schema.names import PREPARED_W2, PREPARED_W13, prepared_param_names
 
 # Prepared parameters of the Marlin and padded layouts in the order of vLLM's conversion results (w13, w2,
 # their scales, their biases), and vLLM's own names of those tensors.
-PREPARED_ORDER = tuple(f"moeprep_{proj}_{part}" for part in ("weight", "scale", "bias") for proj in ("w13", "w2"))
+PREPARED_ORDER = tuple(f"{proj}_{part}" for part in ("weight", "scale", "bias") for proj in (PREPARED_W13, PREPARED_W2))
 VLLM_ORDER = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
 
 
@@ -102,7 +103,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
 class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``OAITritonMxfp4Experts`` (triton_kernels ``matmul_ogs``) on sm90."""
 
-    PARAMS = expert_param_names("value", "scale", "bias")
+    PARAMS = prepared_param_names("value", "scale", "bias")
     BACKENDS = frozenset({"TRITON", "TRITON_UNFUSED"})
     LAYOUT = "triton (matmul_ogs)"
 
@@ -125,7 +126,7 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
             )
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:
-        swizzled = ("moeprep_w13_value", "moeprep_w2_value", "moeprep_w13_scale", "moeprep_w2_scale")
+        swizzled = (*prepared_param_names("value"), *prepared_param_names("scale"))
         stored = (getattr(layer, name).data.mT for name in swizzled)
         return self.triton_tensors(*stored, layer.moeprep_w13_bias.data, layer.moeprep_w2_bias.data)
 
@@ -179,7 +180,7 @@ class PreparedTritonMxfp4MoEMethod(PreparedMxfp4MoEMethod):
 class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``MarlinExperts`` (bf16 activations): weights, scales and biases are plain tensors."""
 
-    PARAMS = expert_param_names("weight", "scale", "bias")
+    PARAMS = prepared_param_names("weight", "scale", "bias")
     BACKENDS = frozenset({"MARLIN", "BATCHED_MARLIN"})
     LAYOUT = "Marlin"
     supports_pre_processed_weights = True  # vLLM keeps the Marlin tensors as parameters of its own names
@@ -195,7 +196,7 @@ class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``--backend none``: vLLM's mxfp4 parameters padded offline for the kernel vLLM picks on the folder's arch;
     vLLM's own kernel transform runs at load (a kernel with other padding is refused by the size check)."""
 
-    PARAMS = expert_param_names("weight", "scale", "bias")
+    PARAMS = prepared_param_names("weight", "scale", "bias")
     BACKENDS = frozenset()
     LAYOUT = "padded (untransformed) mxfp4"
 

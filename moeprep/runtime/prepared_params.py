@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from moeprep.checkpoint.manifest import TensorRecord
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.schema.manifest import TensorRecord
+from moeprep.schema.names import PREPARED_W2, PREPARED_W13
 
 STORAGE_DTYPES = {
     "U8": torch.uint8,
@@ -20,11 +21,6 @@ STORAGE_DTYPES = {
     "BF16": torch.bfloat16,
     "F8_E8M0": torch.float8_e8m0fnu,
 }
-
-
-def expert_param_names(*parts: str) -> tuple[str, ...]:
-    """The prepared parameters ``moeprep_w13_{part}`` and ``moeprep_w2_{part}`` for each part."""
-    return tuple(f"moeprep_{proj}_{part}" for proj in ("w13", "w2") for part in parts)
 
 
 class PreparedWeightsMixin:
@@ -65,7 +61,7 @@ class PreparedExpertParams:
 
     def check_dims(self, experts: int, intermediate: int, hidden: int) -> None:
         """The layer vLLM built has the (experts, intermediate, hidden) sizes the biases were prepared for."""
-        w13_bias, w2_bias = self.records["moeprep_w13_bias"], self.records["moeprep_w2_bias"]
+        w13_bias, w2_bias = self.records[f"{PREPARED_W13}_bias"], self.records[f"{PREPARED_W2}_bias"]
         prepared = (w13_bias.shape[0], w13_bias.shape[1] // 2, w2_bias.shape[1])
         if prepared != (experts, intermediate, hidden):
             raise PreparedCheckpointMismatch(

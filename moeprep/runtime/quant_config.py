@@ -21,7 +21,10 @@ from vllm.model_executor.layers.quantization import get_quantization_config, reg
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.platforms import current_platform
 
-from moeprep.checkpoint.manifest import (
+from moeprep.errors import MoeprepError, PreparedCheckpointMismatch
+from moeprep.runtime.lora_check import serve_base
+from moeprep.runtime.tracking import PreparedTensorTracker
+from moeprep.schema.manifest import (
     MANIFEST_NAME,
     QUANT_METHOD,
     SCHEMA_VERSION,
@@ -31,12 +34,10 @@ from moeprep.checkpoint.manifest import (
     check_file_sizes,
     load_manifest,
 )
-from moeprep.errors import MoeprepError
-from moeprep.runtime.errors import PreparedCheckpointMismatch
-from moeprep.runtime.lora_check import serve_base
-from moeprep.runtime.tracking import PreparedTensorTracker
-from moeprep.serving import backend_not_served, is_prepared_param, unserved_reason
-from moeprep.vllm_versions import in_ranges, served_vllm
+from moeprep.schema.names import is_prepared_param
+from moeprep.schema.routing import FusedSharedExperts, fused_shared_experts
+from moeprep.schema.serving import backend_not_served, unserved_reason
+from moeprep.schema.vllm_versions import in_ranges, served_vllm
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
 STRICT_VLLM_ENV = "MOEPREP_STRICT_VLLM"  # 1: refuse folders outside their vLLM ranges without the layout check
@@ -119,17 +120,13 @@ def prove_layout_on_running_vllm(manifest: Manifest, version: str) -> None:
     )
 
 
-def fused_contract(manifest: Manifest) -> dict[str, Any] | None:
-    return (manifest.routing or {}).get("fused_shared_experts")
-
-
 def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
     """A folder with fused shared-expert slots is served only by the architecture that routes to them, and
     that architecture only serves such folders."""
-    contract = fused_contract(manifest)
+    contract = fused_shared_experts(manifest.routing)
     fused_names = [name for name in architectures if name.startswith(FUSED_ARCH_PREFIX)]
-    if (contract is None and fused_names) or (contract is not None and architectures != [contract["architecture"]]):
-        expected = [contract["architecture"]] if contract else manifest.architectures
+    if (contract is None and fused_names) or (contract is not None and architectures != [contract.architecture]):
+        expected = [contract.architecture] if contract else manifest.architectures
         raise PreparedCheckpointMismatch(
             f"moeprep: config.json names architectures {architectures} but {MANIFEST_NAME} was written for "
             f"{expected}; restore config.json or convert again"
@@ -237,12 +234,15 @@ class MoeprepConfig(QuantizationConfig):
         ep = self.manifest.target.ep_size > 1
         return self.manifest.rank_tensors[get_ep_group().rank_in_group if ep else get_tensor_model_parallel_rank()]
 
-    def fused_shared_contract(self) -> dict[str, Any]:
+    def fused_shared_contract(self) -> FusedSharedExperts:
         """The manifest's fused-shared-expert routing contract (the manifest is read on first use)."""
         if self.manifest is None:
             self._load_and_check_manifest()
         assert self.manifest is not None
-        return fused_contract(self.manifest) or {}
+        contract = fused_shared_experts(self.manifest.routing)
+        if contract is None:
+            raise PreparedCheckpointMismatch(f"moeprep: {MANIFEST_NAME} has no fused shared experts; convert again")
+        return contract
 
     def prepared_records(self, prefix: str, records: dict[str, TensorRecord] | None = None) -> dict[str, TensorRecord]:
         """Manifest records (by full tensor name) of the prepared parameters of the experts module at ``prefix``,

@@ -15,18 +15,16 @@ from the rank that holds them, through vLLM's usual all-reduce).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEConfig, UnquantizedFusedMoEMethod
 
-from moeprep.checkpoint.manifest import TensorRecord
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.runtime.rank_files import each_rank_tensor
 from moeprep.runtime.tracking import PreparedTensorTracker
-
-EXPERT_TENSOR = re.compile(r".*\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+from moeprep.schema.manifest import TensorRecord
+from moeprep.schema.names import parse_expert_tensor
 
 
 class RankExpertsMoEMethod(UnquantizedFusedMoEMethod):
@@ -68,9 +66,9 @@ class RankExpertsMoEMethod(UnquantizedFusedMoEMethod):
         return super().apply(layer, x, topk_weights, topk_ids, *args, **kwargs)
 
     def _copy(self, layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-        match = EXPERT_TENSOR.fullmatch(name)
-        assert match is not None, name
-        expert, proj = local_expert(layer, int(match[1]), name), match[2]
+        parsed = parse_expert_tensor(name)
+        assert parsed is not None and parsed.kind == "weight", name
+        expert, proj = local_expert(layer, parsed.expert, name), parsed.proj
         width = layer.w2_weight.shape[-1]  # this rank's intermediate size
         target = {
             "gate_proj": layer.w13_weight.data[expert, :width],

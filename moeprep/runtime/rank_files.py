@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from vllm.logger import init_logger
 
-from moeprep.checkpoint.manifest import TensorRecord
+from moeprep.schema.manifest import TensorRecord
 
 logger = init_logger("vllm.moeprep")  # under vLLM's logger, so its handlers print it
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
 
 
 class PreparedTensorTracker:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moeprep.runtime.errors import PreparedCheckpointMismatch
+from moeprep.errors import PreparedCheckpointMismatch
 
 MXFP4_METHOD_MODULE = "vllm.model_executor.layers.quantization.mxfp4"
 MXFP4_ORACLE_MODULE = "vllm.model_executor.layers.fused_moe.oracle.mxfp4"

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from moeprep.errors import ManifestError
+from moeprep.schema.routing import fused_shared_experts
+from moeprep.schema.typed_json import FieldTypeError, from_json
 
 MANIFEST_NAME = "moeprep.json"
 SEAL_NAME = "moeprep.seal.json"  # {"moeprep.json": sha256}: the manifest records every file but itself
@@ -66,6 +68,10 @@ class Target:
     # in them. Empty: the exact ``vllm_versions`` (manifests written before ranges); pass-through folders are
     # served by any vLLM.
     vllm_ranges: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(len(span) != 2 for span in self.vllm_ranges):
+            raise FieldTypeError("target.vllm_ranges holds a range that is not [low, high]")
 
     @property
     def locked_to_vllm(self) -> bool:
@@ -126,58 +132,11 @@ class Manifest:
                 "use the moeprep version that wrote it or re-run moeprep convert"
             )
         try:
-            src = data["source"]
-            return cls(
-                moeprep_version=_typed(data["moeprep_version"], str),
-                model_type=_typed(data["model_type"], str),
-                architectures=_typed(data["architectures"], list),
-                source=Source(
-                    kind=_typed(src["kind"], str),
-                    location=_typed(src["location"], str),
-                    revision=src["revision"],
-                    files=_records(src["files"], FileRecord),
-                ),
-                target=_checked(Target, data["target"], "target"),
-                files=_records(data["files"], FileRecord),
-                tensors=_records(data["tensors"], TensorRecord),
-                routing=data.get("routing"),
-                lora=_typed(data.get("lora", []), list),
-                rank_tensors=[_records(r, TensorRecord) for r in _typed(data.get("rank_tensors", []), list)],
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{where}: malformed manifest ({exc!r}); re-run moeprep convert") from exc
-
-
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-_FIELD_CHECKS = {
-    "int": lambda v: type(v) is int,
-    "str": lambda v: isinstance(v, str),
-    "str | None": lambda v: v is None or isinstance(v, str),
-    "list[int]": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
-    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "list[list[str]]": lambda v: isinstance(v, list)
-    and all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in v),
-    "dict[str, int]": lambda v: isinstance(v, dict) and all(type(x) is int for x in v.values()),
-    "dict[str, Any]": lambda v: isinstance(v, dict),
-}
-
-
-def _checked(kind: type, fields: Any, where: str) -> Any:
-    """``kind(**fields)`` with every annotated field type checked."""
-    record = kind(**_typed(fields, dict))
-    for key, value in asdict(record).items():
-        if not _FIELD_CHECKS[kind.__annotations__[key]](value):
-            raise TypeError(f"{where}.{key} has the wrong type")
-    return record
-
-
-def _records(data: Any, kind: type) -> dict[str, Any]:
-    return {name: _checked(kind, fields, name) for name, fields in _typed(data, dict).items()}
+            manifest = from_json(cls, data, "manifest")
+            fused_shared_experts(manifest.routing)  # the routing contract is checked as well
+            return manifest
+        except FieldTypeError as exc:
+            raise ManifestError(f"{where}: malformed manifest ({exc}); re-run moeprep convert") from exc
 
 
 def manifest_sha256(folder: Path) -> str:

