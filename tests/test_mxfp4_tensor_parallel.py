@@ -17,7 +17,7 @@ from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.fixtures import build_fixture
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims
 from moeprep.layouts.padding import round_up
-from moeprep.plan import PlanOptions, mxfp4_module, recipe_span
+from moeprep.plan import PlanOptions, mxfp4_layout
 from moeprep.schema.manifest import load_manifest
 from tests.conftest import run_cli
 
@@ -100,16 +100,16 @@ def test_each_rank_file_holds_the_layout_of_what_vllm_loads_on_that_rank(
     manifest = load_manifest(out)
     assert manifest.target.tp_size == tp and len(manifest.rank_tensors) == tp
     assert not any("experts.moeprep_" in name for name in manifest.tensors)  # no rank reads another's experts
-    module = mxfp4_module(backend, "mxfp4")
-    hidden_multiple, inter_multiple = recipe_span(module, arch, plan.target.vllm_versions[-1])[1]
+    layout = mxfp4_layout(backend, "mxfp4")
+    hidden_multiple, inter_multiple = layout.recipe_span(arch, plan.target.vllm_versions[-1])[1]
     hidden_padded = round_up(source.config["hidden_size"], hidden_multiple)
     inter_padded = round_up(INTER // tp, inter_multiple)
     dims = Mxfp4ExpertDims(0, hidden_padded, inter_padded, hidden_padded, inter_padded)
     for rank in range(tp):
         params = vllm_rank_params(gpt_oss_160, rank, tp, hidden_padded, inter_padded)
         records = manifest.rank_tensors[rank]
-        for recipe in module.prepared_expert_tensors(dims, arch):
-            name = f"model.layers.1.{module.EXPERTS_MODULE}.{recipe.param}"
+        for recipe in layout.prepared_expert_tensors(dims, arch):
+            name = f"model.layers.1.{layout.experts_module}.{recipe.param}"
             record = records[name]
             assert record.file.startswith(f"model-rank-{rank}-") and record.recipe.endswith("+tp-shard")
             with safe_open(str(out / record.file), framework="pt") as f:

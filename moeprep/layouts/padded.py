@@ -8,6 +8,7 @@ then runs at load.
 from __future__ import annotations
 
 from moeprep.layouts import flashinfer_trtllm, triton
+from moeprep.layouts.backend import PADDING_ONLY, LayoutBackend, register
 from moeprep.layouts.mxfp4_experts import (
     Mxfp4ExpertDims,
     PreparedExpertTensor,
@@ -15,25 +16,27 @@ from moeprep.layouts.mxfp4_experts import (
     loaded_parameters,
 )
 
-NAME = "none"
-ARCHES = ("sm90", "sm100")
-# arch -> (vLLM range, (hidden, intermediate) multiples of the kernel vLLM picks there by default) per range
-ARCH_PADDING_BY_VLLM = {
-    "sm90": ((("0.26.0", "0.34.0"), (triton.HIDDEN_MULTIPLE, triton.INTERMEDIATE_MULTIPLE)),),
-    "sm100": (  # FlashInfer TRT-LLM: vLLM 0.27 pads the intermediate size to 128 instead of 256
-        (("0.26.0", "0.26.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE)),
-        (("0.27.0", "0.34.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, 128)),
-    ),
-}
-KNOBS: dict[str, int] = {}
-RECIPE_VERSION = 1
-SERVE_FLAGS: tuple[str, ...] = ()
-LORA_SERVE_FLAGS = triton.LORA_SERVE_FLAGS
-LORA_NOTE = triton.LORA_NOTE
-PLATFORM = "cuda"
-VLLM_RANGES = (("0.26.0", "0.34.0"),)
-EXPERTS_MODULE = "mlp.experts.routed_experts"
-
 
 def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedExpertTensor]:
     return gate_up_and_down(loaded_parameters("pad"), dims)
+
+
+BACKEND = register(
+    LayoutBackend(
+        name=PADDING_ONLY,
+        arches=("sm90", "sm100"),
+        platform="cuda",
+        recipe_version=1,
+        # per arch: the (hidden, intermediate) multiples of the kernel vLLM picks there by default, per vLLM range
+        padding={
+            "sm90": ((("0.26.0", "0.34.0"), (triton.HIDDEN_MULTIPLE, triton.INTERMEDIATE_MULTIPLE)),),
+            "sm100": (  # FlashInfer TRT-LLM: vLLM 0.27 pads the intermediate size to 128 instead of 256
+                (("0.26.0", "0.26.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, flashinfer_trtllm.INTERMEDIATE_MULTIPLE)),
+                (("0.27.0", "0.34.0"), (flashinfer_trtllm.HIDDEN_MULTIPLE, 128)),
+            ),
+        },
+        prepared_expert_tensors=prepared_expert_tensors,
+        lora_serve_flags=triton.LORA_SERVE_FLAGS,
+        lora_note=triton.LORA_NOTE,
+    )
+)

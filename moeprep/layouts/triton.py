@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moeprep.layouts.backend import LayoutBackend, register, same_padding
 from moeprep.layouts.mxfp4_experts import (
     MXFP4_BLOCK,
     Mxfp4ExpertDims,
@@ -33,14 +34,9 @@ from moeprep.layouts.triton_hopper import (
 )
 from moeprep.schema.names import PREPARED_W2, PREPARED_W13
 
-NAME = "triton"
-ARCHES = ("sm90", "sm100")
 INTERMEDIATE_MULTIPLE = 64
 HIDDEN_MULTIPLE = 1
 NUM_WARPS = 8
-KNOBS = {"num_warps": NUM_WARPS}
-RECIPE_VERSION = 1
-SERVE_FLAGS: tuple[str, ...] = ()  # vLLM 0.26 picks this kernel by default on Hopper
 # With LoRA on, vLLM 0.26 skips its fused Triton kernel (no LoRA support) for Marlin, whose layout this is not;
 # its unfused Triton kernel reads the same layouts and applies MoE LoRA.
 LORA_SERVE_FLAGS = ("--moe-backend", "triton_unfused")
@@ -50,12 +46,8 @@ LORA_NOTE = (
     "vLLM 0.34's MoE LoRA fails on the unfused Triton kernel (its LoRA wrapper passes the raw weight; the original "
     "gpt-oss too); vLLM 0.26 serves it, and on vLLM 0.34 an adapter split for a --backend marlin base serves"
 )
-PLATFORM = "cuda"
 # triton_kernels (bundled with vLLM) and _swizzle_mxfp4's Hopper/Blackwell parts are the same code in 0.26.0-0.34.0
 VLLM_RANGES = (("0.26.0", "0.34.0"),)
-# vLLM 0.26 registers expert parameters on ``{layer}.mlp.experts.routed_experts``; prepared tensors
-# are stored under the full name of the parameter they fill.
-EXPERTS_MODULE = "mlp.experts.routed_experts"
 
 
 def _value(param: str, source: str, rows: int, k: int, dims: Mxfp4ExpertDims, arch: str) -> PreparedExpertTensor:
@@ -115,3 +107,19 @@ def prepared_expert_tensors(dims: Mxfp4ExpertDims, arch: str) -> list[PreparedEx
         _scale(f"{PREPARED_W2}_scale", "down_proj_scales", w2_rows, dims.intermediate_padded, dims, arch),
         _bias(f"{PREPARED_W2}_bias", "down_proj_bias", w2_rows, dims),
     ]
+
+
+BACKEND = register(
+    LayoutBackend(
+        name="triton",
+        arches=("sm90", "sm100"),
+        platform="cuda",
+        recipe_version=1,
+        padding=same_padding(("sm90", "sm100"), VLLM_RANGES, (HIDDEN_MULTIPLE, INTERMEDIATE_MULTIPLE)),
+        prepared_expert_tensors=prepared_expert_tensors,
+        knobs={"num_warps": NUM_WARPS},
+        serve_flags=(),  # vLLM picks this kernel by default on Hopper
+        lora_serve_flags=LORA_SERVE_FLAGS,
+        lora_note=LORA_NOTE,
+    )
+)

@@ -45,6 +45,7 @@ from moeprep.lora.adapter import (
     load_adapter_config,
     load_adapter_tensors,
 )
+from moeprep.plan import mxfp4_layout
 from moeprep.schema.manifest import LORA_RECORD_NAME, Target, load_manifest, manifest_sha256
 from moeprep.schema.names import ADAPTER_FUSED_3D, ADAPTER_LAYER, ADAPTER_PER_EXPERT
 
@@ -350,10 +351,8 @@ def write_split(adapter: Path, base: BaseExperts, folder: Path) -> SplitReport:
 def _backend_lora(backend: str, expert_format: str) -> tuple[tuple[str, ...], str | None]:
     """The MoE kernel choice vLLM needs to apply LoRA on this backend's prepared layouts, and what stands in its
     way on some vLLM releases."""
-    from moeprep.plan import mxfp4_module
-
-    module = mxfp4_module(backend, expert_format)
-    return (module.LORA_SERVE_FLAGS, getattr(module, "LORA_NOTE", None)) if module is not None else ((), None)
+    layout = mxfp4_layout(backend, expert_format)
+    return (layout.lora_serve_flags, layout.lora_note) if layout is not None else ((), None)
 
 
 def _key_name(key: tuple[str, int, str]) -> str:
