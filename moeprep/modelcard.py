@@ -6,6 +6,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCardData
+
 from moeprep import __version__
 from moeprep.checkpoint.source import SOURCE_README
 from moeprep.layouts.backend import LAYOUT_BACKENDS
@@ -53,10 +55,13 @@ def render_model_card(
     """``served_as``: the Hub repo the folder will be uploaded to, when known; ``unserved``: why the moeprep
     runtime does not serve the folder yet (``serving.unserved_reason``), in place of the serve command."""
     base = source.location if source.kind == "hub" else None
-    front = ["---", "library_name: vllm"]
-    if base:
-        front += [f"base_model: {base}", "base_model_relation: quantized"]
-    front += ["tags:", *[f"- {t}" for t in card_tags(target, model_type, summary)], "---"]
+    metadata = ModelCardData(
+        library_name="vllm",
+        base_model=base,
+        base_model_relation="quantized" if base else None,
+        tags=card_tags(target, model_type, summary),
+    )
+    front = ["---", metadata.to_yaml(), "---"]
     revision = f" at revision `{source.revision}`" if source.revision else ""
     origin = f"`{base}`" if base else f"the local folder `{Path(source.location).name}`"  # no user's path
     recipes = ", ".join(f"{name} ×{count}" for name, count in dict(summary["recipes"]).items())
