@@ -61,6 +61,7 @@ class HubState:
     served: list[tuple[str, str, int]] = field(default_factory=list)  # resolve GETs: (file, Range header, bytes sent)
     lock: threading.Lock = field(default_factory=threading.Lock)
     commit_hook: Any = None  # called with (repo_id, paths) after each commit
+    lfs_hook: Any = None  # called with the oid after each stored LFS object
 
     def add_commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str = "") -> str:
         """Commit ``files`` on top of ``branch`` (created from nothing if new); returns the commit sha."""
@@ -284,6 +285,8 @@ class HubHandler(BaseHTTPRequestHandler):
             return
         with self.state.lock:
             self.state.lfs[oid] = data
+        if self.state.lfs_hook is not None:
+            self.state.lfs_hook(oid)
         self.reply(200, {})
 
     def commit(self, repo: str, revision: str, query: dict) -> None:

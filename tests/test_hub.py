@@ -182,7 +182,7 @@ def remote_files(hub: HubServer, repo: str, branch: str = "main") -> dict[str, b
     return files
 
 
-def test_upload_multi_shard_folder_manifest_last(prepared: Path, tmp_path: Path) -> None:
+def test_upload_multi_shard_folder_in_one_commit(prepared: Path, tmp_path: Path) -> None:
     with HubServer(token=TOKEN) as hub:
         result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared, "--private")
         assert result.returncode == 0, result.stderr
@@ -190,13 +190,13 @@ def test_upload_multi_shard_folder_manifest_last(prepared: Path, tmp_path: Path)
         repo = hub.state.repos["org/prepared"]
         assert repo.private
         commits = [paths for _, paths in repo.history[1:]]
+        assert len(commits) == 1 and MANIFEST_NAME in commits[0]  # the folder appears all at once
         shards = sorted(p.name for p in prepared.glob("model-*.safetensors"))
-        assert commits[: len(shards)] == [[s] for s in shards]
-        assert MANIFEST_NAME in commits[-1] and len(commits) == len(shards) + 1
         assert len(hub.state.requests("PUT", "/lfs-upload/")) == len(shards)  # shards went through LFS
+        assert [line.split()[-1] for line in result.stderr.splitlines() if line.startswith("stored ")] == shards
         again = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared)
         assert again.returncode == 0, again.stderr
-        assert len(repo.history) == len(commits) + 1  # nothing changed: no new commit
+        assert len(repo.history) == 2 and "no new commit" in " ".join(again.stdout.split())
         assert len(hub.state.requests("PUT", "/lfs-upload/")) == len(shards)
 
 
@@ -217,14 +217,15 @@ def test_upload_with_a_token_option_and_commit_message(prepared: Path, tmp_path:
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared", "main") == folder_files(prepared)
         repo = hub.state.repos["org/prepared"]
-        messages = [
-            repo.messages[sha] for sha, paths in repo.history if MANIFEST_NAME in paths or "config.json" in paths
-        ]
-        assert messages and all(m.startswith("gpt-oss for H200 ") for m in messages)
+        messages = [repo.messages[sha] for sha, paths in repo.history if MANIFEST_NAME in paths]
+        assert messages == ["gpt-oss for H200"]
 
 
-def test_interrupted_upload_resumes_without_sending_committed_shards_again(prepared: Path, tmp_path: Path) -> None:
+def test_interrupted_upload_shows_nothing_and_resumes_without_sending_stored_shards_again(
+    prepared: Path, tmp_path: Path
+) -> None:
     shards = sorted(p.name for p in prepared.glob("model-*.safetensors"))
+    oids = {hashlib.sha256((prepared / s).read_bytes()).hexdigest(): s for s in shards}
     with HubServer(token=TOKEN) as hub:
         environ = {
             **os.environ,
@@ -240,25 +241,23 @@ def test_interrupted_upload_resumes_without_sending_committed_shards_again(prepa
             stderr=subprocess.DEVNULL,
         )
 
-        def kill_after_second_shard(repo: str, paths: list[str]) -> None:
-            if paths == [shards[1]]:
+        def kill_after_second_shard(oid: str) -> None:
+            if oids.get(oid) == shards[1]:
                 process.send_signal(signal.SIGKILL)
 
-        hub.state.commit_hook = kill_after_second_shard
+        hub.state.lfs_hook = kill_after_second_shard
         assert process.wait(timeout=120) == -signal.SIGKILL
-        hub.state.commit_hook = None
+        hub.state.lfs_hook = None
+        assert remote_files(hub, "org/prepared") == {}  # nothing committed: the repo never looks complete
+        stored = set(hub.state.lfs)
+        assert {oid for oid, shard in oids.items() if shard in shards[:2]} <= stored
         first_puts = len(hub.state.requests("PUT", "/lfs-upload/"))
-        committed = remote_files(hub, "org/prepared")
-        assert set(shards[:2]) <= set(committed) and MANIFEST_NAME not in committed  # never looks complete
-        stored = set(hub.state.lfs)  # objects on the server, committed or not
         result = moeprep(hub, tmp_path / "home", "upload", "org/prepared", prepared)
         assert result.returncode == 0, result.stderr
         assert remote_files(hub, "org/prepared") == folder_files(prepared)
         resent = {p.rsplit("/", 1)[1] for p in hub.state.requests("PUT", "/lfs-upload/")[first_puts:]}
-        missing = {hashlib.sha256((prepared / s).read_bytes()).hexdigest() for s in shards} - stored
-        assert resent == missing and len(missing) >= len(shards) - 3  # only what the server did not hold
-        new_commits = len(shards) + 1 - len([s for s in shards if s in committed])
-        assert f"{new_commits} new commits" in " ".join(result.stdout.split())
+        assert resent == set(oids) - stored and len(resent) == len(shards) - len(stored & set(oids))
+        assert len(hub.state.repos["org/prepared"].history) == 2  # the repo's creation, then the one upload
 
 
 def test_upload_refuses_a_folder_that_fails_verify(prepared: Path, tmp_path: Path) -> None:

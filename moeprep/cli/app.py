@@ -366,11 +366,12 @@ def run_upload(
 ) -> None:
     from moeprep.hub import upload_prepared
 
-    def committed(group: list[str]) -> None:
-        console.print(f"uploaded {group[0]}" + (f" and {len(group) - 1} more files" if len(group) > 1 else ""))
+    def stored(name: str) -> None:
+        console.print(f"stored {name}")
 
-    report = upload_prepared(folder, repo_id, private, revision, token, committed, commit_message)
-    say(f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {report.commits} new commits")
+    report = upload_prepared(folder, repo_id, private, revision, token, stored, commit_message)
+    outcome = "in one new commit" if report.committed else "unchanged, no new commit"
+    say(f"uploaded {folder} to {report.repo_id}@{report.revision}: {report.files} files, {outcome}")
 
 
 @app.command()
