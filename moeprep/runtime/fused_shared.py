@@ -351,7 +351,7 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
         def routed_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
                 parsed = parse_expert_tensor(name)
-                if parsed and parsed.mlp.endswith(".mlp") and parsed.expert >= contract.routed_experts:
+                if parsed and parsed.expert >= contract.routed_experts:
                     slots_loaded.add(load_slot_tensor(params, mapping, name, tensor))
                 else:
                     yield name, tensor
