@@ -129,3 +129,16 @@ def test_the_plugin_loads_with_every_converter_module_unimportable() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = eval(result.stdout.strip().splitlines()[-1])  # noqa: S307  (our own printed list)
     assert "moeprep.runtime.quant_config" in loaded and all(in_core(name) for name in loaded)
+
+
+def test_family_modules_share_helpers_but_never_import_each_other() -> None:
+    modules = module_names()
+    families = {name for name, path in modules.items() if "\n@register_family\n" in path.read_text()}
+    assert len(families) >= 7
+    crossing = {
+        (name, target)
+        for name in families
+        for target, _ in imports_of(name, modules[name], modules)
+        if target in families
+    }
+    assert not crossing, sorted(crossing)

@@ -7,7 +7,7 @@ from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
-from moeprep.families.deepseek_v3 import deepseek_style_mlps, deepseek_style_moe_spec, mtp_extra_specs, mtp_layers
+from moeprep.families.deepseek_style import deepseek_style_mlps, deepseek_style_moe_spec, mtp_extra_specs, mtp_layers
 
 
 def glm_moe_layers(config: dict[str, Any]) -> tuple[int, ...]:

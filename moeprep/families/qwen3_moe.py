@@ -6,7 +6,7 @@ from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
-from moeprep.families.qwen2_moe import qwen_moe_spec, qwen_moe_tensor_specs
+from moeprep.families.qwen_style import qwen_moe_spec, qwen_moe_tensor_specs
 
 
 @register_family
