@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moeprep.convert import convert, load_plan
@@ -122,6 +122,7 @@ def test_index_files_plan_or_fail_in_one_line(family: str) -> None:
 
     @FUZZ
     @given(edits)
+    @example({"lm_head.weight": "\n"})  # a file name with a newline, once quoted raw into a message
     def check(index_edits: dict) -> None:
         plan_or_clean_error(variant(family, {}, index_edits), family)
 

@@ -198,11 +198,13 @@ def _load_safetensors(folder: Path) -> tuple[list[str], dict[str, tuple[Safetens
     for file in files:
         path = folder / file
         if not path.is_file():
-            raise CheckpointError(f"{path} is listed in the index but missing; download the complete checkpoint")
+            raise CheckpointError(
+                f"{folder}: weight file {file!r} is listed in the index but missing; download the complete checkpoint"
+            )
         header = read_header(path)
         for name, info in header.tensors.items():
             if name in table:
-                raise CheckpointError(f"tensor {name!r} appears in both {table[name][0].path.name} and {file}")
+                raise CheckpointError(f"tensor {name!r} appears in both {table[name][0].path.name!r} and {file!r}")
             if weight_map and weight_map.get(name) != file:
                 raise CheckpointError(f"{path}: tensor {name!r} is not mapped to this file by {SAFE_INDEX}")
             table[name] = (header, info)
