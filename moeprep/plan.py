@@ -31,6 +31,7 @@ from moeprep.layouts.mxfp4_experts import (
 )
 from moeprep.layouts.padding import round_up
 from moeprep.schema.manifest import PASSTHROUGH_RECIPE, QUANT_METHOD, Target
+from moeprep.schema.names import decoder_mlp
 from moeprep.schema.routing import FusedSharedExperts
 from moeprep.schema.vllm_versions import target_version
 
@@ -179,7 +180,7 @@ def _mxfp4_jobs(
                 f"{backend.name} padding; use another --tp"
             )
         for layer in moe.moe_layers:
-            source_prefix = f"model.layers.{layer}.mlp.experts"
+            source_prefix = f"{decoder_mlp(layer)}.experts"
             param_prefix = f"model.layers.{layer}.{backend.experts_module}"
             for recipe in backend.prepared_expert_tensors(dims, arch):
                 src = f"{source_prefix}.{recipe.source}"

@@ -26,8 +26,8 @@ from moeprep.checkpoint.safetensors_io import DTYPES, FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import Family, MoeSpec, fp8_block
-from moeprep.families.common import GATE_UP_DOWN
 from moeprep.jobs import TensorJob, dim0_chunks, padded_chunk, read_chunk
+from moeprep.schema.names import PROJECTIONS, decoder_mlp, expert_tensor_name
 from moeprep.schema.routing import FusedSharedExperts
 
 RECIPE_SLOT = "shared-expert-slot"
@@ -108,8 +108,8 @@ def slot_jobs(
     consumed: set[str] = set()
     requantized: str | None = None
     for layer in moe.moe_layers:
-        mlp = f"model.layers.{layer}.mlp"
-        for proj in GATE_UP_DOWN:
+        mlp = decoder_mlp(layer)
+        for proj in PROJECTIONS:
             prefix = f"{mlp}.{family.shared_expert_module}.{proj}"
             shared = _tensors_under(source, prefix)
             routed = _tensors_under(source, f"{mlp}.experts.0.{proj}")
@@ -136,7 +136,7 @@ def slot_jobs(
 def _slot_names(moe: MoeSpec, prefix: str, slot: int, replicas: int, suffix: str) -> list[str]:
     """The tensor ``suffix`` of every replica of ``slot`` (``prefix``: the shared expert's projection)."""
     mlp, _, proj = prefix.rsplit(".", 2)
-    return [f"{mlp}.experts.{moe.num_experts + slot * replicas + r}.{proj}.{suffix}" for r in range(replicas)]
+    return [expert_tensor_name(mlp, moe.num_experts + slot * replicas + r, proj, suffix) for r in range(replicas)]
 
 
 def _split_jobs(

@@ -490,7 +490,6 @@ def inspect(
 ) -> None:
     """Show what was done to a prepared folder."""
     from moeprep.schema.manifest import load_manifest
-    from moeprep.schema.routing import fused_shared_experts
     from moeprep.schema.vllm_versions import served_vllm
 
     with user_errors(f"inspecting {folder}"):
@@ -516,7 +515,7 @@ def inspect(
     recipe_counts = ", ".join(f"{k}: {v}" for k, v in sorted(recipes.items()))
     say(f"tensors: {sum(recipes.values())} ({recipe_counts}{per_rank})")
     adapters = ", ".join(str(entry.get("path")) for entry in manifest.lora if isinstance(entry, dict)) or "none"
-    fused = fused_shared_experts(manifest.routing)
+    fused = manifest.fused_shared
     fused_text = (
         f"{fused.slots} slot(s) x {fused.replicas} replica(s) after {fused.routed_experts} "
         f"routed experts, top-k {fused.top_k} -> {fused.fused_top_k}, slot weight {fused.slot_weight}"

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeprep.families.tensor_spec import TensorSpec
-
-GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+from moeprep.schema.names import PROJECTIONS
 
 
 def decoder_shell(
@@ -56,7 +55,7 @@ def attention(
 
 
 def gated_mlp(
-    prefix: str, hidden: int, intermediate: int, names: tuple[str, str, str] = GATE_UP_DOWN
+    prefix: str, hidden: int, intermediate: int, names: tuple[str, str, str] = PROJECTIONS
 ) -> dict[str, TensorSpec]:
     """SwiGLU MLP ``{prefix}.{gate,up,down}`` with down projecting back to ``hidden``."""
     gate, up, down = names
@@ -68,7 +67,7 @@ def gated_mlp(
 
 
 def per_expert_mlps(
-    prefix: str, num_experts: int, hidden: int, intermediate: int, names: tuple[str, str, str] = GATE_UP_DOWN
+    prefix: str, num_experts: int, hidden: int, intermediate: int, names: tuple[str, str, str] = PROJECTIONS
 ) -> dict[str, TensorSpec]:
     """Routed experts stored one module each: ``{prefix}.{e}.{gate,up,down}``."""
     specs: dict[str, TensorSpec] = {}

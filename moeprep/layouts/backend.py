@@ -31,11 +31,6 @@ class LayoutBackend:
     lora_note: str | None = None
     experts_module: str = "mlp.experts.routed_experts"  # where vLLM's gpt-oss keeps the experts
 
-    @property
-    def vllm_ranges(self) -> tuple[VersionRange, ...]:
-        """Every vLLM range this backend's layouts are verified for, any arch."""
-        return tuple(sorted({span for spans in self.padding.values() for span, _ in spans}))
-
     def recipe_span(self, arch: str, vllm_version: str) -> tuple[list[list[str]], Padding]:
         """The vLLM ranges whose transform gives the bytes of this recipe for ``arch`` and ``vllm_version`` (every
         verified range with the same padding), and that padding; refuses a version outside them."""

@@ -27,11 +27,11 @@ from moeprep.runtime.vllm_compat import (
     weights_pre_processed,
 )
 from moeprep.schema.manifest import TensorRecord
-from moeprep.schema.names import PREPARED_W2, PREPARED_W13, prepared_param_names
+from moeprep.schema.names import prepared_param_names
 
 # Prepared parameters of the Marlin and padded layouts in the order of vLLM's conversion results (w13, w2,
 # their scales, their biases), and vLLM's own names of those tensors.
-PREPARED_ORDER = tuple(f"{proj}_{part}" for part in ("weight", "scale", "bias") for proj in (PREPARED_W13, PREPARED_W2))
+PREPARED_ORDER = tuple(name for part in ("weight", "scale", "bias") for name in prepared_param_names(part))
 VLLM_ORDER = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_bias", "w2_bias")
 
 

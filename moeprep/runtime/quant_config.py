@@ -35,7 +35,7 @@ from moeprep.schema.manifest import (
     load_manifest,
 )
 from moeprep.schema.names import is_prepared_param
-from moeprep.schema.routing import FusedSharedExperts, fused_shared_experts
+from moeprep.schema.routing import FusedSharedExperts
 from moeprep.schema.serving import backend_not_served, unserved_reason
 from moeprep.schema.vllm_versions import in_ranges, served_vllm
 
@@ -123,7 +123,7 @@ def prove_layout_on_running_vllm(manifest: Manifest, version: str) -> None:
 def check_architecture(manifest: Manifest, architectures: list[str]) -> None:
     """A folder with fused shared-expert slots is served only by the architecture that routes to them, and
     that architecture only serves such folders."""
-    contract = fused_shared_experts(manifest.routing)
+    contract = manifest.fused_shared
     fused_names = [name for name in architectures if name.startswith(FUSED_ARCH_PREFIX)]
     if (contract is None and fused_names) or (contract is not None and architectures != [contract.architecture]):
         expected = [contract.architecture] if contract else manifest.architectures
@@ -239,7 +239,7 @@ class MoeprepConfig(QuantizationConfig):
         if self.manifest is None:
             self._load_and_check_manifest()
         assert self.manifest is not None
-        contract = fused_shared_experts(self.manifest.routing)
+        contract = self.manifest.fused_shared
         if contract is None:
             raise PreparedCheckpointMismatch(f"moeprep: {MANIFEST_NAME} has no fused shared experts; convert again")
         return contract

@@ -9,11 +9,12 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from moeprep.errors import ManifestError
-from moeprep.schema.routing import fused_shared_experts
+from moeprep.schema.routing import FusedSharedExperts, fused_shared_experts
 from moeprep.schema.typed_json import FieldTypeError, from_json
 
 MANIFEST_NAME = "moeprep.json"
@@ -112,6 +113,11 @@ class Manifest:
     # Per-rank folders (convert --tp / --ep): MoE rank r's own tensors (its expert shards), in its own files.
     rank_tensors: list[dict[str, TensorRecord]] = field(default_factory=list)
 
+    @cached_property
+    def fused_shared(self) -> FusedSharedExperts | None:
+        """The routing contract of fused shared experts, parsed once; None where the folder has none."""
+        return fused_shared_experts(self.routing)
+
     def all_tensor_records(self) -> Iterator[tuple[str, TensorRecord]]:
         """Every tensor record, replicated and per rank (a name repeats once per rank, in another file)."""
         yield from self.tensors.items()
@@ -133,7 +139,7 @@ class Manifest:
             )
         try:
             manifest = from_json(cls, data, "manifest")
-            fused_shared_experts(manifest.routing)  # the routing contract is checked as well
+            manifest.fused_shared  # noqa: B018  (parses and checks the routing contract now, once)
             return manifest
         except FieldTypeError as exc:
             raise ManifestError(f"{where}: malformed manifest ({exc}); re-run moeprep convert") from exc

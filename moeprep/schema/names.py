@@ -13,7 +13,7 @@ PREPARED_PARAM_PREFIX = "moeprep_"  # parameters the plugin registers on vLLM's 
 PREPARED_W13, PREPARED_W2 = f"{PREPARED_PARAM_PREFIX}w13", f"{PREPARED_PARAM_PREFIX}w2"  # gate_up and down
 
 _EXPERT_TENSOR = re.compile(
-    r"(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>.+)"
+    rf"(?P<mlp>.+\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>{'|'.join(PROJECTIONS)})\.(?P<kind>.+)"
 )
 _DECODER_MLP = re.compile(r"model\.layers\.(\d+)\.mlp")
 
