@@ -2,8 +2,8 @@
 
     python benchmarks/fused_shared_speed.py --family deepseek-v3 --preset v3 --layers 3 --out results.json
 
-On a GPU host with vLLM 0.26 (bundle from ../shared/gpu-vllm, plugin registered by
-tests/gpu/register_plugin.py). Real expert dims at a few layers; the weights are vLLM's dummy (random) weights,
+On a GPU host with vLLM 0.26 or 0.34 (``VLLM_BUNDLE=.vllm-gpu`` or ``.vllm-gpu-034``, then
+``source tests/gpu/use_bundle.sh``). Real expert dims at a few layers; the weights are vLLM's dummy (random) weights,
 since a bf16 DeepSeek-V3 MoE layer alone is 22.5 GB: the original folder holds the config and tokenizer, the
 fused folder the same plus moeprep's prepared config and manifest with the routing contract, exactly as
 ``moeprep convert --fuse-shared-experts`` writes them; every router gate is then redrawn from N(0,1) with its
@@ -128,6 +128,28 @@ def spread_routing(worker: Any, seed: int) -> int:
 GRAPH_TOKEN_SETS = 8  # token sets a decode graph is replayed on, the same for every model
 
 
+def full_decode_graph(runner: Any, batch: int) -> tuple[Any, Any]:
+    """The full CUDA graph of a ``batch``-request decode step in vLLM's model runner, and the input-id buffer it
+    reads: model runner v2 (vLLM 0.34: ``cudagraph_manager.graphs`` by ``BatchExecutionDescriptor``) or the
+    v1 runner (vLLM 0.26: the model's ``concrete_cudagraph_entries`` by ``BatchDescriptor``)."""
+    manager = getattr(runner, "cudagraph_manager", None)
+    if manager is not None and hasattr(manager, "graphs"):
+        found = {
+            desc: graph
+            for desc, graph in manager.graphs.items()
+            if desc.num_tokens == batch and desc.cg_mode.name == "FULL" and not desc.num_active_loras
+        }
+        decode = {desc: graph for desc, graph in found.items() if desc.uniform_token_count == 1}
+        graphs, input_ids = list((decode or found).values()), runner.input_buffers.input_ids
+    else:
+        entries = getattr(runner.model, "concrete_cudagraph_entries", {})
+        graphs = [e.cudagraph for d, e in entries.items() if d.num_tokens == batch and d.uniform and e.cudagraph]
+        input_ids = runner.input_ids.gpu
+    if len(graphs) != 1:
+        raise RuntimeError(f"expected one full decode CUDA graph for batch {batch}, found {len(graphs)}")
+    return graphs[0], input_ids
+
+
 def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
     """Runs in vLLM's worker: milliseconds per replay of the full CUDA graph of a ``batch``-request decode step
     (the model's forward alone, queued back to back: GPU time, none of the host's scheduling or sampling). The
@@ -137,10 +159,7 @@ def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
     import torch
 
     runner = worker.model_runner
-    entries = getattr(runner.model, "concrete_cudagraph_entries", {})
-    graphs = [e.cudagraph for d, e in entries.items() if d.num_tokens == batch and d.uniform and e.cudagraph]
-    if len(graphs) != 1:
-        raise RuntimeError(f"expected one full decode CUDA graph for batch {batch}, found {len(graphs)}")
+    graph, input_ids = full_decode_graph(runner, batch)
     vocab = runner.model_config.get_vocab_size()
     token_sets = [
         torch.randperm(vocab - 8, generator=torch.Generator().manual_seed(1000 * batch + index))[:batch] + 8
@@ -148,13 +167,13 @@ def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
     ]
     elapsed_ms = 0.0
     for tokens in token_sets:
-        runner.input_ids.gpu[:batch].copy_(tokens)
+        input_ids[:batch].copy_(tokens)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(5):
-            graphs[0].replay()
+            graph.replay()
         start.record()
         for _ in range(replays // GRAPH_TOKEN_SETS):
-            graphs[0].replay()
+            graph.replay()
         end.record()
         end.synchronize()
         elapsed_ms += start.elapsed_time(end)
@@ -340,14 +359,21 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name in turn_order(names, round_index):
                 runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
+            if round_index + 1 < args.rounds:
+                write_results(args, runs)  # the rounds done so far survive a run cut short
+    print_rows(args, write_results(args, runs), runs)
+
+
+def write_results(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[dict]:
+    """Summarize ``runs`` per batch size (rows) and, with ``--out``, write them with every round's results."""
     rows = [summarize(batch, runs) for batch in map(str, args.batches)]
-    print_rows(args, rows, runs)
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
         summary |= {"quantization": args.quantization, "rounds": args.rounds, "one_process": args.one_process}
-        summary["dummy_routing"] = args.dummy_routing
+        summary |= {"rounds_done": len(next(iter(runs.values()))), "dummy_routing": args.dummy_routing}
         summary["runs"] = runs
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    return rows
 
 
 def print_rows(args: argparse.Namespace, rows: list[dict], runs: dict[str, list[dict]]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeprep.errors import UnsupportedModelError
+from moeprep.errors import UnsupportedModelError, option
 from moeprep.schema.vllm_versions import installed_vllm
 
 AUTO = "auto"
@@ -59,11 +59,13 @@ def serving_target(arch: str | None, target_gpu: str | None) -> ServingTarget:
         key = target_gpu.lower().replace("-", "").replace(" ", "")
         if key not in GPU_ARCHES:
             raise UnsupportedModelError(
-                f"--target-gpu {target_gpu!r} is not known; choose one of: {', '.join(GPU_ARCHES)}"
+                f"{option('target_gpu', target_gpu)} is not known; choose one of: {', '.join(GPU_ARCHES)}"
             )
-        return ServingTarget("cuda", GPU_ARCHES[key], False, f"{target_gpu} ({GPU_ARCHES[key]}, --target-gpu)")
+        return ServingTarget(
+            "cuda", GPU_ARCHES[key], False, f"{target_gpu} ({GPU_ARCHES[key]}, {option('target_gpu')})"
+        )
     if arch is not None:
-        return ServingTarget("cuda", arch, False, f"{arch} (--arch)")
+        return ServingTarget("cuda", arch, False, f"{arch} ({option('arch')})")
     import torch
 
     if torch.cuda.is_available():
@@ -76,8 +78,8 @@ def serving_target(arch: str | None, target_gpu: str | None) -> ServingTarget:
         cpu = f"this machine's CPU with vLLM CPU {installed[0]}, {'with' if amx else 'without'} AMX"
         return ServingTarget("cpu", None, amx, cpu)
     raise UnsupportedModelError(
-        "--backend auto needs to know where the folder will be served: pass --target-gpu "
-        f"({', '.join(GPU_ARCHES)}) or --arch, or run on that machine; or pick --backend yourself"
+        f"{option('backend', 'auto')} needs to know where the folder will be served: pass {option('target_gpu')} "
+        f"({', '.join(GPU_ARCHES)}) or {option('arch')}, or run on that machine; or pick {option('backend')} yourself"
     )
 
 

@@ -19,7 +19,7 @@ from moeprep.checkpoint.source import (
     open_source,
 )
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
-from moeprep.errors import UnsupportedModelError
+from moeprep.errors import UnsupportedModelError, option
 from moeprep.jobs import TensorJob
 from moeprep.modelcard import render_model_card
 from moeprep.plan import Plan, PlanOptions, build_plan
@@ -96,7 +96,7 @@ def write_loras(adapters: Sequence[Path], source: CheckpointSource, plan: Plan, 
 
     names = [Path(a).name for a in adapters]
     if len(set(names)) != len(names):
-        raise UnsupportedModelError(f"--lora adapters need distinct folder names; got {', '.join(names)}")
+        raise UnsupportedModelError(f"{option('loras')} adapters need distinct folder names; got {', '.join(names)}")
     if not adapters:
         return []
     base = BaseExperts.from_parts(source.config, plan.target, source.location, None)
@@ -115,11 +115,13 @@ def load_plan(
     """The source and the plan for it (``headers_only``: a Hub source's shards are not downloaded, for dry runs).
     A Hub source is planned from its shard headers first, so a bad option or model fails before any download."""
     options = options or PlanOptions()
+    snapshot = None
     if is_hub_source(src) and not headers_only:
         headers = open_source(src, revision, headers_only=True)
         build_plan(headers, backend, options)
         revision = headers.revision or revision  # the commit the headers were read at
-    source = open_source(src, revision, headers_only)
+        snapshot = headers.hub_snapshot
+    source = open_source(src, revision, headers_only, snapshot)
     return source, build_plan(source, backend, options)
 
 

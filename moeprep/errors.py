@@ -5,6 +5,13 @@ The CLI turns every MoeprepError into a one-line message and its ``exit_code``; 
 from typing import ClassVar
 
 
+def option(name: str, value: object = None) -> str:
+    """An option of moeprep's Python API (``load_plan``/``PlanOptions``/``convert`` argument) named in a message:
+    ``option("tp_size", 3)`` is "`tp_size=3`", the keyword argument a caller passes, ``option("arch")`` "`arch`".
+    Messages name options only so; the CLI shows each as its flag (``--tp 3``, ``--arch``)."""
+    return f"`{name}`" if value is None else f"`{name}={value!r}`"
+
+
 class MoeprepError(Exception):
     """Base class: a problem the user can fix; the message names the file or tensor and the fix."""
 

@@ -18,7 +18,7 @@ from moeprep import rank_shards, shared_experts
 from moeprep.auto_backend import AUTO, BackendChoice, choose_mxfp4, serving_target
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
-from moeprep.errors import CheckpointError, UnsupportedModelError
+from moeprep.errors import CheckpointError, UnsupportedModelError, option
 from moeprep.families import Family, MoeSpec, family_for_config
 from moeprep.families.config_view import config_view
 from moeprep.jobs import TensorJob, dim0_chunks, passthrough_job
@@ -175,9 +175,9 @@ def _mxfp4_jobs(
         )
         if not 0 < dims.intermediate <= dims.intermediate_padded:
             raise UnsupportedModelError(
-                f"--tp {tp_size}: rank {part.rank} would get {dims.intermediate} of the experts' {inter} intermediate "
-                f"columns, and vLLM's per-partition parameters hold {dims.intermediate_padded} with "
-                f"{backend.name} padding; use another --tp"
+                f"{option('tp_size', tp_size)}: rank {part.rank} would get {dims.intermediate} of the experts' "
+                f"{inter} intermediate columns, and vLLM's per-partition parameters hold {dims.intermediate_padded} "
+                f"with {backend.name} padding; use another {option('tp_size')}"
             )
         for layer in moe.moe_layers:
             source_prefix = f"{decoder_mlp(layer)}.experts"
@@ -211,9 +211,11 @@ def transform_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise UnsupportedModelError(f"--device {device!r} is not a torch device (use cpu or cuda)") from exc
+        raise UnsupportedModelError(f"{option('device', device)} is not a torch device (use cpu or cuda)") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedModelError("--device cuda was given but no CUDA GPU is available; use --device cpu")
+        raise UnsupportedModelError(
+            f"{option('device', 'cuda')} was given but no CUDA GPU is available; use {option('device', 'cpu')}"
+        )
     return resolved
 
 
@@ -231,7 +233,9 @@ def backend_target(
         return Target(backend, PASSTHROUGH, 1, list(PASSTHROUGH_VERIFIED_VLLM))
     arch = arch or layout.arches[0]
     if arch not in layout.arches:
-        raise UnsupportedModelError(f"backend {backend} supports --arch {', '.join(layout.arches)}, not {arch!r}")
+        raise UnsupportedModelError(
+            f"backend {backend} supports {option('arch')} {', '.join(layout.arches)}, not {arch!r}"
+        )
     version = target_version(layout.platform, vllm_version)
     ranges, padding = layout.recipe_span(arch, version)
     return Target(
@@ -313,7 +317,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     if backend in MXFP4_BACKENDS and moe.expert_format != "mxfp4":
         raise UnsupportedModelError(
             f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
-            "use --backend none"
+            f"use {option('backend', 'none')}"
         )
     layout = mxfp4_layout(backend, moe.expert_format)
     target = backend_target(backend, options.arch, layout, options.vllm_version)
@@ -323,11 +327,14 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
     cast: dict[str, str] = {}
     if options.ep_size > 1 and options.ep_size % options.tp_size:
         raise UnsupportedModelError(
-            f"--ep {options.ep_size} with --tp {options.tp_size}: vLLM's expert-parallel group is TP x DP ranks, "
+            f"{option('ep_size', options.ep_size)} with {option('tp_size', options.tp_size)}: vLLM's expert-parallel "
+            "group is TP x DP ranks, "
             "a multiple of the TP size"
         )
     if options.ep_size > moe.num_experts:
-        raise UnsupportedModelError(f"--ep {options.ep_size}: the model has only {moe.num_experts} experts")
+        raise UnsupportedModelError(
+            f"{option('ep_size', options.ep_size)}: the model has only {moe.num_experts} experts"
+        )
     if layout is not None:
         device = transform_device(options.device)
         jobs, consumed, cast = _mxfp4_jobs(

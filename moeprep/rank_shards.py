@@ -19,7 +19,7 @@ import torch
 
 from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
-from moeprep.errors import UnsupportedModelError
+from moeprep.errors import UnsupportedModelError, option
 from moeprep.families import MoeSpec, fp8_block
 from moeprep.jobs import TensorJob, dim0_chunks, padded_chunk, read_chunk
 from moeprep.schema.names import SCALE_SUFFIX, ExpertTensor, parse_expert_tensor
@@ -62,9 +62,10 @@ class SpreadSlotPlacement:
     def checked(cls, routed: int, slots: int, replicas: int, ep_size: int) -> SpreadSlotPlacement:
         if routed % ep_size or replicas % ep_size:
             raise UnsupportedModelError(
-                f"--ep {ep_size} with --fuse-shared-experts={replicas}: each rank holds replicas/{ep_size} replicas "
+                f"{option('ep_size', ep_size)} with {option('fuse_shared_replicas', replicas)}: each rank holds "
+                f"replicas/{ep_size} replicas "
                 f"of every slot and {routed}/{ep_size} routed experts; use a replica count that is a multiple of "
-                f"{ep_size} (and an --ep that divides {routed})"
+                f"{ep_size} (and an {option('ep_size')} that divides {routed})"
             )
         return cls(routed, slots, replicas, ep_size)
 
@@ -105,20 +106,20 @@ class SpreadSlotPlacement:
 def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int) -> tuple[list[TensorJob], set[str]]:
     """Every rank's expert tensors (TP slices, or whole experts under EP), and the source tensors they replace.
     Block-fp8 experts (DeepSeek-V3 FP8) bring their ``weight_scale_inv`` along, sliced by whole blocks."""
-    option = f"--ep {ep_size}" if ep_size > 1 else f"--tp {tp_size}"
+    named = option("ep_size", ep_size) if ep_size > 1 else option("tp_size", tp_size)
     if moe.expert_format != "per-expert":
         raise UnsupportedModelError(
-            f"{option}: {moe.expert_format} experts are not split per rank yet (per-expert only)"
+            f"{named}: {moe.expert_format} experts are not split per rank yet (per-expert only)"
         )
     if ep_size == 1 and moe.expert_intermediate % tp_size:
         raise UnsupportedModelError(
-            f"--tp {tp_size}: the experts' intermediate size {moe.expert_intermediate} does not split into "
-            f"{tp_size} equal parts (vLLM needs it to)"
+            f"{option('tp_size', tp_size)}: the experts' intermediate size {moe.expert_intermediate} does not "
+            f"split into {tp_size} equal parts (vLLM needs it to)"
         )
     layers = set(moe.moe_layers)
     names = [n for n in source.tensor_names if (t := decoder_expert_tensor(n)) and t.decoder_layer in layers]
     if not names:
-        raise UnsupportedModelError(f"{option}: no mlp.experts.{{e}}.{{gate,up,down}}_proj weights found to split")
+        raise UnsupportedModelError(f"{named}: no mlp.experts.{{e}}.{{gate,up,down}}_proj weights found to split")
     owner = {e: r for r in range(ep_size) for e in linear_placement(moe.num_experts, ep_size, r)}
     block = fp8_block.block_size(source.config)
     jobs = []
@@ -126,14 +127,14 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
         dtype, shape = source.tensor_meta(name)
         if dtype not in (*FLOAT_DTYPES, "F8_E4M3"):  # block-fp8 weights; their scales are F32
             raise UnsupportedModelError(
-                f"{option}: {name} is {dtype}; per-rank expert shards are written for float and block-fp8 experts"
+                f"{named}: {name} is {dtype}; per-rank expert shards are written for float and block-fp8 experts"
             )
         if ep_size > 1:
             expert = decoder_expert_tensor(name).expert  # type: ignore[union-attr]
             run = partial(dim0_chunks, name=name)
             jobs.append(TensorJob(TensorEntry(name, dtype, shape), (name,), RECIPE_EP, run, rank=owner[expert]))
             continue
-        dim, width = tensor_parallel_cut(name, shape, moe.expert_intermediate // tp_size, block, option)
+        dim, width = tensor_parallel_cut(name, shape, moe.expert_intermediate // tp_size, block, named)
         out_shape = (shape[0], width) if dim else (width, shape[1])
         for rank in range(tp_size):
             run = partial(read_chunk, name=name, index=rank, width=width, dim=dim)
@@ -142,7 +143,7 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
 
 
 def tensor_parallel_cut(
-    name: str, shape: tuple[int, ...], width: int, block: tuple[int, int] | None, option: str
+    name: str, shape: tuple[int, ...], width: int, block: tuple[int, int] | None, named: str
 ) -> tuple[int, int]:
     """(dim, width per rank) of an expert tensor under TP: gate/up rows, down columns, ``width`` intermediate
     entries each; a block-fp8 scale by whole blocks, so a rank's share must be a multiple of the block (vLLM
@@ -153,8 +154,8 @@ def tensor_parallel_cut(
         return dim, width
     if width % block[dim]:
         raise UnsupportedModelError(
-            f"{option}: each rank's {width} intermediate columns are not whole fp8 blocks of {block[dim]} "
-            "(vLLM needs them to be); use another --tp"
+            f"{named}: each rank's {width} intermediate columns are not whole fp8 blocks of {block[dim]} "
+            f"(vLLM needs them to be); use another {option('tp_size')}"
         )
     return dim, width // block[dim] if kind == SCALE_SUFFIX else width
 
@@ -168,7 +169,9 @@ def tensor_parallel_slices(job: TensorJob, tp_size: int) -> list[TensorJob]:
     shape = job.entry.shape
     dim = 1 if ".down_proj." in name else 0  # a block-fp8 slot's scale splits with its weight, in blocks
     if shape[dim] % tp_size:
-        raise UnsupportedModelError(f"--tp {tp_size}: {name} {list(shape)} does not split into {tp_size} equal parts")
+        raise UnsupportedModelError(
+            f"{option('tp_size', tp_size)}: {name} {list(shape)} does not split into {tp_size} equal parts"
+        )
     width = shape[dim] // tp_size
     out_shape = (shape[0], width) if dim else (width, shape[1])
     recipe = f"{job.recipe}+{RECIPE_TP}"

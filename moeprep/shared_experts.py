@@ -24,12 +24,13 @@ import torch
 
 from moeprep.checkpoint.safetensors_io import DTYPES, FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
-from moeprep.errors import UnsupportedModelError
+from moeprep.errors import UnsupportedModelError, option
 from moeprep.families import Family, MoeSpec, fp8_block
 from moeprep.jobs import TensorJob, dim0_chunks, padded_chunk, read_chunk
 from moeprep.schema.names import PROJECTIONS, decoder_mlp, expert_tensor_name
 from moeprep.schema.routing import FusedSharedExperts
 
+FUSE, REQUANTIZE = option("fuse_shared_replicas"), option("requantize_shared")  # as messages name them
 RECIPE_SLOT = "shared-expert-slot"
 RECIPE_REQUANTIZED = "shared-expert-slot-requantized"
 RECIPE_ROUTER = "router+shared-expert-gate"
@@ -76,14 +77,14 @@ def routing_contract(
 
 def check_fusable(family: Family, moe: MoeSpec, replicas: int) -> None:
     if replicas < 1:
-        raise UnsupportedModelError(f"--fuse-shared-experts takes a replica count >= 1, not {replicas}")
+        raise UnsupportedModelError(f"{FUSE} takes a replica count >= 1, not {replicas}")
     if family.shared_expert_fusion_blocker:
-        raise UnsupportedModelError(f"--fuse-shared-experts: {family.shared_expert_fusion_blocker}")
+        raise UnsupportedModelError(f"{FUSE}: {family.shared_expert_fusion_blocker}")
     if not family.shared_expert_module or not moe.shared_intermediate:
-        raise UnsupportedModelError(f"--fuse-shared-experts: this {family.name} model has no shared experts")
+        raise UnsupportedModelError(f"{FUSE}: this {family.name} model has no shared experts")
     if moe.expert_format not in ("per-expert", "fused-3d"):
         raise UnsupportedModelError(
-            f"--fuse-shared-experts: {family.name} experts are {moe.expert_format}; slots are cloned for per-expert "
+            f"{FUSE}: {family.name} experts are {moe.expert_format}; slots are cloned for per-expert "
             "and 3-D float experts only"
         )
 
@@ -122,9 +123,9 @@ def slot_jobs(
                 requantized = converter.describe()
             else:
                 raise UnsupportedModelError(
-                    f"--fuse-shared-experts: {prefix} is [{_describe(shared)}] but the routed experts are "
+                    f"{FUSE}: {prefix} is [{_describe(shared)}] but the routed experts are "
                     f"[{_describe(routed)}]; mixed formats cannot share one MoE kernel: add "
-                    "--requantize-shared-experts to bring the slots to the routed experts' format"
+                    f"{REQUANTIZE} to bring the slots to the routed experts' format"
                 )
             consumed |= {f"{prefix}.{suffix}" for suffix in shared}
         if family.shared_expert_gate_module:
@@ -184,7 +185,7 @@ class SlotConverter:
         is_float = [set(f) == {"weight"} and f["weight"] in FLOAT_DTYPES for f in formats]
         if block is None or not ((is_float[0] and formats[1] == fp8) or (formats[0] == fp8 and is_float[1])):
             raise UnsupportedModelError(
-                f"--requantize-shared-experts: {prefix} is [{_describe(shared)}], the routed experts are "
+                f"{REQUANTIZE}: {prefix} is [{_describe(shared)}], the routed experts are "
                 f"[{_describe(routed)}]; moeprep requantizes between float and block-fp8 experts only"
             )
         return cls(prefix, shared, routed, block)
@@ -228,7 +229,7 @@ def _check_paddable(src: str, shape: tuple[int, ...], out_shape: tuple[int, ...]
     other = 1 if dim == 0 else 0
     if len(shape) != 2 or shape[other] != out_shape[other] or shape[dim] > slots * out_shape[dim]:
         raise UnsupportedModelError(
-            f"--fuse-shared-experts: {src} is {list(shape)}; it does not fit {slots} slots of {list(out_shape)}"
+            f"{FUSE}: {src} is {list(shape)}; it does not fit {slots} slots of {list(out_shape)}"
         )
 
 
@@ -238,7 +239,7 @@ def _check_exact_split(src: str, shape: tuple[int, ...], out_shape: tuple[int, .
     expected[dim] *= slots
     if list(shape) != expected:
         raise UnsupportedModelError(
-            f"--fuse-shared-experts: {src} is {list(shape)}; slots of the routed shape {list(out_shape)} need "
+            f"{FUSE}: {src} is {list(shape)}; slots of the routed shape {list(out_shape)} need "
             f"exactly {expected} (quantized shared experts are split, not padded)"
         )
 
@@ -256,7 +257,7 @@ def _experts_3d_jobs(
             name = f"{block}.experts.{proj}"
             if name not in source.tensor_names:
                 raise UnsupportedModelError(
-                    f"--fuse-shared-experts: {name} not found; slots are cloned for text-only {family.name} "
+                    f"{FUSE}: {name} not found; slots are cloned for text-only {family.name} "
                     "checkpoints (model.layers.N...)"
                 )
             dtype, shape = source.tensor_meta(name)
@@ -265,8 +266,7 @@ def _experts_3d_jobs(
                 src_dtype, src_shape = source.tensor_meta(src)
                 if src_dtype != dtype or dtype not in FLOAT_DTYPES:
                     raise UnsupportedModelError(
-                        f"--fuse-shared-experts: {src} is {src_dtype}, {name} {dtype}; 3-D experts take slots of "
-                        "the same float dtype"
+                        f"{FUSE}: {src} is {src_dtype}, {name} {dtype}; 3-D experts take slots of the same float dtype"
                     )
                 _check_paddable(src, src_shape, (width, shape[1]) if dim == 0 else (shape[2], width), slots, dim)
             entry = TensorEntry(name, dtype, (shape[0] + slots * replicas, *shape[1:]))
@@ -295,7 +295,7 @@ def _router_job(source: CheckpointSource, mlp: str, gate_module: str) -> TensorJ
     router, gate = f"{mlp}.gate.weight", f"{mlp}.{gate_module}.weight"
     dtype, shape = source.tensor_meta(router)
     if source.tensor_meta(gate)[0] != dtype:
-        raise UnsupportedModelError(f"--fuse-shared-experts: {gate} is {source.tensor_meta(gate)[0]}, {router} {dtype}")
+        raise UnsupportedModelError(f"{FUSE}: {gate} is {source.tensor_meta(gate)[0]}, {router} {dtype}")
 
     def run(src: CheckpointSource) -> torch.Tensor:
         weight = src.read(router)

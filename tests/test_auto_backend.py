@@ -64,10 +64,24 @@ def test_unknown_gpu_and_unknown_machine_are_one_line(monkeypatch: pytest.Monkey
     result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", "--target-gpu", "x9000")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "h100" in result.stderr and not (tmp_path / "out").exists()
+    assert "--target-gpu x9000 is not known" in result.stderr  # the library names options, the CLI adds flags
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(auto_backend, "installed_vllm", lambda: None)
-    with pytest.raises(UnsupportedModelError, match="--target-gpu"):
+    with pytest.raises(UnsupportedModelError, match="pass `target_gpu` .* or `arch`") as refused:
         serving_target(None, None)
+    assert "--" not in str(refused.value)
+
+
+def test_library_messages_name_options_and_the_cli_writes_them_as_flags() -> None:
+    from moeprep.cli.app import as_flags
+    from moeprep.errors import option
+
+    message = f"{option('tp_size', 3)} with {option('fuse_shared_replicas', 2)}; pass {option('overwrite', True)}"
+    assert message == "`tp_size=3` with `fuse_shared_replicas=2`; pass `overwrite=True`"
+    assert as_flags(message) == "--tp 3 with --fuse-shared-experts=2; pass --overwrite"
+    assert as_flags(f"use {option('backend', 'none')} or {option('arch')}; `unknown`") == (
+        "use --backend none or --arch; `unknown`"
+    )
 
 
 def test_choices_per_target() -> None:

@@ -99,6 +99,19 @@ def test_convert_from_repo_downloads_only_needed_files_at_the_pinned_revision(
     assert metadata["base_model"] == REPO and metadata["base_model_relation"] == "quantized"
 
 
+def test_convert_lists_the_repo_once_and_touches_only_what_it_fetches(hub: HubServer, tmp_path: Path) -> None:
+    """The headers pass and the download share one listing: the repo is listed once (its info at the
+    revision) plus once by the download at the pinned commit, and no request touches a file left out."""
+    result = moeprep(hub, tmp_path / "home", "convert", REPO, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert len(hub.state.requests("GET", f"/api/models/{REPO}/revision/")) == 1
+    assert len(hub.state.requests("GET", f"/api/models/{REPO}/tree/")) <= 1
+    touched = {
+        p.split("/resolve/", 1)[1].split("/", 1)[1] for m in ("HEAD", "GET") for p in hub.state.requests(m, "/resolve/")
+    }
+    assert not touched & {"pytorch_model.bin", "original/consolidated.safetensors"}, touched
+
+
 def test_branch_revision_records_the_commit_it_resolved_to(hub: HubServer, tmp_path: Path) -> None:
     result = moeprep(hub, tmp_path / "home", "convert", REPO, tmp_path / "out", "--revision", "main")
     assert result.returncode == 0, result.stderr

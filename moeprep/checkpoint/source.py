@@ -26,7 +26,7 @@ from moeprep.checkpoint.safetensors_io import (
     read_header,
     read_tensor,
 )
-from moeprep.errors import CheckpointError
+from moeprep.errors import CheckpointError, option
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -83,6 +83,15 @@ def carried_name(name: str) -> str:
     return SOURCE_README if name == "README.md" else name
 
 
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A Hub repo at one commit: what it holds, listed once per conversion."""
+
+    repo_id: str
+    commit: str
+    files: tuple[str, ...]
+
+
 @dataclass
 class CheckpointSource:
     """A model folder: its config, aux files and a lazily read tensor table."""
@@ -95,6 +104,7 @@ class CheckpointSource:
     weight_files: list[str]
     aux_files: list[str]  # every non-weight file, carried (``carried_files``)
     left_out_folders: list[str] = field(default_factory=list)
+    hub_snapshot: HubSnapshot | None = None  # a Hub source's repo listing at its commit
     _safetensors: dict[str, tuple[SafetensorsFile, TensorInfo]] = field(default_factory=dict, repr=False)
     _bin_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _file_hashes: BackgroundFileHashes | None = field(default=None, repr=False)
@@ -283,50 +293,63 @@ def looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
 
 
-def hub_listing(src: str, revision: str | None) -> tuple[str, list[str]] | None:
-    """(commit, every file of the repo at ``revision``), or None in offline mode."""
-    from huggingface_hub import constants, snapshot_download
+def hub_snapshot(src: str, revision: str | None) -> HubSnapshot | None:
+    """The commit ``revision`` names and every file of the repo there (one request), or None in offline mode."""
+    from huggingface_hub import HfApi, constants
 
     if constants.is_offline_mode():
         return None
-    files = snapshot_download(src, revision=revision, dry_run=True)
-    if not files:
+    info = HfApi().model_info(src, revision=revision or constants.DEFAULT_REVISION)
+    files = tuple(sibling.rfilename for sibling in info.siblings or ())
+    if not files or not info.sha:
         raise CheckpointError(f"the Hub repo {src}@{revision or 'main'} holds no files")
-    return files[0].commit_hash, [file.filename for file in files]
+    return HubSnapshot(src, info.sha, files)
 
 
-def download(src: str, revision: str | None) -> Path:
-    """A Hub repo's snapshot with every carried file (``carried_files``), the config and the safetensors weights
-    the index names (or ``model.safetensors``): other copies of the weights are never fetched. Offline: the
-    cached snapshot."""
-    from huggingface_hub import snapshot_download
+def hub_config(snapshot: HubSnapshot, revision: str | None) -> Path:
+    """The folder of the cached snapshot holding the repo's ``config.json`` at the snapshot's commit. Fetched
+    through ``revision`` (not the commit), so the cache records where the branch points for offline runs."""
+    from huggingface_hub import constants, hf_hub_download
 
-    listing = hub_listing(src, revision)
-    if listing is None:  # the cached snapshot holds what an online run fetched
-        return Path(snapshot_download(src, revision=revision, allow_patterns=["config.json"]))
-    commit, names = listing
-    index = [SAFE_INDEX] if SAFE_INDEX in names else []
-    folder = Path(
-        snapshot_download(src, revision=commit, allow_patterns=["config.json", *carried_files(names)[0], *index])
-    )
-    shards = sorted(set(_weight_map(folder, SAFE_INDEX).values())) if index else [SAFE_SINGLE]
-    snapshot_download(src, revision=commit, allow_patterns=shards)
+    branch = revision or constants.DEFAULT_REVISION
+    folder = Path(hf_hub_download(snapshot.repo_id, "config.json", revision=branch)).parent
+    if folder.name != snapshot.commit:
+        raise CheckpointError(
+            f"{snapshot.repo_id}@{branch} moved from {snapshot.commit[:12]} to {folder.name[:12]} while moeprep "
+            "read it; run again, or pin a commit as the revision"
+        )
     return folder
 
 
-def hub_headers(src: str, revision: str | None) -> CheckpointSource:
+def download(src: str, revision: str | None, snapshot: HubSnapshot | None) -> Path:
+    """A Hub repo's snapshot with every carried file (``carried_files``), the config and the safetensors weights
+    the index names (or ``model.safetensors``): other copies of the weights are never fetched. ``snapshot``: the
+    repo's listing at the commit to download (None: offline, the cached snapshot of ``revision``)."""
+    from huggingface_hub import snapshot_download
+
+    if snapshot is None:  # the cached snapshot holds what an online run fetched
+        return Path(snapshot_download(src, revision=revision, allow_patterns=["config.json"]))
+    folder = hub_config(snapshot, revision)
+    index = [SAFE_INDEX] if SAFE_INDEX in snapshot.files else []
+    carried = carried_files(list(snapshot.files))[0]
+    snapshot_download(src, revision=snapshot.commit, allow_patterns=[*carried, *index])
+    shards = sorted(set(_weight_map(folder, SAFE_INDEX).values())) if index else [SAFE_SINGLE]
+    snapshot_download(src, revision=snapshot.commit, allow_patterns=shards)
+    return folder
+
+
+def hub_headers(src: str, revision: str | None, snapshot: HubSnapshot | None) -> CheckpointSource:
     """A Hub repo's config and the headers of its safetensors shards, read by range requests (no shard is
     downloaded): enough to plan a conversion, not to run it. Offline: the cached snapshot."""
-    from huggingface_hub import get_safetensors_metadata, snapshot_download
+    from huggingface_hub import get_safetensors_metadata
 
-    listing = hub_listing(src, revision)
-    if listing is None:
-        return open_local(download(src, revision), "hub", src, None)
-    commit, names = listing
-    folder = Path(snapshot_download(src, revision=commit, allow_patterns=["config.json"]))
-    source = open_config(folder, "hub", src, commit)
-    source.aux_files, source.left_out_folders = carried_files(names)
-    metadata = get_safetensors_metadata(src, revision=commit)
+    if snapshot is None:
+        return open_local(download(src, revision, None), "hub", src, None)
+    folder = hub_config(snapshot, revision)
+    source = open_config(folder, "hub", src, snapshot.commit)
+    source.aux_files, source.left_out_folders = carried_files(list(snapshot.files))
+    source.hub_snapshot = snapshot
+    metadata = get_safetensors_metadata(src, revision=snapshot.commit)
     for file, header in sorted(metadata.files_metadata.items()):
         infos = {
             name: TensorInfo(name, info.dtype, tuple(info.shape), *info.data_offsets)
@@ -342,17 +365,21 @@ def is_hub_source(src: str) -> bool:
     return not Path(src).exists() and looks_like_repo_id(src)
 
 
-def open_source(src: str, revision: str | None = None, headers_only: bool = False) -> CheckpointSource:
+def open_source(
+    src: str, revision: str | None = None, headers_only: bool = False, snapshot: HubSnapshot | None = None
+) -> CheckpointSource:
     """A local folder, or a Hub repo id (``org/name``): downloaded by ``download``, or with ``headers_only``
-    only its config and shard headers (``hub_headers``, for dry runs)."""
+    only its config and shard headers (``hub_headers``, for dry runs). ``snapshot``: the repo's listing when an
+    earlier pass has it (``CheckpointSource.hub_snapshot``), so the repo is listed once."""
     if not is_hub_source(src):
         if revision:
-            raise CheckpointError(f"--revision applies to Hub repo ids, not to the local folder {src}")
+            raise CheckpointError(f"{option('revision')} applies to Hub repo ids, not to the local folder {src}")
         return open_local(Path(src))
     try:
+        snapshot = snapshot or hub_snapshot(src, revision)
         if headers_only:
-            return hub_headers(src, revision)
-        folder = download(src, revision)
+            return hub_headers(src, revision, snapshot)
+        folder = download(src, revision, snapshot)
     except hub_errors() as exc:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise CheckpointError(

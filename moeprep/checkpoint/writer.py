@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from moeprep.checkpoint.safetensors_io import TensorEntry, TensorProducer, WrittenFile, write_safetensors
-from moeprep.errors import OutputError
+from moeprep.errors import OutputError, option
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -32,7 +32,7 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         if self.dest.exists() and not self.overwrite:
-            raise OutputError(f"{self.dest} already exists; choose another output or pass --overwrite")
+            raise OutputError(f"{self.dest} already exists; choose another output or pass {option('overwrite', True)}")
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             if self.tmp.exists():

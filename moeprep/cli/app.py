@@ -59,6 +59,37 @@ class Arch(str, Enum):
 
 
 FUSE_SHARED = "--fuse-shared-experts"
+# The flag of each option of the Python API that library messages name (``errors.option``).
+CLI_FLAGS = {
+    "backend": "--backend",
+    "arch": "--arch",
+    "target_gpu": "--target-gpu",
+    "device": "--device",
+    "vllm_version": "--vllm-version",
+    "revision": "--revision",
+    "overwrite": "--overwrite",
+    "loras": "--lora",
+    "fuse_shared_replicas": FUSE_SHARED,
+    "requantize_shared": "--requantize-shared-experts",
+    "tp_size": "--tp",
+    "ep_size": "--ep",
+}
+OPTION_REFERENCE = re.compile(r"`(\w+)(?:=([^`]*))?`")
+
+
+def as_flags(text: str) -> str:
+    """``text`` with the options it names as keyword arguments ("`tp_size=3`") written as flags (``--tp 3``)."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        if name not in CLI_FLAGS:
+            return match.group(0)
+        if value is None or value == "True":
+            return CLI_FLAGS[name]
+        value = value.strip("'\"")
+        return f"{FUSE_SHARED}={value}" if name == "fuse_shared_replicas" else f"{CLI_FLAGS[name]} {value}"
+
+    return OPTION_REFERENCE.sub(flag, text)
 
 
 class OptionalReplicasCommand(TyperCommand):
@@ -104,7 +135,7 @@ def user_errors(action: str) -> Iterator[None]:
     try:
         yield
     except MoeprepError as exc:
-        sys.stderr.write(f"error: {one_line(exc)}\n")
+        sys.stderr.write(f"error: {as_flags(one_line(exc))}\n")
         raise typer.Exit(exc.exit_code) from None
     except (typer.Exit, typer.Abort, typer.BadParameter):  # exits and usage errors, which click reports
         raise
@@ -279,7 +310,7 @@ def convert(
         source, plan = load_plan(src, backend.value, revision, options, headers_only=dry_run)
         if dry_run:
             if plan.chosen_because and not (as_json or quiet):
-                say(f"backend {plan.target.backend}: {plan.chosen_because}")
+                say(f"backend {plan.target.backend}: {as_flags(plan.chosen_because)}")
             if not quiet:
                 print_plan(plan, as_json)
             return
@@ -291,7 +322,7 @@ def convert(
         report = {
             "dest": str(dest),
             "backend": manifest.target.backend,
-            "chosen_because": plan.chosen_because,
+            "chosen_because": as_flags(plan.chosen_because) if plan.chosen_because else None,
             "tensors": sum(1 for _ in manifest.all_tensor_records()),
             "files": len(manifest.files),
             "serve_command": None if unserved else serve_command(str(dest), plan.target, plan.summary()),

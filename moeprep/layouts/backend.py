@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from moeprep.errors import UnsupportedModelError
+from moeprep.errors import UnsupportedModelError, option
 from moeprep.layouts.mxfp4_experts import Mxfp4ExpertDims, PreparedExpertTensor
 from moeprep.schema.vllm_versions import VersionRange, describe, in_ranges
 
@@ -40,7 +40,7 @@ class LayoutBackend:
                 return [list(other) for other, same in spans if same == padding], padding
         raise UnsupportedModelError(
             f"{self.name} layouts are verified for vLLM {describe([span for span, _ in spans])}, not {vllm_version}; "
-            "pass --vllm-version with one of those (the folder is served by that vLLM)"
+            f"pass {option('vllm_version')} with one of those (the folder is served by that vLLM)"
         )
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from moeprep.checkpoint.writer import AtomicFolder, write_json
+from moeprep.errors import option
 from moeprep.families import Family, family_for_config
 from moeprep.families.config_view import config_view
 from moeprep.layouts.padding import pad_to, round_up
@@ -77,7 +78,7 @@ class BaseExperts:
         if (manifest.routing or {}).get("fused_shared_experts"):
             raise LoraError(
                 f"{prepared} has fused shared-expert slots, which MoE LoRA does not cover yet; split the adapter "
-                "for a folder converted without --fuse-shared-experts"
+                f"for a folder converted without {option('fuse_shared_replicas')}"
             )
         config = json.loads((Path(prepared) / "config.json").read_text(encoding="utf-8"))
         return cls.from_parts(config, manifest.target, manifest.source.location, manifest_sha256(prepared))
@@ -92,7 +93,7 @@ class BaseExperts:
         if target.ep_size != 1:
             raise LoraError(
                 f"the base is prepared for expert parallelism {target.ep_size}, which moeprep does not serve yet; "
-                "split the adapter for a folder converted without --ep"
+                f"split the adapter for a folder converted without {option('ep_size')}"
             )
         hidden, inter = int(config["hidden_size"]), moe.expert_intermediate
         return cls(

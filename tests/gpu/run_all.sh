@@ -6,14 +6,11 @@
 # its memory and a fixed KV cache (MOEPREP_GPU_MEMORY_UTILIZATION, MOEPREP_KV_CACHE_BYTES; see generate.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source "${VLLM_BUNDLE:-.vllm-gpu}/env.sh"
-export OUT="${OUT:-/tmp/moeprep-gpu-out}" PYTHONPATH="$PWD:$PYTHONPATH"
+source tests/gpu/use_bundle.sh
+export OUT="${OUT:-/tmp/moeprep-gpu-out}"
 mkdir -p "$OUT"
 if [[ " $* " =~ \ (-n\ ?|--numprocesses[=\ ])[0-9a-z] ]]; then   # pytest-xdist: several tests at a time
   export MOEPREP_GPU_MEMORY_UTILIZATION="${MOEPREP_GPU_MEMORY_UTILIZATION:-0.08}"
   export MOEPREP_KV_CACHE_BYTES="${MOEPREP_KV_CACHE_BYTES:-1073741824}"
 fi
-SITE="$(python -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
-python tests/gpu/register_plugin.py "$SITE"
-python tests/gpu/bundle_fixups.py "$SITE"   # what the trimmed offline bundles leave out (see the script)
 python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log"
