@@ -24,7 +24,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from moeprep.checkpoint.pipeline import use_huge_page_buffers
-from moeprep.errors import MoeprepError, UnsupportedModelError
+from moeprep.errors import MoeprepError
 
 if TYPE_CHECKING:
     from moeprep.plan import Plan
@@ -372,19 +372,26 @@ def check_convert_options(
     fused: bool = False,
     requantize: bool = False,
 ) -> None:
-    """Options of ``convert`` that need or exclude each other."""
-    if requantize and not fused:
-        raise UnsupportedModelError("--requantize-shared-experts applies to --fuse-shared-experts slots only")
-    if lora and fused:
-        raise UnsupportedModelError(
-            "--lora and --fuse-shared-experts cannot be combined yet: MoE LoRA does not cover shared-expert slots"
-        )
-    if lora and dry_run:
-        raise UnsupportedModelError("--dry-run writes nothing, so no adapter is split: drop --lora")
-    if upload_repo is None and (private or upload_revision):
-        raise UnsupportedModelError("--private and --upload-revision need --upload-repo org/name")
-    if upload_repo is not None and dry_run:
-        raise UnsupportedModelError("--dry-run writes nothing, so there is nothing to upload: drop --upload-repo")
+    """Options of ``convert`` that need or exclude each other: a conflict is a usage error (exit code 2)."""
+    conflicts = [
+        (requantize and not fused, "--requantize-shared-experts", "applies to --fuse-shared-experts slots only"),
+        (
+            lora and fused,
+            "--lora",
+            "cannot be combined with --fuse-shared-experts yet: MoE LoRA does not cover shared-expert slots",
+        ),
+        (lora and dry_run, "--lora", "--dry-run writes nothing, so no adapter is split: drop --lora"),
+        (upload_repo is None and private, "--private", "needs --upload-repo org/name"),
+        (upload_repo is None and bool(upload_revision), "--upload-revision", "needs --upload-repo org/name"),
+        (
+            upload_repo is not None and dry_run,
+            "--upload-repo",
+            "--dry-run writes nothing, so there is nothing to upload: drop --upload-repo",
+        ),
+    ]
+    for conflict, flag, message in conflicts:
+        if conflict:
+            raise typer.BadParameter(message, param_hint=f"'{flag}'")
 
 
 def run_upload(
