@@ -300,18 +300,22 @@ def test_convert_with_upload_repo(two_revisions: tuple[Path, Path], tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "args",
-    [("--dry-run", "--upload-repo", "org/x"), ("--private",), ("--upload-revision", "b")],
+    ("args", "flag"),
+    [
+        (("--dry-run", "--upload-repo", "org/x"), "--upload-repo"),
+        (("--private",), "--private"),
+        (("--upload-revision", "b"), "--upload-revision"),
+    ],
     ids=["dry-run+upload", "private-without-repo", "upload-revision-without-repo"],
 )
 def test_conflicting_upload_options_are_refused(
-    args: tuple[str, ...], two_revisions: tuple[Path, Path], tmp_path: Path
+    args: tuple[str, ...], flag: str, two_revisions: tuple[Path, Path], tmp_path: Path
 ) -> None:
     with HubServer(token=TOKEN) as hub:
         result = moeprep(hub, tmp_path / "home", "convert", two_revisions[0], tmp_path / "out", *args)
         # a usage error, as click reports them: the usage line and "Error: Invalid value for '--flag': why"
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert f"Error: Invalid value for '{args[-2] if len(args) > 1 else args[0]}'" in result.stderr
+        assert f"Error: Invalid value for '{flag}'" in result.stderr
         assert not (tmp_path / "out").exists() and not hub.state.log
 
 
