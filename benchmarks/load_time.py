@@ -21,7 +21,13 @@ Also measured once per run:
   against the original's cold load;
 - ``--budget``: both loaded under a GPU memory cap (``torch.cuda.set_per_process_memory_fraction`` in the engine
   process) that the final weights fit but the original's load-time transient does not (``auto``: halfway between
-  the two peaks measured above): the original is expected to fail, the prepared folder to give its tokens.
+  what the prepared engine needs and what the original's load needs): the original is expected to fail, the
+  prepared folder to give its tokens.
+
+``--sleep-mode`` loads every engine with vLLM's sleep mode (``enable_sleep_mode``: weights in vLLM's cumem pool,
+where vLLM #34877 saw gpt-oss-120b run out of memory) and, after the greedy tokens, puts it to sleep (level 1),
+wakes it and generates again: the free GPU memory while asleep and whether the tokens after waking are the same
+are recorded. ``--start-round`` continues an earlier run's alternation (round 1 loads the other side first).
 """
 
 from __future__ import annotations
@@ -60,9 +66,10 @@ METRICS = (
 )
 
 
-def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float | None) -> None:
+def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float | None, sleep_mode: bool) -> None:
     """Load ``model`` in this process, timing vLLM's post-processing and tracking peak GPU memory; under
-    ``budget_gib`` the process may allocate at most that much GPU memory."""
+    ``budget_gib`` the process may allocate at most that much GPU memory; with ``sleep_mode`` a sleep/wake cycle
+    follows the greedy tokens."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
     from vllm import LLM, SamplingParams
@@ -87,6 +94,8 @@ def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float
         torch.cuda.synchronize()
         facts["load_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         facts["loaded_weights_gib"] = (torch.cuda.memory_allocated() - base) / 2**30
+        facts["load_peak_allocated_abs_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        facts["load_peak_reserved_abs_gib"] = torch.cuda.max_memory_reserved() / 2**30
         return model
 
     base_loader.process_weights_after_loading = timed_post
@@ -95,7 +104,9 @@ def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float
         torch.cuda.set_per_process_memory_fraction(
             budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
         )
-    kwargs = {"moe_backend": moe_backend} if moe_backend else {}
+    kwargs: dict = {"moe_backend": moe_backend} if moe_backend else {}
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
     start = time.perf_counter()
     try:
         llm = LLM(
@@ -111,18 +122,42 @@ def child_load(model: str, out: Path, moe_backend: str | None, budget_gib: float
         out.write_text(json.dumps({**facts, "failed": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}))
         raise SystemExit(3) from error
     facts["engine_ready_s"] = time.perf_counter() - start
+    # what a cap must leave room for: vLLM resets the peak counters when it profiles, so the load's peak is kept apart
+    facts["engine_peak_reserved_gib"] = max(
+        facts["load_peak_reserved_abs_gib"], torch.cuda.max_memory_reserved() / 2**30
+    )
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    tokens = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+    tokens = greedy_tokens(llm, params)
+    if sleep_mode:
+        facts.update(sleep_wake_cycle(llm, params, tokens))
     out.write_text(json.dumps({**facts, "tokens": tokens}))
 
 
-def load_in_subprocess(
-    model: Path, name: str, workdir: Path, moe_backend: str | None, budget_gib: float | None = None
-) -> dict:
+def greedy_tokens(llm, params) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """The greedy tokens of each sample prompt, generated one prompt at a time."""
+    return [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+
+
+def sleep_wake_cycle(llm, params, tokens: list[list[int]]) -> dict:  # type: ignore[no-untyped-def]
+    """Put the engine to sleep (level 1: weights offloaded to CPU, KV cache dropped), wake it, generate again."""
+    import torch
+
+    free_awake = torch.cuda.mem_get_info()[0]
+    llm.sleep(level=1)
+    free_asleep = torch.cuda.mem_get_info()[0]
+    llm.wake_up()
+    return {
+        "freed_by_sleep_gib": (free_asleep - free_awake) / 2**30,
+        "tokens_after_wake_identical": greedy_tokens(llm, params) == tokens,
+    }
+
+
+def load_in_subprocess(model: Path, name: str, args: argparse.Namespace, budget_gib: float | None = None) -> dict:
     """One load in a fresh process: its facts, vLLM's own timings from its log, or ``failed``."""
-    out, log = workdir / f"{name}.json", workdir / f"{name}.log"
+    out, log = args.workdir / f"{name}.json", args.workdir / f"{name}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", str(model), str(out), moe_backend or "-", str(budget_gib or 0)]
+    child = [str(model), str(out), args.moe_backend or "-", str(budget_gib or 0), "1" if args.sleep_mode else "0"]
+    cmd = [sys.executable, __file__, "--child", *child]
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     text = log.read_text()
@@ -172,7 +207,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     files = page_cache.checkpoint_files(prepared)
     facts["prepared_resident_after_convert"] = page_cache.resident_fraction(files)
     facts["checkpoint_gb"] = sum(p.stat().st_size for p in page_cache.checkpoint_files(src)) / 1e9
-    facts["load_after_convert"] = load_in_subprocess(prepared, "prepared-after-convert", args.workdir, args.moe_backend)
+    facts["load_after_convert"] = load_in_subprocess(prepared, "prepared-after-convert", args)
     return src, prepared, facts
 
 
@@ -200,32 +235,47 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merged(paths: list[Path]) -> dict:
+    """The loads of several runs of one setup (e.g. a run and its ``--start-round 1`` continuation) summarized
+    together, in the shape ``table`` reads."""
+    loads: dict[str, dict[str, list[dict]]] = {}
+    for path in paths:
+        for mode, sides in json.loads(path.read_text())["loads"].items():
+            for side, runs in sides.items():
+                loads.setdefault(mode, {}).setdefault(side, []).extend(runs)
+    return {"modes": {mode: {side: summarize(runs) for side, runs in sides.items()} for mode, sides in loads.items()}}
+
+
 def run(args: argparse.Namespace) -> dict:
     src, prepared, facts = prepare(args)
     folders = {"original": src, "prepared": prepared}
     files = {side: page_cache.checkpoint_files(folder) for side, folder in folders.items()}
     loads: dict[str, dict[str, list[dict]]] = {m: {"original": [], "prepared": []} for m in args.modes}
     tokens: dict[str, list] = {}
-    for round_ in range(args.rounds):
+    for round_ in range(args.start_round, args.start_round + args.rounds):
         modes = args.modes if round_ % 2 == 0 else args.modes[::-1]
         for mode in modes:
             first = (round_ + args.modes.index(mode)) % 2 == 0  # each mode alternates which side loads first
             order = ["original", "prepared"] if first else ["prepared", "original"]
             for side in order:
                 state = set_state(files[side], mode)
-                load = load_in_subprocess(folders[side], f"{side}-{mode}-{round_}", args.workdir, args.moe_backend)
+                load = load_in_subprocess(folders[side], f"{side}-{mode}-{round_}", args)
                 if load["exit_code"]:
                     raise SystemExit(f"{side} failed to load: {load.get('failed')}")
                 tokens.setdefault(side, load.pop("tokens"))
                 load.pop("tokens", None)
                 loads[mode][side].append({**load, **state, "round": round_, "position": order.index(side)})
                 print(f"round {round_} {mode} {side}: {json.dumps(loads[mode][side][-1])}", flush=True)
+                if args.out:  # a run cut short keeps the loads it finished
+                    args.out.write_text(json.dumps({"partial": True, **facts, "loads": loads}, indent=1) + "\n")
     result = {
         "preset": args.preset,
         "layers": args.layers,
         "backend": args.backend,
         "moe_backend": args.moe_backend,
         "rounds": args.rounds,
+        "start_round": args.start_round,
+        "sleep_mode": args.sleep_mode,
         **facts,
         "tokens_identical": tokens["original"] == tokens["prepared"],
         "loads": loads,
@@ -246,17 +296,26 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def budget_run(args: argparse.Namespace, folders: dict, files: dict, loads: dict, reference: list) -> dict:
-    """Both checkpoints loaded (warm) under a GPU memory cap between the prepared and the original load peaks."""
-    peaks = {side: max(run["load_peak_gib"] for mode in loads.values() for run in mode[side]) for side in folders}
-    budget = (peaks["original"] + peaks["prepared"]) / 2 if args.budget == "auto" else float(args.budget)
-    outcome: dict = {"budget_gib": budget, "unconstrained_load_peak_gib": peaks}
+    """Both checkpoints loaded (warm) under a GPU memory cap. ``auto`` puts the cap halfway between the most the
+    prepared engine reserved (load, profiling and KV cache) and the least the original's load allocated at its
+    peak; where the first is not below the second no cap separates them, and that is recorded instead."""
+    runs = {side: [run for mode in loads.values() for run in mode[side]] for side in folders}
+    prepared_needs = max(run["engine_peak_reserved_gib"] for run in runs["prepared"])
+    original_needs = min(run["load_peak_allocated_abs_gib"] for run in runs["original"])
+    outcome: dict = {"prepared_engine_peak_reserved_gib": prepared_needs, "original_load_peak_gib": original_needs}
+    if args.budget == "auto" and prepared_needs >= original_needs:
+        return {**outcome, "separable": False}
+    budget = (prepared_needs + original_needs) / 2 if args.budget == "auto" else float(args.budget)
+    outcome["budget_gib"] = budget
     for side in ("original", "prepared"):
         set_state(files[side], "warm")
-        load = load_in_subprocess(folders[side], f"{side}-budget", args.workdir, args.moe_backend, budget)
+        load = load_in_subprocess(folders[side], f"{side}-budget", args, budget)
         outcome[side] = {
             "served": load["exit_code"] == 0,
             "failed": load.get("failed"),
+            "load_peak_gib": load.get("load_peak_gib"),
             "tokens_identical_to_unconstrained_original": load.get("tokens") == reference,
+            "tokens_after_wake_identical": load.get("tokens_after_wake_identical"),
         }
     return outcome
 
@@ -268,15 +327,21 @@ def main() -> None:
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--moe-backend", default=None, help="vLLM moe_backend for both loads (e.g. marlin)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--start-round", type=int, default=0, help="index of the first round (continues a run)")
+    parser.add_argument("--sleep-mode", action="store_true", help="vLLM sleep mode and a sleep/wake cycle per load")
     parser.add_argument("--modes", default="cold,warm", type=lambda s: s.split(","))
     parser.add_argument("--budget", default=None, help="GiB, or auto: a GPU memory cap for one more pair of loads")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-load"))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--merge", type=Path, nargs="+", help="print the table of these result files' loads together")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.merge:
+        print(table(merged(args.merge)))
+        return
     if args.child:
-        model, out, moe_backend, budget = args.child
-        child_load(model, Path(out), None if moe_backend == "-" else moe_backend, float(budget) or None)
+        model, out, moe_backend, budget, sleep = args.child
+        child_load(model, Path(out), None if moe_backend == "-" else moe_backend, float(budget) or None, sleep == "1")
         return
     if set(args.modes) - {"cold", "warm"}:
         parser.error("--modes takes cold and/or warm")
