@@ -28,6 +28,8 @@ unchanged): no way of computing the shared expert, fused or not, is faster than 
 CUDA graph is replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling,
 sampling and output handling that make up much of a few-layer model's TPOT), on fixed token sets shared by every
 model.
+``--resume FILE`` completes a run cut short: FILE (an earlier ``--out`` of the same setup) keeps its rounds and
+only the model-rounds it lacks are run, in the order the full run would have run them.
 """
 
 from __future__ import annotations
@@ -336,6 +338,12 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="an earlier --out of the same setup: keep its rounds and run only the model-rounds it lacks",
+    )
     parser.add_argument("--child", nargs="+", metavar=("OUT", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if 0 < args.graph_replays < GRAPH_TOKEN_SETS:
@@ -355,13 +363,24 @@ def main() -> None:
     if args.one_process:
         runs = run_child(names, args.rounds, args, "all")
     else:
-        runs = {name: [] for name in names}
+        runs = resumed_runs(args, names) if args.resume else {name: [] for name in names}
         for round_index in range(args.rounds):
             for name in turn_order(names, round_index):
-                runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
+                if len(runs[name]) <= round_index:  # not done by the run resumed
+                    runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
             if round_index + 1 < args.rounds:
                 write_results(args, runs)  # the rounds done so far survive a run cut short
     print_rows(args, write_results(args, runs), runs)
+
+
+def resumed_runs(args: argparse.Namespace, names: list[str]) -> dict[str, list[dict]]:
+    """The per-model rounds of the ``--resume`` file, after checking it measured the same setup."""
+    earlier = json.loads(args.resume.read_text())
+    setup = {"family": args.family, "preset": args.preset, "layers": args.layers, "quantization": args.quantization}
+    differs = {key: earlier.get(key) for key, value in setup.items() if earlier.get(key) != value}
+    if differs or sorted(earlier["runs"]) != sorted(names) or [r["batch"] for r in earlier["rows"]] != args.batches:
+        sys.exit(f"--resume {args.resume}: another setup ({differs or 'models or batches differ'})")
+    return {name: earlier["runs"][name] for name in names}
 
 
 def write_results(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[dict]:
@@ -370,7 +389,8 @@ def write_results(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list
     if args.out:
         summary = {"family": args.family, "preset": args.preset, "layers": args.layers, "replicas": args.replicas}
         summary |= {"quantization": args.quantization, "rounds": args.rounds, "one_process": args.one_process}
-        summary |= {"rounds_done": len(next(iter(runs.values()))), "dummy_routing": args.dummy_routing}
+        summary |= {"rounds_done": {name: len(results) for name, results in runs.items()}}
+        summary["dummy_routing"] = args.dummy_routing
         summary["runs"] = runs
         args.out.write_text(json.dumps({**summary, "command": " ".join(sys.argv), "rows": rows}, indent=1))
     return rows
