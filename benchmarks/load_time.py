@@ -1,6 +1,7 @@
 """vLLM load time and GPU memory, original gpt-oss checkpoint vs moeprep-prepared, both in the same page-cache state.
 
     python benchmarks/load_time.py --preset 120b --layers 4 --backend triton --rounds 2 --budget auto --out r.json
+    python benchmarks/load_time.py --preset 120b --layers max --backend triton --rounds 1 --budget auto   # the deepest fit
 
 On a GPU host with vLLM (a bundle from ../shared/gpu-vllm*, plugin registered by tests/gpu/register_plugin.py).
 Builds a synthetic gpt-oss checkpoint with real expert dims (E=128, H=I=2880 for 120b) unless the work folder
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,6 +187,33 @@ def set_state(files: list[Path], mode: str) -> dict[str, float]:
     return {"io_floor_s": floor, "resident_before_load": left}
 
 
+def checkpoint_bytes(preset: str, layers: int) -> int:
+    """The size of a gpt-oss fixture checkpoint of ``layers`` layers, from its tensor specs."""
+    from moeprep.checkpoint.safetensors_io import TensorEntry
+    from moeprep.families import get_family
+    from moeprep.fixtures.build import fixture_config
+
+    specs = get_family("gpt-oss").checkpoint_specs(fixture_config("gpt-oss", preset, layers, "none"))
+    return sum(TensorEntry(name, spec.dtype, spec.shape).nbytes for name, spec in specs.items())
+
+
+def most_layers_on_disk(preset: str, workdir: Path, headroom: float = 0.9) -> int:
+    """As many layers as the work folder's disk holds an original and a prepared copy of (``headroom`` of the free
+    space; a prepared folder is taken as 5% larger than its original for padding), after clearing the work folder
+    of earlier checkpoints."""
+    if workdir.exists():
+        for old in [*workdir.glob("original-*"), *workdir.glob("prepared-*")]:
+            shutil.rmtree(old)
+    workdir.mkdir(parents=True, exist_ok=True)
+    per_layer = checkpoint_bytes(preset, 2) - checkpoint_bytes(preset, 1)
+    fixed = checkpoint_bytes(preset, 1) - per_layer
+    free = shutil.disk_usage(workdir).free * headroom / 2.05
+    layers = int((free - fixed) // per_layer)
+    if layers < 1:
+        raise SystemExit(f"{workdir}: too little free disk for one layer of each checkpoint")
+    return layers
+
+
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     """The original and prepared folders (built and converted unless the work folder holds them) and the facts of
     building them, including the convert-then-serve load."""
@@ -323,7 +352,9 @@ def budget_run(args: argparse.Namespace, folders: dict, files: dict, loads: dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="120b")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--layers", default="4", help="MoE layers, or max: as many as the disk holds an original and a prepared copy of"
+    )
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--moe-backend", default=None, help="vLLM moe_backend for both loads (e.g. marlin)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -345,6 +376,8 @@ def main() -> None:
         return
     if set(args.modes) - {"cold", "warm"}:
         parser.error("--modes takes cold and/or warm")
+    args.layers = most_layers_on_disk(args.preset, args.workdir) if args.layers == "max" else int(args.layers)
+    print(f"{args.layers} layers", flush=True)
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "loads"}, indent=1))
     print(table(result))
