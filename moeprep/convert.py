@@ -141,7 +141,7 @@ def convert(
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
     for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
-    with AtomicFolder(out, overwrite) as tmp, source.hashing_weight_files():
+    with AtomicFolder(out, overwrite, [source.folder, *loras]) as tmp, source.hashing_weight_files():
         lora_records = write_loras(loras, source, plan, tmp)
         for name in source.aux_files:
             (tmp / carried_name(name)).parent.mkdir(parents=True, exist_ok=True)

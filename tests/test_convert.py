@@ -140,6 +140,22 @@ def test_existing_output_is_refused_without_overwrite(tiny, prepared: Path) -> N
     assert result.returncode == 2 and "already exists" in result.stderr
 
 
+@pytest.mark.parametrize("dest", ["src", ".", "src/../src"], ids=["the source", "a folder holding it", "by a detour"])
+def test_an_output_that_would_replace_the_source_is_refused_even_with_overwrite(
+    tiny, tmp_path: Path, dest: str
+) -> None:
+    src = shutil.copytree(tiny("qwen2-moe"), tmp_path / "src")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for flags in ([], ["--overwrite"]):
+        result = run_cli("convert", src, tmp_path / dest, *flags)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and "which this run reads; choose an output folder outside it" in (
+            result.stderr
+        )
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # nothing replaced, no partial folder left
+
+
 def test_unknown_model_type_is_refused_cleanly(tiny, tmp_path: Path) -> None:
     src = shutil.copytree(tiny("mixtral"), tmp_path / "src")
     config = json.loads((src / "config.json").read_text())

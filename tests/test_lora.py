@@ -321,6 +321,21 @@ def test_convert_with_lora_writes_the_split_adapter_into_the_verified_folder(tin
     assert flipped.returncode == 2 and "adapter_model.safetensors" in flipped.stderr
 
 
+def test_a_split_that_would_replace_its_adapter_is_refused(tiny, tmp_path: Path) -> None:
+    base = prepared(tiny, tmp_path, "qwen2-moe", "none")
+    config = json.loads((base / "config.json").read_text())
+    moe = get_family("qwen2-moe").moe_spec(config)
+    h, i = config["hidden_size"], moe.expert_intermediate
+    shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    per_expert_adapter(tmp_path / "adapter", shapes, moe.num_experts, layers=moe.moe_layers[:1])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    result = run_cli(
+        "lora", "split", tmp_path / "adapter", "--base", base, "--out", tmp_path / "adapter", "--overwrite"
+    )
+    assert result.returncode == 2 and "which this run reads" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == before
+
+
 def test_convert_with_a_bad_lora_writes_nothing(tiny, tmp_path: Path) -> None:
     _, adapter = peft_adapter(tiny("qwen3-moe"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
     result = run_cli("convert", tiny("gpt-oss"), tmp_path / "out", "--backend", "triton", "--lora", adapter)

@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,14 +23,17 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class AtomicFolder:
-    """``with AtomicFolder(dest) as tmp:`` write into ``tmp``; on success ``tmp`` becomes ``dest``."""
+    """``with AtomicFolder(dest) as tmp:`` write into ``tmp``; on success ``tmp`` becomes ``dest``. ``inputs``:
+    what the run reads, which ``dest`` may neither be nor contain (replacing it would delete them)."""
 
-    def __init__(self, dest: Path, overwrite: bool = False) -> None:
+    def __init__(self, dest: Path, overwrite: bool = False, inputs: Sequence[Path] = ()) -> None:
         self.dest = Path(dest).absolute()
         self.tmp = self.dest.parent / f".{self.dest.name}.moeprep-partial"
         self.overwrite = overwrite
+        self.inputs = inputs
 
     def __enter__(self) -> Path:
+        check_output_spares(self.dest, self.inputs)
         if self.dest.exists() and not self.overwrite:
             raise OutputError(f"{self.dest} already exists; choose another output or pass {option('overwrite', True)}")
         try:
@@ -59,6 +62,17 @@ class AtomicFolder:
         os.rename(self.tmp, self.dest)
         shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(self.dest.parent)
+
+
+def check_output_spares(dest: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder that is, or holds, one of ``inputs``: writing it would replace what is read."""
+    target = Path(dest).resolve()
+    for path in inputs:
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise OutputError(
+                f"the output {dest} would replace {path}, which this run reads; choose an output folder outside it"
+            )
 
 
 def _fsync_dir(path: Path) -> None:

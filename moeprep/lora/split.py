@@ -285,7 +285,7 @@ def unify(modules: dict[str, LoraPair]) -> tuple[int, float, dict[str, LoraPair]
 def split_adapter(adapter: Path, prepared: Path, out: Path, overwrite: bool = False) -> SplitReport:
     """Write the per-expert adapter for the prepared base at ``prepared`` into ``out`` (atomically)."""
     base = BaseExperts.of(prepared)
-    with AtomicFolder(out, overwrite) as tmp:
+    with AtomicFolder(out, overwrite, [adapter, prepared]) as tmp:
         return write_split(adapter, base, tmp)
 
 
