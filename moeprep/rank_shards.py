@@ -103,11 +103,14 @@ class SpreadSlotPlacement:
         return replace(job, entry=replace(job.entry, name=name), recipe=recipe, rank=expert // self.per_rank)
 
 
+RANK_SPLIT_FORMATS = ("per-expert",)  # expert storage formats whose experts are split into per-rank files
+
+
 def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int) -> tuple[list[TensorJob], set[str]]:
     """Every rank's expert tensors (TP slices, or whole experts under EP), and the source tensors they replace.
     Block-fp8 experts (DeepSeek-V3 FP8) bring their ``weight_scale_inv`` along, sliced by whole blocks."""
     named = option("ep_size", ep_size) if ep_size > 1 else option("tp_size", tp_size)
-    if moe.expert_format != "per-expert":
+    if moe.expert_format not in RANK_SPLIT_FORMATS:
         raise UnsupportedModelError(
             f"{named}: {moe.expert_format} experts are not split per rank yet (per-expert only)"
         )

@@ -74,6 +74,44 @@ def resaved_by_transformers(src: Path, dest: Path) -> Path:
     return dest
 
 
+def unquantized_gpt_oss_by_transformers(dest: Path, seed: int) -> Path:
+    """A bf16 gpt-oss (no quantization_config: 3-D experts ``gate_up_proj``/``down_proj`` with biases) as
+    transformers' ``save_pretrained`` writes it, with the tiny fixture's dims and a word tokenizer beside it. Every
+    tensor is drawn from ``seed`` (transformers initialises the biases to zero)."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from moeprep.fixtures.tokenizer import write_word_tokenizer
+
+    dims = {"hidden_size": 192, "intermediate_size": 192, "head_dim": 64, "num_attention_heads": 4}
+    config = GptOssConfig(
+        **dims,
+        vocab_size=256,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    model = GptOssForCausalLM(config).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.05 * noise)
+            elif parameter.dim() == 1 or name.endswith("_bias"):
+                parameter.copy_(0.05 * noise)
+            else:  # std 1/sqrt(fan_in); 3-D experts are applied as x @ W
+                fan_in = 1 if "embed_tokens" in name else parameter.shape[-2 if parameter.dim() == 3 else -1]
+                parameter.copy_(noise / fan_in**0.5)
+    model.save_pretrained(dest)
+    write_word_tokenizer(dest, config.vocab_size, config.max_position_embeddings)
+    return dest
+
+
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run ``moeprep ARGS`` in this process (typer's ``CliRunner``, so no interpreter and torch start per call),
     as ``python -m moeprep`` would; an exception that escaped the CLI is written to stderr

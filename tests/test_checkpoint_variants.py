@@ -20,7 +20,13 @@ from moeprep.families.config_view import ALIASES, ConfigView
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions, build_plan
 from moeprep.schema.manifest import load_manifest
-from tests.conftest import fresh_seed, resaved_by_transformers, run_cli, with_tensors_cast
+from tests.conftest import (
+    fresh_seed,
+    resaved_by_transformers,
+    run_cli,
+    unquantized_gpt_oss_by_transformers,
+    with_tensors_cast,
+)
 
 
 def plan_rows(folder: Path) -> list[tuple]:
@@ -54,6 +60,29 @@ def test_qwen3_moe_saved_by_transformers_5_converts(tiny, tmp_path: Path) -> Non
     result = run_cli("convert", resaved, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 8
+
+
+def test_unquantized_gpt_oss_saved_by_transformers_converts_as_stored(tmp_path: Path) -> None:
+    """vLLM loads a bf16 gpt-oss (3-D experts with biases, no quantization_config) as stored: the default convert
+    passes every tensor through; what only applies to mxfp4 or per-expert tensors is refused in one line."""
+    pytest.importorskip("transformers")
+    src = unquantized_gpt_oss_by_transformers(tmp_path / "src", fresh_seed())
+    result = run_cli("convert", src, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "fused-3d experts are loaded as stored" in result.stdout and "--tp N" not in result.stdout
+    original = {k: v for shard in src.glob("*.safetensors") for k, v in load_file(shard).items()}
+    stored = {k: v for shard in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(shard).items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in stored and stored.keys() == original.keys()
+    assert all(torch.equal(stored[name], tensor) for name, tensor in original.items())
+    for args, words in (
+        (("--backend", "marlin"), ("backend marlin lays out mxfp4 experts", "--backend none")),
+        (("--tp", "2"), ("--tp 2", "not split per rank")),
+    ):
+        assert_one_line_error(run_cli("convert", src, tmp_path / "refused", *args), *words)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert_one_line_error(run_cli("convert", src, tmp_path / "refused"), "quantization_config 'bitsandbytes'")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_aliases_are_the_ones_transformers_declares() -> None:

@@ -356,7 +356,11 @@ def print_conversion(report: dict, plan: Plan) -> None:
 
 def nothing_transformed_hint(plan: Plan) -> str:
     """What could help a folder in which every tensor is stored as in the source."""
-    helps = ["--tp N / --ep N (each rank reads only its own expert files)"]
+    from moeprep.rank_shards import RANK_SPLIT_FORMATS
+
+    helps = []
+    if plan.moe.expert_format in RANK_SPLIT_FORMATS:
+        helps.append("--tp N / --ep N (each rank reads only its own expert files)")
     if plan.family.shared_expert_module and plan.moe.shared_intermediate:
         helps.append("--fuse-shared-experts (one grouped MoE kernel runs the shared expert too)")
     helps.append("--lora ADAPTER (MoE LoRA split for vLLM)")

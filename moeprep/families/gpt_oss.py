@@ -1,11 +1,14 @@
 """gpt-oss (20b, 120b): mxfp4 experts stored as ``*_blocks`` (two e2m1 values per byte, 32-value
 blocks) and ``*_scales`` (e8m0 exponents, one per block), bf16 expert biases, a biased router, and
-attention sinks. ``gate_up_proj`` rows interleave gate (even) and up (odd)."""
+attention sinks. ``gate_up_proj`` rows interleave gate (even) and up (odd). Unquantized gpt-oss checkpoints
+(no ``quantization_config``, as transformers saves a bf16 model) hold each layer's experts as 3-D tensors
+``gate_up_proj`` [E, H, 2I] and ``down_proj`` [E, I, H] with their biases, which vLLM loads as stored."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from moeprep.errors import UnsupportedModelError
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
 
@@ -36,6 +39,29 @@ def mxfp4_expert_specs(prefix: str, experts: int, rows: int, cols: int) -> dict[
         f"{prefix}_scales": TensorSpec((experts, rows, blocks), "U8", "e8m0_scales"),
         f"{prefix}_bias": TensorSpec((experts, rows), "BF16", "bias"),
     }
+
+
+def unquantized_expert_specs(prefix: str, experts: int, hidden: int, inter: int) -> dict[str, TensorSpec]:
+    """The 3-D bf16 experts of an unquantized gpt-oss (applied as ``x @ W``) and their biases."""
+    return {
+        f"{prefix}.gate_up_proj": TensorSpec((experts, hidden, 2 * inter), fan_in_dim=-2),
+        f"{prefix}.gate_up_proj_bias": TensorSpec((experts, 2 * inter), "BF16", "bias"),
+        f"{prefix}.down_proj": TensorSpec((experts, inter, hidden), fan_in_dim=-2),
+        f"{prefix}.down_proj_bias": TensorSpec((experts, hidden), "BF16", "bias"),
+    }
+
+
+def stores_mxfp4(config: Any) -> bool:
+    """Whether the experts are mxfp4 (gpt-oss as released) rather than unquantized; other quantizations are
+    refused."""
+    quant = config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method not in (None, "mxfp4"):
+        raise UnsupportedModelError(
+            f"gpt-oss with quantization_config {method!r} is not supported; moeprep reads mxfp4 (as released) and "
+            "unquantized gpt-oss checkpoints"
+        )
+    return method == "mxfp4"
 
 
 @register_family
@@ -102,6 +128,9 @@ class GptOss(Family):
             specs[f"{layer}.self_attn.sinks"] = TensorSpec((config["num_attention_heads"],), "BF16", "bias")
             specs[f"{layer}.mlp.router.weight"] = TensorSpec((experts, hidden))
             specs[f"{layer}.mlp.router.bias"] = TensorSpec((experts,), "BF16", "bias")
+            if not stores_mxfp4(config):
+                specs |= unquantized_expert_specs(f"{layer}.mlp.experts", experts, hidden, inter)
+                continue
             specs |= mxfp4_expert_specs(f"{layer}.mlp.experts.gate_up_proj", experts, 2 * inter, hidden)
             specs |= mxfp4_expert_specs(f"{layer}.mlp.experts.down_proj", experts, hidden, inter)
         return specs
@@ -112,6 +141,6 @@ class GptOss(Family):
             top_k=config["num_experts_per_tok"],
             moe_layers=tuple(range(config["num_hidden_layers"])),
             expert_intermediate=config["intermediate_size"],
-            expert_format="mxfp4",
+            expert_format="mxfp4" if stores_mxfp4(config) else "fused-3d",
             extra={"swiglu_limit": config.get("swiglu_limit"), "gate_up_interleaved": True},
         )

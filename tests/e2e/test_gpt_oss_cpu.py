@@ -8,7 +8,8 @@ gate/up rows swapped or with the experts' down-projection bias removed are ten t
 mistakes). Served in bf16, it is within BF16_FACTOR of the same reference run in bf16 (vLLM CPU's bf16 kernels
 differ per instruction set: measured 0.9x on an AVX512-BF16 CPU, 1.4x on an AVX2 one), and its own greedy tokens
 agree with the reference wherever the reference's top-2 margin exceeds 0.25 nats, and disagree no more often than
-the bf16 reference's own.
+the bf16 reference's own. An unquantized (bf16) gpt-oss as transformers saves it converts as stored and serves the
+original's float32 greedy tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import rewrite_manifest, run_cli, with_tensors_cast
+from tests.conftest import (
+    fresh_seed,
+    rewrite_manifest,
+    run_cli,
+    unquantized_gpt_oss_by_transformers,
+    with_tensors_cast,
+)
 from tests.e2e.vllm_server import PROMPTS, complete, run_until_exit, sequence_logprobs, vllm_server
 
 pytest.importorskip("vllm")
@@ -133,6 +140,20 @@ def swap_gate_and_up(experts) -> None:
 
 def drop_down_bias(experts) -> None:
     experts.down_proj_bias.data.zero_()
+
+
+def test_unquantized_gpt_oss_saved_by_transformers_serves_its_tokens(tmp_path: Path) -> None:
+    """A bf16 gpt-oss as transformers saves it converts as stored, and vLLM CPU serves the prepared folder with the
+    original's float32 greedy tokens."""
+    src = unquantized_gpt_oss_by_transformers(tmp_path / "src", fresh_seed())
+    result = run_cli("convert", src, tmp_path / "prepared")
+    assert result.returncode == 0, result.stderr
+    served = {}
+    for name, folder in (("original", src), ("prepared", tmp_path / "prepared")):
+        with vllm_server(folder, tmp_path / f"{name}.log", dtype="float32") as url:
+            served[name] = [complete(url, folder, prompt, TOKENS)["token_ids"] for prompt in PROMPTS]
+    assert all(len(set(tokens)) > 4 for tokens in served["original"]), "degenerate generations cannot tell apart"
+    assert served["prepared"] == served["original"]
 
 
 def test_triton_folder_is_refused_on_vllm_cpu(tiny, tmp_path: Path) -> None:
