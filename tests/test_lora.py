@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moeprep.families import get_family
 from moeprep.lora.adapter import AdapterConfig, parse_adapter_config
-from tests.conftest import run_cli
+from tests.conftest import fresh_seed, run_cli, unquantized_gpt_oss_by_transformers
 
 PREFIX = "base_model.model."
 
@@ -138,6 +138,22 @@ def test_3d_target_parameters_adapter_merges_like_peft(
             assert (ours - original_gate_up).abs().max() > 1e-3  # the adapter changes the experts
     q_name = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
     assert q_name in tensors  # attention LoRA passed through
+
+
+def test_unquantized_gpt_oss_base_takes_the_split_its_mxfp4_twin_takes(tiny, tmp_path: Path) -> None:
+    """A gpt-oss saved unquantized (bf16 3-D experts) of the tiny fixture's dims gets, for the same adapter, the
+    same split as the mxfp4 fixture prepared as stored: vLLM's gpt-oss LoRA layout does not depend on how the base
+    stores its experts."""
+    twin = unquantized_gpt_oss_by_transformers(tmp_path / "bf16-src", fresh_seed())
+    assert run_cli("convert", twin, tmp_path / "bf16").returncode == 0
+    _, adapter = peft_adapter(tiny("gpt-oss"), tmp_path / "adapter", r=4, lora_alpha=8, **BY_PARAMETERS)
+    from_mxfp4 = split(adapter, prepared(tiny, tmp_path, "gpt-oss", "none"), tmp_path / "split-mxfp4")
+    from_bf16 = split(adapter, tmp_path / "bf16", tmp_path / "split-bf16")
+    assert from_bf16.keys() == from_mxfp4.keys() and any(".experts." in name for name in from_bf16)
+    assert all(torch.equal(from_bf16[name], tensor) for name, tensor in from_mxfp4.items())
+    configs = [json.loads((tmp_path / f"split-{k}" / "adapter_config.json").read_text()) for k in ("mxfp4", "bf16")]
+    assert [c.pop("base_model_name_or_path") for c in configs] == [str(tiny("gpt-oss")), str(twin)]
+    assert configs[0] == configs[1]
 
 
 def _peft_param(layer: int, name: str, weights: dict[str, torch.Tensor]) -> str:

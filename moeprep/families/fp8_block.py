@@ -13,6 +13,7 @@ import torch
 
 from moeprep.errors import UnsupportedModelError
 from moeprep.families.tensor_spec import TensorSpec
+from moeprep.schema.manifest import checkpoint_quantization
 from moeprep.schema.names import SCALE_SUFFIX
 
 # quantization_config of DeepSeek-V3's own checkpoint (block 128 x 128, dynamic activation scales)
@@ -29,7 +30,7 @@ NEVER_QUANTIZED = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "ml
 
 def block_size(config: dict[str, Any]) -> tuple[int, int] | None:
     """``(bn, bk)`` for a block-fp8 checkpoint, None for an unquantized or mxfp4 one; refuses others."""
-    quant = config.get("quantization_config")
+    quant = checkpoint_quantization(config)
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method in (None, "mxfp4"):
         return None
@@ -47,7 +48,7 @@ def quantized(specs: dict[str, TensorSpec], config: dict[str, Any]) -> dict[str,
     block = block_size(config)
     if block is None:
         return specs
-    kept = (*NEVER_QUANTIZED, *(config["quantization_config"].get("modules_to_not_convert") or ()))
+    kept = (*NEVER_QUANTIZED, *(checkpoint_quantization(config).get("modules_to_not_convert") or ()))
     out: dict[str, TensorSpec] = {}
     for name, spec in specs.items():
         module = name.removesuffix(".weight")

@@ -11,6 +11,7 @@ from typing import Any
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
+from moeprep.schema.manifest import checkpoint_quantization
 
 MXFP4_BLOCK = 32
 MXFP4_QUANTIZATION_CONFIG = {
@@ -52,9 +53,9 @@ def unquantized_expert_specs(prefix: str, experts: int, hidden: int, inter: int)
 
 
 def stores_mxfp4(config: Any) -> bool:
-    """Whether the experts are mxfp4 (gpt-oss as released) rather than unquantized; other quantizations are
-    refused."""
-    quant = config.get("quantization_config")
+    """Whether the experts are mxfp4 (gpt-oss as released) rather than unquantized (also for a prepared folder's
+    config); other quantizations are refused."""
+    quant = checkpoint_quantization(config)
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method not in (None, "mxfp4"):
         raise UnsupportedModelError(

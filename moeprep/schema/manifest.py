@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +23,15 @@ LORA_RECORD_NAME = "moeprep_lora.json"  # in a split LoRA adapter: the base it w
 PASSTHROUGH_RECIPE = "passthrough"  # the recipe of a target whose tensors all pass through
 SCHEMA_VERSION = 2  # 2: tensors hashed as sha256 trees
 QUANT_METHOD = "moeprep"
+
+
+def checkpoint_quantization(config: Mapping[str, Any]) -> Any:
+    """The checkpoint's own ``quantization_config``: as stored, or for a prepared folder the original that
+    moeprep's wraps (None for an unquantized checkpoint)."""
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
+        return quant.get("original")
+    return quant
 
 
 @dataclass
