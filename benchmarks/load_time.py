@@ -1,7 +1,7 @@
 """vLLM load time and GPU memory, original gpt-oss checkpoint vs moeprep-prepared, both in the same page-cache state.
 
     python benchmarks/load_time.py --preset 120b --layers 4 --backend triton --rounds 2 --budget auto --out r.json
-    python benchmarks/load_time.py --preset 120b --layers max --backend triton --rounds 1 --budget auto   # the deepest fit
+    python benchmarks/load_time.py --preset 120b --layers max --backend triton --rounds 1 --budget auto  # deepest
 
 On a GPU host with vLLM (a bundle from ../shared/gpu-vllm*, plugin registered by tests/gpu/register_plugin.py).
 Builds a synthetic gpt-oss checkpoint with real expert dims (E=128, H=I=2880 for 120b) unless the work folder
