@@ -20,7 +20,7 @@ from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError, option
 from moeprep.families import Family, MoeSpec, family_for_config
-from moeprep.families.config_view import config_view
+from moeprep.families.config_view import ConfigView, config_view
 from moeprep.jobs import TensorJob, dim0_chunks, passthrough_job
 from moeprep.layouts.backend import LAYOUT_BACKENDS, PADDING_ONLY, LayoutBackend
 from moeprep.layouts.mxfp4_experts import (
@@ -94,11 +94,16 @@ class Inventory:
     other_float_dtype: dict[str, tuple[str, str]]  # name -> (stored dtype, the family's usual one)
 
 
+def planned_config(source: CheckpointSource, family: Family) -> ConfigView:
+    """config.json as the plan reads it: as the family finds it stored (``Family.as_stored``)."""
+    return family.as_stored(config_view(source.config), source.tensor_names)
+
+
 def check_inventory(source: CheckpointSource, family: Family) -> Inventory:
     """Every tensor the family expects is present with its shape, and its dtype where the bytes matter: float
     tensors may be stored in any float dtype (gpt-oss's float32 ``sinks``, a bf16 ``e_score_correction_bias``),
     quantized ones (mxfp4 blocks and scales, fp8 weights and their scales) only in the format's own."""
-    expected = family.checkpoint_specs(config_view(source.config))
+    expected = family.checkpoint_specs(planned_config(source, family))
     present = set(source.tensor_names)
     missing = [name for name in expected if name not in present]
     if missing:
@@ -259,7 +264,7 @@ def _fused_shared_jobs(
 ) -> tuple[list[TensorJob], set[str], FusedSharedExperts]:
     shared_experts.check_fusable(family, moe, replicas)
     jobs, consumed, requantized = shared_experts.slot_jobs(source, family, moe, replicas, requantize)
-    contract = shared_experts.routing_contract(family, moe, config_view(source.config), replicas, requantized)
+    contract = shared_experts.routing_contract(family, moe, planned_config(source, family), replicas, requantized)
     return jobs, consumed, contract
 
 
@@ -309,7 +314,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
         )
     family = family_for_config(source.config)
     inventory = check_inventory(source, family)
-    moe = family.moe_spec(config_view(source.config))
+    moe = family.moe_spec(planned_config(source, family))
     choice = None
     if backend == AUTO:
         choice = auto_choice(moe.expert_format, options)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moeprep.checkpoint.source import open_local
 from moeprep.convert import convert, load_plan
@@ -192,3 +192,53 @@ def test_mtp_layer_converts_plain_and_fused_and_stays_as_stored(tmp_path: Path, 
         assert all(torch.equal(stored[n], source.read(n)) for n in mtp_names)
     contract = load_manifest(tmp_path / "fused").routing["fused_shared_experts"]
     assert contract["mtp_layers"] == [mtp] and "not fused" in contract["mtp_shared_experts"]
+
+
+def saved_by_transformers_without_mtp(family: str, dest: Path) -> Path:
+    """A small bf16 DeepSeek-V3 / GLM-4.5 model as transformers' ``save_pretrained`` writes it: its config counts
+    one MTP layer (``num_nextn_predict_layers``' default) but transformers' model has none to save."""
+    import transformers
+
+    common = {"vocab_size": 256, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    common |= {"num_key_value_heads": 2, "intermediate_size": 256, "moe_intermediate_size": 64, "n_routed_experts": 8}
+    common |= {"num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "topk_group": 1}
+    if family == "deepseek-v3":
+        config = transformers.DeepseekV3Config(
+            **common, n_group=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=32
+        )
+        model = transformers.DeepseekV3ForCausalLM(config)
+    else:
+        model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**common, n_group=1, head_dim=32))
+    model.to(torch.bfloat16).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "glm4-moe"])
+def test_mtp_layers_the_checkpoint_does_not_store_are_absent(tmp_path: Path, family: str) -> None:
+    """vLLM serves such a checkpoint's main model (MTP speculative decoding would need the weights): moeprep
+    converts it, plain and fused, keeping config.json as it is."""
+    pytest.importorskip("transformers")
+    src = saved_by_transformers_without_mtp(family, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    assert not any(name.startswith("model.layers.2.") for name in open_local(src).tensor_names)
+    for name, args in (("plain", ()), ("fused", ("--fuse-shared-experts",))):
+        result = run_cli("convert", src, tmp_path / name, *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / name / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert load_manifest(tmp_path / "fused").routing["fused_shared_experts"]["mtp_layers"] == []
+
+
+def test_an_mtp_layer_stored_in_part_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    src = build_fixture("deepseek-v3", tmp_path / "src", config_overrides={"num_nextn_predict_layers": 1})
+    mtp = f"model.layers.{json.loads((src / 'config.json').read_text())['num_hidden_layers']}."
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    kept = f"{mtp}eh_proj.weight"
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(src / shard)
+        save_file({k: v for k, v in tensors.items() if not k.startswith(mtp) or k == kept}, src / shard)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith(mtp) or k == kept}
+    index_path.write_text(json.dumps(index))
+    assert_one_line_error(run_cli("convert", src, tmp_path / "out"), f"'{mtp}", "the checkpoint is incomplete")
+    assert not (tmp_path / "out").exists()

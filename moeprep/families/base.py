@@ -7,11 +7,13 @@ checkpoint and to build tiny fixtures in the exact on-disk format.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from moeprep.errors import UnsupportedModelError
 from moeprep.families import fp8_block
+from moeprep.families.config_view import ConfigView
 from moeprep.families.tensor_spec import TensorSpec
 
 
@@ -65,6 +67,11 @@ class Family:
 
     def moe_spec(self, config: dict[str, Any]) -> MoeSpec:
         raise NotImplementedError
+
+    def as_stored(self, config: ConfigView, tensor_names: Collection[str]) -> ConfigView:
+        """``config`` as the plan reads it for a checkpoint holding ``tensor_names``: unchanged, unless a family
+        knows parts that config.json counts but checkpoints may leave out (and vLLM serves without)."""
+        return config
 
     def checkpoint_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         """``tensor_specs`` as stored under ``config``'s quantization (block-scaled fp8 adds weight scales)."""

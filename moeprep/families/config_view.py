@@ -140,6 +140,11 @@ class ConfigView(Mapping[str, Any]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.raw)
 
+    def with_value(self, key: str, value: Any) -> ConfigView:
+        """This config with ``key`` (under every name it is stored as, else its own) set to ``value``."""
+        names = [name for name in self._names.get(key, (key,)) if name in self.raw] or [key]
+        return ConfigView({**self.raw, **dict.fromkeys(names, value)})
+
     def __len__(self) -> int:
         return len(self.raw)
 

@@ -4,10 +4,12 @@ structure. Family modules import this, never each other."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import MoeSpec
+from moeprep.families.config_view import ConfigView
 from moeprep.families.tensor_spec import TensorSpec
 
 
@@ -37,6 +39,16 @@ def mtp_layers(config: dict[str, Any]) -> range:
     and GLM-4.5 as released): vLLM's MTP draft model loads them; the main model skips them."""
     first = config["num_hidden_layers"]
     return range(first, first + (config.get("num_nextn_predict_layers") or 0))
+
+
+def without_unstored_mtp_layers(config: ConfigView, tensor_names: Collection[str]) -> ConfigView:
+    """``config`` with no MTP layers when the checkpoint stores none of theirs: transformers writes
+    ``num_nextn_predict_layers: 1`` (its default) but no MTP weights when it saves such a model (a fine-tune, say),
+    and vLLM serves the main model without them. Where some are stored, the inventory names what is missing."""
+    prefixes = tuple(f"model.layers.{i}." for i in mtp_layers(config))
+    if not prefixes or any(name.startswith(prefixes) for name in tensor_names):
+        return config
+    return config.with_value("num_nextn_predict_layers", 0)
 
 
 def mtp_extra_specs(layer: str, config: dict[str, Any], embed_and_head: bool) -> dict[str, TensorSpec]:

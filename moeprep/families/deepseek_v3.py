@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from moeprep.families import common
 from moeprep.families.base import Family, MoeSpec, TensorSpec, register_family
+from moeprep.families.config_view import ConfigView
 from moeprep.families.deepseek_style import (
     deepseek_moe_layers,
     deepseek_style_mlps,
     deepseek_style_moe_spec,
     mtp_extra_specs,
     mtp_layers,
+    without_unstored_mtp_layers,
 )
 
 
@@ -78,6 +81,9 @@ class DeepseekV3(Family):
             "ep_size": 1,
             "rope_scaling": None,
         }
+
+    def as_stored(self, config: ConfigView, tensor_names: Collection[str]) -> ConfigView:
+        return without_unstored_mtp_layers(config, tensor_names)
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         hidden, specs = config["hidden_size"], common.decoder_shell(config)
