@@ -20,6 +20,7 @@ from moeprep.checkpoint.source import (
 )
 from moeprep.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, ShardedWrite, write_json, write_sharded
 from moeprep.errors import UnsupportedModelError, option
+from moeprep.families.config_view import config_view
 from moeprep.jobs import TensorJob
 from moeprep.modelcard import render_model_card
 from moeprep.plan import Plan, PlanOptions, build_plan
@@ -138,6 +139,7 @@ def convert(
     """Write the prepared folder for ``plan`` to ``out``; the manifest is written last. ``served_as``:
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
+    architectures = list(config_view(source.config).get("architectures") or [])  # a wrong type: one line, now
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
     for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
@@ -179,7 +181,7 @@ def convert(
         manifest = Manifest(
             moeprep_version=__version__,
             model_type=model_type,
-            architectures=list(source.config.get("architectures") or []),
+            architectures=architectures,
             source=src_record,
             target=plan.target,
             files=dict(sorted(files.items())),

@@ -74,14 +74,34 @@ def resaved_by_transformers(src: Path, dest: Path) -> Path:
     return dest
 
 
+def saved_by_transformers(model: torch.nn.Module, dest: Path, seed: int, experts_fan_in_dim: int = -1) -> Path:
+    """``model`` (a transformers model) with every parameter drawn from ``seed`` (norms near 1, biases small,
+    weights with std 1/sqrt(fan in): transformers' own init leaves biases at zero and small models degenerate),
+    saved in bf16 by ``save_pretrained`` with a word tokenizer beside it. ``experts_fan_in_dim``: the input
+    dimension of 3-D expert tensors (-2 where they are applied as ``x @ W``)."""
+    from moeprep.fixtures.tokenizer import write_word_tokenizer
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.05 * noise)
+            elif parameter.dim() == 1 or name.endswith("_bias"):
+                parameter.copy_(0.05 * noise)
+            else:
+                fan_in = 1 if "embed_tokens" in name else parameter.shape[-1]
+                fan_in = parameter.shape[experts_fan_in_dim] if parameter.dim() == 3 else fan_in
+                parameter.copy_(noise / fan_in**0.5)
+    model.to(torch.bfloat16).save_pretrained(dest)
+    write_word_tokenizer(dest, model.config.vocab_size, model.config.max_position_embeddings)
+    return dest
+
+
 def unquantized_gpt_oss_by_transformers(dest: Path, seed: int) -> Path:
     """A bf16 gpt-oss (no quantization_config: 3-D experts ``gate_up_proj``/``down_proj`` with biases) as
-    transformers' ``save_pretrained`` writes it, with the tiny fixture's dims and a word tokenizer beside it. Every
-    tensor is drawn from ``seed`` (transformers initialises the biases to zero)."""
-    import torch
+    transformers saves it, with the tiny fixture's dims."""
     from transformers import GptOssConfig, GptOssForCausalLM
-
-    from moeprep.fixtures.tokenizer import write_word_tokenizer
 
     dims = {"hidden_size": 192, "intermediate_size": 192, "head_dim": 64, "num_attention_heads": 4}
     config = GptOssConfig(
@@ -95,21 +115,25 @@ def unquantized_gpt_oss_by_transformers(dest: Path, seed: int) -> Path:
         sliding_window=128,
         layer_types=["sliding_attention", "full_attention"],
     )
-    model = GptOssForCausalLM(config).to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.05 * noise)
-            elif parameter.dim() == 1 or name.endswith("_bias"):
-                parameter.copy_(0.05 * noise)
-            else:  # std 1/sqrt(fan_in); 3-D experts are applied as x @ W
-                fan_in = 1 if "embed_tokens" in name else parameter.shape[-2 if parameter.dim() == 3 else -1]
-                parameter.copy_(noise / fan_in**0.5)
-    model.save_pretrained(dest)
-    write_word_tokenizer(dest, config.vocab_size, config.max_position_embeddings)
-    return dest
+    return saved_by_transformers(GptOssForCausalLM(config), dest, seed, experts_fan_in_dim=-2)
+
+
+def deepseek_style_by_transformers(family: str, dest: Path, seed: int) -> Path:
+    """A small DeepSeek-V3 or GLM-4.5 model as transformers saves it: its config counts one MTP layer
+    (``num_nextn_predict_layers``' default) but transformers' model has none to save."""
+    import transformers
+
+    common = {"vocab_size": 256, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    common |= {"num_key_value_heads": 2, "intermediate_size": 256, "moe_intermediate_size": 64, "n_routed_experts": 8}
+    common |= {"num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "topk_group": 1}
+    common |= {"max_position_embeddings": 512}
+    if family == "deepseek-v3":
+        config = transformers.DeepseekV3Config(
+            **common, n_group=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=32
+        )
+        return saved_by_transformers(transformers.DeepseekV3ForCausalLM(config), dest, seed)
+    config = transformers.Glm4MoeConfig(**common, n_group=1, head_dim=32)
+    return saved_by_transformers(transformers.Glm4MoeForCausalLM(config), dest, seed)
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,7 @@ from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions, build_plan
 from moeprep.schema.manifest import load_manifest
 from tests.conftest import (
+    deepseek_style_by_transformers,
     fresh_seed,
     resaved_by_transformers,
     run_cli,
@@ -115,6 +116,15 @@ def test_config_without_a_needed_key_is_one_line(tiny, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_architectures_of_the_wrong_type_is_one_line_before_anything_is_written(tiny, tmp_path: Path) -> None:
+    """Found by the fuzz (``architectures: true``): the manifest's copy of it used to raise a TypeError."""
+    src = shutil.copytree(tiny("gpt-oss"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "architectures": True}))
+    assert_one_line_error(run_cli("convert", src, tmp_path / "out"), "architectures is true", "a list of strings")
+    assert not any(tmp_path.glob("*out*"))
+
+
 def test_float32_sinks_are_kept_as_stored(tiny, tmp_path: Path) -> None:
     src = with_tensors_cast(tiny("gpt-oss"), tmp_path / "src", ".self_attn.sinks", torch.float32)
     for backend in ("none", "dequant", "triton"):
@@ -194,31 +204,12 @@ def test_mtp_layer_converts_plain_and_fused_and_stays_as_stored(tmp_path: Path, 
     assert contract["mtp_layers"] == [mtp] and "not fused" in contract["mtp_shared_experts"]
 
 
-def saved_by_transformers_without_mtp(family: str, dest: Path) -> Path:
-    """A small bf16 DeepSeek-V3 / GLM-4.5 model as transformers' ``save_pretrained`` writes it: its config counts
-    one MTP layer (``num_nextn_predict_layers``' default) but transformers' model has none to save."""
-    import transformers
-
-    common = {"vocab_size": 256, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    common |= {"num_key_value_heads": 2, "intermediate_size": 256, "moe_intermediate_size": 64, "n_routed_experts": 8}
-    common |= {"num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "topk_group": 1}
-    if family == "deepseek-v3":
-        config = transformers.DeepseekV3Config(
-            **common, n_group=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=32
-        )
-        model = transformers.DeepseekV3ForCausalLM(config)
-    else:
-        model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**common, n_group=1, head_dim=32))
-    model.to(torch.bfloat16).save_pretrained(dest)
-    return dest
-
-
 @pytest.mark.parametrize("family", ["deepseek-v3", "glm4-moe"])
 def test_mtp_layers_the_checkpoint_does_not_store_are_absent(tmp_path: Path, family: str) -> None:
     """vLLM serves such a checkpoint's main model (MTP speculative decoding would need the weights): moeprep
     converts it, plain and fused, keeping config.json as it is."""
     pytest.importorskip("transformers")
-    src = saved_by_transformers_without_mtp(family, tmp_path / "src")
+    src = deepseek_style_by_transformers(family, tmp_path / "src", fresh_seed())
     config = json.loads((src / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 1
     assert not any(name.startswith("model.layers.2.") for name in open_local(src).tensor_names)

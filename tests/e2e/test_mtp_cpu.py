@@ -1,7 +1,8 @@
 """DeepSeek-V3 and GLM-4.5 as released carry a multi-token-prediction layer after the decoder
 (``num_nextn_predict_layers: 1``). Prepared with and without fused shared experts, vLLM CPU serves the main
 model from both folders alike (float32: the same greedy tokens, log-probabilities within the fused tests'
-tolerance); the MTP layer stays in both as stored (tests/test_checkpoint_variants.py)."""
+tolerance); the MTP layer stays in both as stored (tests/test_checkpoint_variants.py). A GLM-4.5 model saved by
+transformers counts an MTP layer it does not store: its prepared folder serves the original's greedy tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from moeprep.fixtures import build_fixture
 from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS
-from tests.conftest import run_cli
+from tests.conftest import deepseek_style_by_transformers, fresh_seed, run_cli
 from tests.e2e.test_fused_shared_cpu import FP32_TOLERANCE, TOKENS
 from tests.e2e.vllm_server import complete, sequence_logprobs, vllm_server
 
@@ -41,3 +42,14 @@ def test_prepared_folders_with_an_mtp_layer_serve_the_main_model_alike(tmp_path:
     assert fused["greedy"] == plain["greedy"]
     delta = (fused["logprobs"] - plain["logprobs"]).abs()
     assert delta.mean() <= FP32_TOLERANCE, f"mean |Δ logprob| {delta.mean():.2e}"
+
+
+def test_a_checkpoint_without_its_counted_mtp_layer_serves_the_originals_tokens(tmp_path: Path) -> None:
+    src = deepseek_style_by_transformers("glm4-moe", tmp_path / "src", fresh_seed())
+    result = run_cli("convert", src, tmp_path / "prepared")
+    assert result.returncode == 0, result.stderr
+    original = serve(src, tmp_path / "original.log")
+    prepared = serve(tmp_path / "prepared", tmp_path / "prepared.log", original["sequences"])
+    assert all(len(set(tokens)) > 4 for tokens in original["greedy"]), "degenerate generations cannot tell apart"
+    assert prepared["greedy"] == original["greedy"]
+    assert (prepared["logprobs"] - original["logprobs"]).abs().max() == 0  # the same bytes, the same engine
