@@ -219,8 +219,9 @@ def test_sizes_read_as_hugging_face_writes_them() -> None:
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("4GiB") == 4 * 2**30 and parse_size("600KB") == 600_000
     assert parse_size("1.5MiB") == 3 * 2**19 and parse_size("123") == 123 and parse_size("2kb") == 2000
-    with pytest.raises(typer.BadParameter):
-        parse_size("5 gigs")
+    for text in ("5 gigs", "0", "0.1"):
+        with pytest.raises(typer.BadParameter):
+            parse_size(text)
 
 
 def test_serve_command_is_a_line_of_its_own_in_a_narrow_terminal(tiny, tmp_path: Path) -> None:

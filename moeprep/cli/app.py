@@ -160,7 +160,12 @@ def parse_size(text: str) -> int:
     if not match:
         raise typer.BadParameter(f"{text!r} is not a size like 500MB, 5GB or 4GiB", param_hint="'--max-shard-size'")
     power = "_KMGT".index((match.group(2) or "_").upper())
-    return int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
+    size = int(float(match.group(1)) * (1024 if match.group(3) else 1000) ** power)
+    if size < 1:
+        raise typer.BadParameter(
+            f"{text!r} is no size for a shard; give one like 500MB or 5GB", param_hint="'--max-shard-size'"
+        )
+    return size
 
 
 def say(*lines: str) -> None:
