@@ -139,7 +139,7 @@ def convert(
     """Write the prepared folder for ``plan`` to ``out``; the manifest is written last. ``served_as``:
     the Hub repo it will be uploaded to, for the model card's serve command; ``loras``: adapters split
     for this base into ``lora/<name>/`` (first, so a bad adapter fails before the long part)."""
-    architectures = list(config_view(source.config).get("architectures") or [])  # a wrong type: one line, now
+    architectures = list(config_view(source.config).get("architectures") or [])  # checked before anything is written
     groups: dict[int | None, dict[str, TensorJob]] = {}  # rank (None: replicated) -> jobs by tensor name
     for job in sorted(plan.jobs, key=lambda job: source.file_position(job.sources[0]) if job.sources else ("", 0)):
         groups.setdefault(job.rank, {})[job.entry.name] = job
