@@ -20,6 +20,7 @@ from moeprep.checkpoint.safetensors_io import FLOAT_DTYPES, TensorEntry
 from moeprep.checkpoint.source import CheckpointSource
 from moeprep.errors import CheckpointError, UnsupportedModelError, option
 from moeprep.families import Family, MoeSpec, family_for_config
+from moeprep.families.base import EXPERT_FORMAT_NAMES
 from moeprep.families.config_view import ConfigView, config_view
 from moeprep.jobs import TensorJob, dim0_chunks, passthrough_job
 from moeprep.layouts.backend import LAYOUT_BACKENDS, PADDING_ONLY, LayoutBackend
@@ -290,7 +291,7 @@ def auto_choice(expert_format: str, options: PlanOptions) -> BackendChoice:
     """``--backend auto``: the backend vLLM's own selection leads to on the serving target."""
     if expert_format != "mxfp4":
         return BackendChoice(
-            "none", options.arch, f"{expert_format} experts are loaded as stored by vLLM on any target"
+            "none", options.arch, f"{EXPERT_FORMAT_NAMES[expert_format]} are loaded by vLLM as stored, on any target"
         )
     target = serving_target(options.arch, options.target_gpu)
     try:
@@ -321,7 +322,7 @@ def build_plan(source: CheckpointSource, backend: str = "none", options: PlanOpt
         backend, options = choice.backend, replace(options, arch=choice.arch)
     if backend in MXFP4_BACKENDS and moe.expert_format != "mxfp4":
         raise UnsupportedModelError(
-            f"backend {backend} lays out mxfp4 experts; {family.name} experts are {moe.expert_format}, "
+            f"backend {backend} lays out mxfp4 experts; this {family.name} model has {moe.format_name}, "
             f"use {option('backend', 'none')}"
         )
     layout = mxfp4_layout(backend, moe.expert_format)

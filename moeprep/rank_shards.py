@@ -112,7 +112,7 @@ def rank_jobs(source: CheckpointSource, moe: MoeSpec, tp_size: int, ep_size: int
     named = option("ep_size", ep_size) if ep_size > 1 else option("tp_size", tp_size)
     if moe.expert_format not in RANK_SPLIT_FORMATS:
         raise UnsupportedModelError(
-            f"{named}: {moe.expert_format} experts are not split per rank yet (per-expert only)"
+            f"{named}: {moe.format_name} are not split per rank yet (per-expert weight tensors only)"
         )
     if ep_size == 1 and moe.expert_intermediate % tp_size:
         raise UnsupportedModelError(

@@ -84,7 +84,7 @@ def check_fusable(family: Family, moe: MoeSpec, replicas: int) -> None:
         raise UnsupportedModelError(f"{FUSE}: this {family.name} model has no shared experts")
     if moe.expert_format not in ("per-expert", "fused-3d"):
         raise UnsupportedModelError(
-            f"{FUSE}: {family.name} experts are {moe.expert_format}; slots are cloned for per-expert "
+            f"{FUSE}: this {family.name} model has {moe.format_name}; slots are cloned for per-expert "
             "and 3-D float experts only"
         )
 

@@ -70,7 +70,7 @@ def test_unquantized_gpt_oss_saved_by_transformers_converts_as_stored(tmp_path: 
     src = unquantized_gpt_oss_by_transformers(tmp_path / "src", fresh_seed())
     result = run_cli("convert", src, tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert "fused-3d experts are loaded as stored" in result.stdout and "--tp N" not in result.stdout
+    assert "3-D expert tensors are loaded by vLLM as stored" in result.stdout and "--tp N" not in result.stdout
     original = {k: v for shard in src.glob("*.safetensors") for k, v in load_file(shard).items()}
     stored = {k: v for shard in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(shard).items()}
     assert "model.layers.0.mlp.experts.gate_up_proj_bias" in stored and stored.keys() == original.keys()

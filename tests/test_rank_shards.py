@@ -186,12 +186,12 @@ def test_verify_names_a_flipped_byte_in_a_rank_file(tiny, tmp_path: Path) -> Non
         ("gpt-oss", ["--tp", "4", "--backend", "triton"], "rank 3 would get 0 of the experts' 192"),
         ("glm4-moe", ["--ep", "2", "--fuse-shared-experts"], "use a replica count that is a multiple of 2"),
         ("mixtral", ["--tp", "2"], "no mlp.experts"),
-        ("llama4", ["--tp", "2"], "fused-3d experts are not split per rank yet"),
+        ("llama4", ["--tp", "2"], "3-D expert tensors are not split per rank yet"),
         ("glm4-moe", ["--ep", "9"], "the model has only 8 experts"),
         ("glm4-moe", ["--ep", "3", "--tp", "2"], "a multiple of the TP size"),
         ("gpt-oss", ["--ep", "9", "--backend", "marlin"], "the model has only 8 experts"),
         ("gpt-oss", ["--ep", "3", "--tp", "2", "--backend", "dequant"], "a multiple of the TP size"),
-        ("llama4", ["--ep", "2"], "fused-3d experts are not split per rank yet"),
+        ("llama4", ["--ep", "2"], "3-D expert tensors are not split per rank yet"),
     ],
 )
 def test_what_cannot_be_split_per_rank_is_refused(tiny, tmp_path: Path, family: str, extra: list, message: str) -> None:

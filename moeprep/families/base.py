@@ -16,6 +16,13 @@ from moeprep.families import fp8_block
 from moeprep.families.config_view import ConfigView
 from moeprep.families.tensor_spec import TensorSpec
 
+# How messages name each expert storage format (``MoeSpec.expert_format``)
+EXPERT_FORMAT_NAMES = {
+    "mxfp4": "mxfp4 experts",
+    "per-expert": "per-expert weight tensors",
+    "fused-3d": "3-D expert tensors",
+}
+
 
 @dataclass(frozen=True)
 class MoeSpec:
@@ -31,6 +38,10 @@ class MoeSpec:
     routed_scaling_factor: float = 1.0
     renormalize: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def format_name(self) -> str:
+        return EXPERT_FORMAT_NAMES[self.expert_format]
 
 
 class Family:
