@@ -187,26 +187,18 @@ def set_state(files: list[Path], mode: str) -> dict[str, float]:
     return {"io_floor_s": floor, "resident_before_load": left}
 
 
-def checkpoint_bytes(preset: str, layers: int) -> int:
-    """The size of a gpt-oss fixture checkpoint of ``layers`` layers, from its tensor specs."""
-    from moeprep.checkpoint.safetensors_io import TensorEntry
-    from moeprep.families import get_family
-    from moeprep.fixtures.build import fixture_config
-
-    specs = get_family("gpt-oss").checkpoint_specs(fixture_config("gpt-oss", preset, layers, "none"))
-    return sum(TensorEntry(name, spec.dtype, spec.shape).nbytes for name, spec in specs.items())
-
-
 def most_layers_on_disk(preset: str, workdir: Path, headroom: float = 0.9) -> int:
     """As many layers as the work folder's disk holds an original and a prepared copy of (``headroom`` of the free
     space; a prepared folder is taken as 5% larger than its original for padding), after clearing the work folder
     of earlier checkpoints."""
+    from moeprep.fixtures import fixture_bytes
+
     if workdir.exists():
         for old in [*workdir.glob("original-*"), *workdir.glob("prepared-*")]:
             shutil.rmtree(old)
     workdir.mkdir(parents=True, exist_ok=True)
-    per_layer = checkpoint_bytes(preset, 2) - checkpoint_bytes(preset, 1)
-    fixed = checkpoint_bytes(preset, 1) - per_layer
+    one, two = fixture_bytes("gpt-oss", preset, 1), fixture_bytes("gpt-oss", preset, 2)
+    per_layer, fixed = two - one, 2 * one - two
     free = shutil.disk_usage(workdir).free * headroom / 2.05
     layers = int((free - fixed) // per_layer)
     if layers < 1:

@@ -121,7 +121,7 @@ class GptOss(Family):
 
     def tensor_specs(self, config: dict[str, Any]) -> dict[str, TensorSpec]:
         hidden, inter, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
-        specs = common.decoder_shell(config)
+        specs, mxfp4 = common.decoder_shell(config), stores_mxfp4(config)
         for i in range(config["num_hidden_layers"]):
             layer = f"model.layers.{i}"
             specs |= common.layer_norms(layer, hidden)
@@ -129,7 +129,7 @@ class GptOss(Family):
             specs[f"{layer}.self_attn.sinks"] = TensorSpec((config["num_attention_heads"],), "BF16", "bias")
             specs[f"{layer}.mlp.router.weight"] = TensorSpec((experts, hidden))
             specs[f"{layer}.mlp.router.bias"] = TensorSpec((experts,), "BF16", "bias")
-            if not stores_mxfp4(config):
+            if not mxfp4:
                 specs |= unquantized_expert_specs(f"{layer}.mlp.experts", experts, hidden, inter)
                 continue
             specs |= mxfp4_expert_specs(f"{layer}.mlp.experts.gate_up_proj", experts, 2 * inter, hidden)
