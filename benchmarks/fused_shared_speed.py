@@ -368,8 +368,7 @@ def main() -> None:
             for name in turn_order(names, round_index):
                 if len(runs[name]) <= round_index:  # not done by the run resumed
                     runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
-            if round_index + 1 < args.rounds:
-                write_results(args, runs)  # the rounds done so far survive a run cut short
+                    write_results(args, runs)  # every process done so far survives a run cut short
     print_rows(args, write_results(args, runs), runs)
 
 
@@ -436,15 +435,20 @@ def measured_metrics(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def summarize(batch: str, runs: dict[str, list[dict]]) -> dict:
-    """Per model the median over its rounds; the original's spread over its rounds is the noise floor."""
+    """Per model the median over its rounds; the original's spread over its rounds is the noise floor. Models
+    with no round yet (a run in progress) are left out, and so are the ratios that need them."""
     row: dict = {"batch": int(batch)}
-    for metric in measured_metrics(runs):
-        for name, results in runs.items():
+    measured = {name: results for name, results in runs.items() if results}
+    for metric in measured_metrics(measured):
+        for name, results in measured.items():
             row[f"{name}_{metric}"] = statistics.median(r[batch][metric] for r in results)
             row[f"{name}_{metric}_rounds"] = [r[batch][metric] for r in results]
+        if "original" not in measured:
+            continue
         key = metric.removesuffix("_ms")
-        row[f"{key}_ratio"] = row[f"fused_{metric}"] / row[f"original_{metric}"]
-        if "serial" in runs:
+        if "fused" in measured:
+            row[f"{key}_ratio"] = row[f"fused_{metric}"] / row[f"original_{metric}"]
+        if "serial" in measured and "fused" in measured:
             row[f"{key}_ratio_to_serial"] = row[f"fused_{metric}"] / row[f"serial_{metric}"]
         originals = row[f"original_{metric}_rounds"]
         row[f"{key}_noise"] = max(originals) / min(originals) - 1
