@@ -28,6 +28,8 @@ unchanged): no way of computing the shared expert, fused or not, is faster than 
 CUDA graph is replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling,
 sampling and output handling that make up much of a few-layer model's TPOT), on fixed token sets shared by every
 model.
+``--slot-tokens SPEC`` adds the fused folder served with ``MOEPREP_SHARED_SLOT_TOKENS=SPEC`` ("fused-steps"):
+the slots at those step sizes only, vLLM's dense shared expert on its auxiliary stream at the others.
 ``--resume FILE`` completes a run cut short: FILE (an earlier ``--out`` of the same setup) keeps its rounds and
 only the model-rounds it lacks are run, in the order the full run would have run them.
 """
@@ -336,6 +338,9 @@ def main() -> None:
     parser.add_argument(
         "--dummy-routing", action="store_true", help="keep vLLM's dummy router gates (tokens crowd onto few experts)"
     )
+    parser.add_argument(
+        "--slot-tokens", default=None, help="also the fused folder with MOEPREP_SHARED_SLOT_TOKENS set to this"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -346,6 +351,14 @@ def main() -> None:
     )
     parser.add_argument("--child", nargs="+", metavar=("OUT", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.slot_tokens:
+        from moeprep.runtime.slot_steps import SLOT_TOKENS_ENV, SlotSteps
+
+        try:
+            SlotSteps.parse(args.slot_tokens)  # a bad setting stops here, not in an engine
+        except ValueError as error:
+            parser.error(str(error))
+        VARIANTS["fused-steps"] = ("fused", {SLOT_TOKENS_ENV: args.slot_tokens}, None)
     if 0 < args.graph_replays < GRAPH_TOKEN_SETS:
         parser.error(f"--graph-replays: at least {GRAPH_TOKEN_SETS} (one per token set)")
     if args.child:
@@ -360,6 +373,7 @@ def main() -> None:
         parser.error(f"--no-shared-bound: {args.family} does not count its shared experts (n_shared_experts)")
     names = ["original", "fused"] + (["serial"] if args.serial_baseline else [])
     names += ["no-shared"] if args.no_shared_bound else []
+    names += ["fused-steps"] if args.slot_tokens else []
     if args.one_process:
         runs = run_child(names, args.rounds, args, "all")
     else:
@@ -421,6 +435,7 @@ def run_child(names: list[str], rounds: int, args: argparse.Namespace, name: str
     command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     command += ["--repeats", str(args.repeats), "--warmup-s", str(args.warmup_s)]
     command += ["--graph-replays", str(args.graph_replays)] + (["--dummy-routing"] if args.dummy_routing else [])
+    command += ["--slot-tokens", args.slot_tokens] if args.slot_tokens else []
     with log.open("w") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:

@@ -6,7 +6,8 @@ picks the top-k, then ``SharedSlotRouter`` appends the shared-expert slots with 
 routing contract gives; the MoE layer holds ``E + slots * replicas`` experts and runs ``top_k + slots``
 per token. Llama 4, whose routing weight scales the routed expert's input, gets ``FusedSlotRowsMoE`` instead:
 each token runs as ``1 + slots`` rows through one top-1 MoE layer (row 0 routed, row ``1 + s`` to slot ``s``
-at weight 1) and the rows' outputs are summed. No shared-expert MLP is built, loaded or run.
+at weight 1) and the rows' outputs are summed. No shared-expert MLP is built, loaded or run, unless
+``MOEPREP_SHARED_SLOT_TOKENS`` leaves some step sizes to vLLM's dense shared expert (``runtime.slot_steps``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.errors import PreparedCheckpointMismatch
+from moeprep.runtime.slot_steps import EVERY_STEP, SlotSteps, check_dense_steps, dense_shared_expert, slots_off
 from moeprep.runtime.vllm_compat import replaced
 from moeprep.schema.names import parse_expert_tensor
 from moeprep.schema.routing import FusedSharedExperts
@@ -87,7 +89,8 @@ def mapped_ids(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class SharedSlotRouter(SlotRouter):
     """The family's router over the routed experts, plus every slot per token (replica ``token % replicas``)
     at weight 1, or ``sigmoid`` of the gate's extra logit row for gated shared experts. Slot ids and unit
-    weights are sliced from tables built once, so a decode step adds only the two concatenations."""
+    weights are sliced from tables built once, so a decode step adds only the two concatenations. At the steps
+    ``steps`` leaves to the dense shared expert, the slot columns add nothing (``slot_steps.slots_off``)."""
 
     def __init__(
         self,
@@ -95,10 +98,11 @@ class SharedSlotRouter(SlotRouter):
         contract: FusedSharedExperts,
         slot_ids: torch.Tensor,
         routed_ids: torch.Tensor | None = None,
+        steps: SlotSteps = EVERY_STEP,
     ) -> None:
         """``routed_ids``: the router's expert -> the layer's id, when they differ (``contract.routed_ids``)."""
         super().__init__(inner, contract, contract.top_k + contract.slots)
-        self.slot_ids, self.routed_ids = slot_ids, routed_ids
+        self.slot_ids, self.routed_ids, self.steps = slot_ids, routed_ids, steps
         self.unit_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
 
     def _compute_routing(
@@ -115,6 +119,9 @@ class SharedSlotRouter(SlotRouter):
         if self.routed_ids is not None:
             ids = mapped_ids(ids, self.routed_ids)
         tokens = ids.shape[0]
+        if not self.steps.routes_slots(tokens):
+            slot_ids, slot_weights = slots_off(ids, c.slots, weights.dtype)
+            return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
         if tokens <= self.slot_ids.shape[0]:
             slot_ids = self.slot_ids[:tokens]
         else:  # more tokens than the scheduler's batch budget: build the rows for this call
@@ -146,6 +153,7 @@ class FusedSharedExpertsMoE(nn.Module):
     """Router gate + one MoE layer over routed experts and shared-expert slots (replaces a family's MoE block)."""
 
     routing: Callable[[Any], GateAndRouting]
+    dense_mlp: type | None  # the family's MLP class for its shared expert (None: none that the slot fits)
 
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
         super().__init__()
@@ -153,6 +161,22 @@ class FusedSharedExpertsMoE(nn.Module):
         spec = self.routing(config)
         hidden = config.hidden_size
         self.contract = contract
+        vllm_config = get_current_vllm_config()
+        steps = SlotSteps.from_env()
+        check_dense_steps(steps, contract, self.dense_mlp, MOE_LAYER, vllm_config.parallel_config)
+        shared = {}
+        if not steps.every_step:  # registered before the experts, so its parameters take the original's names
+            self.shared_experts = dense_shared_expert(
+                self.dense_mlp,
+                steps,
+                hidden_size=hidden,
+                intermediate_size=contract.expert_intermediate,
+                hidden_act=config.hidden_act,
+                quant_config=quant_config,
+                reduce_results=False,
+                prefix=f"{prefix}.shared_experts",
+            )
+            shared["shared_experts"] = self.shared_experts
         self.gate = GateLinear(
             hidden,
             contract.routed_experts + int(contract.gated),
@@ -164,7 +188,7 @@ class FusedSharedExpertsMoE(nn.Module):
         if spec.correction_bias:
             bias = nn.Parameter(torch.empty(contract.routed_experts, dtype=torch.float32))
             self.gate.e_score_correction_bias = bias
-        rows = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        rows = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("slot_ids", slot_id_table(contract, rows), persistent=False)
         routed_ids = None if contract.routed_ids is None else torch.tensor(contract.routed_ids, dtype=torch.int32)
         self.register_buffer("routed_ids", routed_ids, persistent=False)
@@ -187,9 +211,10 @@ class FusedSharedExpertsMoE(nn.Module):
             renormalize=contract.renormalize,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
-            router=SharedSlotRouter(inner, contract, self.slot_ids, self.routed_ids),
+            router=SharedSlotRouter(inner, contract, self.slot_ids, self.routed_ids, steps),
             router_logits_dtype=spec.gate_out_dtype,
             reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
+            **shared,
         )
         # What vLLM's MoE-model mixins read from a block (expert counts for EPLB bookkeeping).
         self.n_routed_experts = self.n_logical_experts = contract.num_experts
@@ -241,6 +266,7 @@ class FusedSlotRowsMoE(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         contract = current_contract()
+        check_dense_steps(SlotSteps.from_env(), contract, None, MOE_LAYER, vllm_config.parallel_config)
         self.contract = contract
         self.router = GateLinear(config.hidden_size, contract.routed_experts, prefix=f"{prefix}.router")
         inner = create_fused_moe_router(
@@ -317,24 +343,34 @@ def load_slot_tensor(params: dict[str, nn.Parameter], mapping: list, name: str, 
     raise PreparedCheckpointMismatch(f"moeprep: shared-expert slot tensor {name} has no parameter to load into")
 
 
-def fused_model_class(arch: str, module_name: str, parent_name: str, block_name: str, routing: Callable | None) -> type:
+def fused_model_class(
+    arch: str,
+    module_name: str,
+    parent_name: str,
+    block_name: str,
+    routing: Callable | None,
+    dense_mlp_name: str | None = None,
+) -> type:
     """``arch``: vLLM's ``parent_name`` model with its ``block_name`` MoE blocks fused (``routing`` mirrors the
     family's router; None: Llama 4's routing with the weight on the input, ``FusedSlotRowsMoE`` with the block's
-    own ``custom_routing_function``)."""
+    own ``custom_routing_function``). ``dense_mlp_name``: the family's MLP class its shared expert is, for the
+    steps ``MOEPREP_SHARED_SLOT_TOKENS`` leaves to it."""
     module = importlib.import_module(module_name)
     parent = getattr(module, parent_name)
     if routing is None:
         original = staticmethod(getattr(module, block_name).custom_routing_function)
         block = type(block_name, (FusedSlotRowsMoE,), {"routing_function": original, "__module__": __name__})
     else:
-        block = type(block_name, (FusedSharedExpertsMoE,), {"routing": staticmethod(routing), "__module__": __name__})
+        dense_mlp = getattr(module, dense_mlp_name) if dense_mlp_name else None
+        members = {"routing": staticmethod(routing), "dense_mlp": dense_mlp, "__module__": __name__}
+        block = type(block_name, (FusedSharedExpertsMoE,), members)
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
         contract = current_contract()
         check_fused_parallelism(vllm_config.parallel_config, contract)
         with replaced(module, block_name, block):
             parent.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        self.moeprep_contract = contract
+        self.moeprep_contract, self.moeprep_slot_steps = contract, SlotSteps.from_env()
 
     def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         contract: FusedSharedExperts = self.moeprep_contract
@@ -347,12 +383,15 @@ def fused_model_class(arch: str, module_name: str, parent_name: str, block_name:
             if entry[2] >= contract.routed_experts
         ]
         slots_loaded: set[str] = set()
+        dense_shared = not self.moeprep_slot_steps.every_step
 
         def routed_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
                 parsed = parse_expert_tensor(name)
                 if parsed and parsed.expert >= contract.routed_experts:
                     slots_loaded.add(load_slot_tensor(params, mapping, name, tensor))
+                    if dense_shared and parsed.expert == contract.slot_ids[0][0]:  # the slot as the original's MLP
+                        yield f"{parsed.mlp}.shared_experts.{parsed.proj}.{parsed.kind}", tensor
                 else:
                     yield name, tensor
 
@@ -393,12 +432,14 @@ FUSED_MODELS = {
         "DeepseekV3ForCausalLM",
         "DeepseekV2MoE",
         deepseek_routing,
+        "DeepseekV2MLP",
     ),
     "MoeprepFusedGlm4MoeForCausalLM": (
         "vllm.model_executor.models.glm4_moe",
         "Glm4MoeForCausalLM",
         "Glm4MoE",
         glm4_moe_routing,
+        "Glm4MoeMLP",
     ),
     "MoeprepFusedQwen2MoeForCausalLM": (
         "vllm.model_executor.models.qwen2_moe",

@@ -5,18 +5,22 @@ For GLM-4-MoE, Qwen2-MoE (sigmoid-gated shared expert, two slots, two replicas),
 greedy tokens equal the original's for 64 tokens on every prompt and teacher-forced log-probabilities
 agree to FP32_TOLERANCE; in bf16 (where the fused kernel sums in another order) the log-probabilities
 agree to BF16_TOLERANCE (the first three). The comparison sees the known mistakes: a contract that applies
-``routed_scaling_factor`` twice, or not at all, fails it.
+``routed_scaling_factor`` twice, or not at all, fails it. With ``MOEPREP_SHARED_SLOT_TOKENS`` leaving steps to
+the dense shared expert (prefill only, or every step), DeepSeek-V3 and GLM-4-MoE still serve the original's tokens.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from moeprep.fixtures.tokenizer import SAMPLE_PROMPTS
+from moeprep.runtime.slot_steps import SLOT_TOKENS_ENV
 from tests.conftest import rewrite_manifest, run_cli
 from tests.e2e.vllm_server import complete, sequence_logprobs, vllm_server
 
@@ -28,11 +32,13 @@ REPLICAS = {"glm4-moe": 1, "qwen2-moe": 2, "deepseek-v3": 1, "llama4": 2}
 BF16_FAMILIES = ["glm4-moe", "qwen2-moe", "deepseek-v3"]
 FP32_TOLERANCE = 2e-3  # mean |Δ logprob|, nats
 BF16_TOLERANCE = 0.02  # measured ~0.005
+# Served variants that leave steps to the dense shared expert: the slots only at 1-token (decode) steps, or never.
+SLOT_TOKENS = {"dense-prefill": "1", "dense-every-step": "none"}
 
 
-def run(model: Path, log: Path, dtype: str, sequences: list[list[int]] | None = None) -> dict:
+def run(model: Path, log: Path, dtype: str, sequences: list[list[int]] | None = None, env: dict | None = None) -> dict:
     """Greedy tokens for every prompt, and log-probabilities of ``sequences`` (default: prompt + greedy)."""
-    with vllm_server(model, log, dtype=dtype) as url:
+    with patch.dict(os.environ, env or {}), vllm_server(model, log, dtype=dtype) as url:
         choices = [complete(url, model, prompt, TOKENS) for prompt in SAMPLE_PROMPTS]
         greedy = [choice["token_ids"] for choice in choices]
         sequences = sequences or [c["prompt_token_ids"] + c["token_ids"] for c in choices]
@@ -50,7 +56,8 @@ def served(tiny, tmp_path_factory: pytest.TempPathFactory):
         if key not in cache:
             model = tiny(family) if variant == "original" else fused_folder(tiny(family), root, family, variant)
             reference = None if variant == "original" else get(family, "original", dtype)["sequences"]
-            cache[key] = run(model, root / f"{family}-{variant}-{dtype}.log", dtype, reference)
+            env = {SLOT_TOKENS_ENV: SLOT_TOKENS[variant]} if variant in SLOT_TOKENS else None
+            cache[key] = run(model, root / f"{family}-{variant}-{dtype}.log", dtype, reference, env)
         return cache[key]
 
     return get
@@ -61,7 +68,7 @@ def fused_folder(source: Path, root: Path, family: str, variant: str) -> Path:
     if not fused.exists():
         result = run_cli("convert", source, fused, f"--fuse-shared-experts={REPLICAS[family]}")
         assert result.returncode == 0, result.stderr
-    if variant == "fused":
+    if variant == "fused" or variant in SLOT_TOKENS:
         return fused
     mutant = shutil.copytree(fused, root / f"{family}-{variant}")
     rewrite_manifest(mutant, lambda m: scale_mistake(m["routing"]["fused_shared_experts"], variant))
@@ -95,3 +102,17 @@ def test_routed_scaling_mistakes_fail_the_comparison(served, variant: str) -> No
     delta = (broken["logprobs"] - original["logprobs"]).abs()
     assert delta.mean() > 10 * BF16_TOLERANCE, f"{variant}: mean |Δ logprob| {delta.mean():.4f}"
     assert broken["greedy"] != original["greedy"]
+
+
+@pytest.mark.parametrize(
+    ("family", "variant"),
+    [("deepseek-v3", "dense-prefill"), ("deepseek-v3", "dense-every-step"), ("glm4-moe", "dense-prefill")],
+)
+def test_steps_left_to_the_dense_shared_expert_serve_the_original_tokens(served, family: str, variant: str) -> None:
+    """The slot's weights loaded into the family's dense shared MLP, run at the steps the setting leaves to it
+    (prefill, where the teacher-forced log-probabilities come from, or every step) with the slot columns at
+    weight 0: the original's greedy tokens and log-probabilities, as with the slots."""
+    original, dense = served(family, "original", "float32"), served(family, variant, "float32")
+    assert dense["greedy"] == original["greedy"]
+    delta = (dense["logprobs"] - original["logprobs"]).abs()
+    assert delta.mean() <= FP32_TOLERANCE, f"mean |Δ logprob| {delta.mean():.2e}"

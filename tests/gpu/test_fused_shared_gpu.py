@@ -9,7 +9,9 @@ block-fp8 0.05: vLLM runs it w8a8, quantizing activations to e4m3 per 128-group,
 activations are quantized inside the MoE kernel rather than by the dense shared-expert linear. For fp8 the
 test also serves a fused folder whose shared expert's down-projection scales were doubled before fusing
 (what a slot loaded with the wrong scales would do) and requires it to score at least twice the tolerance
-away, so the tolerance is tight enough to see a scale mistake.
+away, so the tolerance is tight enough to see a scale mistake. With ``MOEPREP_SHARED_SLOT_TOKENS`` leaving
+steps to vLLM's dense shared expert (on its auxiliary CUDA stream), DeepSeek-V3 block fp8 and GLM-4-MoE score the
+same way: every step dense, or the 4-token decode steps on the slots and the prefills dense.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions
+from moeprep.runtime.slot_steps import SLOT_TOKENS_ENV
 from tests.gpu.test_mxfp4_gpu import OUT, generate
 
 TOLERANCE = {"none": 0.02, "fp8-block": 0.05}
@@ -89,3 +92,24 @@ def test_fused_shared_experts_score_like_the_original(tmp_path: Path, family: st
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two generations share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+@pytest.mark.parametrize(("family", "quantization"), [("deepseek-v3", "fp8-block"), ("glm4-moe", "none")])
+@pytest.mark.parametrize("slot_tokens", ["none", "4"])
+def test_steps_left_to_the_dense_shared_expert_score_like_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, quantization: str, slot_tokens: str
+) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    src = build_fixture(family, tmp_path / "src", quantization=quantization)
+    name = f"dense-steps-{slot_tokens}-{family}-{quantization}"
+    original = run(src, f"{name}-original")
+    sequences = tmp_path / "sequences.json"
+    sequences.write_text(json.dumps(original["sequences"]))
+    monkeypatch.setenv(SLOT_TOKENS_ENV, slot_tokens)  # read by the engine process generate.py starts
+    scored = run(fused(src, tmp_path / "fused"), f"{name}-fused", "--score", str(sequences))
+    delta = mean_delta(scored, original)
+    same = [common_prefix(a, b) for a, b in zip(original["tokens"], scored["tokens"], strict=True)]
+    summary = {"mean_abs_dlogprob": delta.mean().item(), "max_abs_dlogprob": delta.max().item(), "same_prefix": same}
+    (OUT / f"{name}-summary.json").write_text(json.dumps(summary))
+    assert all(len(set(t)) > 4 for t in original["tokens"])
+    assert delta.mean() <= TOLERANCE[quantization], summary
