@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from moeprep.errors import PreparedCheckpointMismatch
-from moeprep.runtime.slot_steps import SLOT_TOKENS_ENV, SlotSteps, check_dense_steps, dense_shared_expert
+from moeprep.runtime.slot_steps import (
+    SLOT_TOKENS_ENV,
+    SlotSteps,
+    check_dense_steps,
+    check_slots_to_choose,
+    dense_shared_expert,
+)
 from moeprep.schema.routing import FusedSharedExperts
 from tests.conftest import fresh_seed
 
@@ -106,3 +112,13 @@ def test_the_dense_path_is_refused_where_it_is_not_built() -> None:
         with pytest.raises(PreparedCheckpointMismatch, match=f"{reason.strip()}.*unset it") as refused:
             check_dense_steps(steps, *args)
         assert "\n" not in str(refused.value)
+
+
+def test_a_setting_for_a_folder_without_slots_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    contract = FusedSharedExperts.of(8, 1, 1, 2, 64, False)
+    monkeypatch.delenv(SLOT_TOKENS_ENV, raising=False)
+    check_slots_to_choose(None)
+    monkeypatch.setenv(SLOT_TOKENS_ENV, "1-15")
+    check_slots_to_choose(contract)
+    with pytest.raises(PreparedCheckpointMismatch, match="this folder has no slots .*--fuse-shared-experts.*unset it"):
+        check_slots_to_choose(None)

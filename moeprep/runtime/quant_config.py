@@ -23,6 +23,7 @@ from vllm.platforms import current_platform
 
 from moeprep.errors import MoeprepError, PreparedCheckpointMismatch
 from moeprep.runtime.lora_check import serve_base
+from moeprep.runtime.slot_steps import check_slots_to_choose
 from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.schema.manifest import (
     MANIFEST_NAME,
@@ -216,6 +217,7 @@ class MoeprepConfig(QuantizationConfig):
         parallel = vllm_config.parallel_config
         check_manifest_against_runtime(manifest, self.backend, parallel.tensor_parallel_size, running_ep_size(parallel))
         check_architecture(manifest, list(model_config.architectures or []))
+        check_slots_to_choose(manifest.fused_shared)
         check_rank_tensors(manifest, parallel.enable_expert_parallel, current_platform.is_cpu())
         self.manifest, self.folder = manifest, folder
         serve_base(folder)

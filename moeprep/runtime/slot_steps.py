@@ -1,8 +1,8 @@
 """Per step, the shared-expert slots or vLLM's dense shared expert.
 
 CUDA vLLM runs an unfused model's shared expert as a dense MLP on an auxiliary stream, beside the routed experts.
-From about 16 tokens a step that costs less than a slot in the grouped kernel, which reads the slot's weights
-once per tile of the slot's many rows (``benchmarks/results/fused_shared_speed_h200_vllm034.md``).
+From about 16 tokens a step that costs less than a slot in the grouped kernel, whose work adds to the routed
+experts' in series (``benchmarks/results/fused_shared_speed_h200_vllm034.md``).
 ``MOEPREP_SHARED_SLOT_TOKENS`` names the step sizes, in tokens, at which the slots run: ``1-15,257-`` (ranges,
 open at the top with ``N-``), ``none``, or ``all`` (the default, and the behaviour when it is unset). At any other
 step the slot columns go to each token's first routed expert at weight 0, which adds exactly nothing, and the
@@ -71,6 +71,15 @@ class SlotSteps:
 
 
 EVERY_STEP = SlotSteps()
+
+
+def check_slots_to_choose(contract: FusedSharedExperts | None) -> None:
+    """Refuse a setting that names step sizes for a prepared folder without slots: it would change nothing."""
+    if contract is None and not SlotSteps.from_env().every_step:
+        raise PreparedCheckpointMismatch(
+            f"moeprep: {SLOT_TOKENS_ENV} chooses between shared-expert slots and the dense shared expert, and this "
+            f"folder has no slots (convert with --fuse-shared-experts for them); unset it"
+        )
 
 
 def check_dense_steps(
