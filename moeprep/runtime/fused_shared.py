@@ -164,7 +164,7 @@ class FusedSharedExpertsMoE(nn.Module):
         vllm_config = get_current_vllm_config()
         steps = SlotSteps.from_env()
         check_dense_steps(steps, contract, self.dense_mlp, MOE_LAYER, vllm_config.parallel_config)
-        shared = {}
+        self.shared_experts: nn.Module | None = None
         if not steps.every_step:  # registered before the experts, so its parameters take the original's names
             self.shared_experts = dense_shared_expert(
                 self.dense_mlp,
@@ -176,7 +176,7 @@ class FusedSharedExpertsMoE(nn.Module):
                 reduce_results=False,
                 prefix=f"{prefix}.shared_experts",
             )
-            shared["shared_experts"] = self.shared_experts
+        shared = {} if self.shared_experts is None else {"shared_experts": self.shared_experts}
         self.gate = GateLinear(
             hidden,
             contract.routed_experts + int(contract.gated),
@@ -370,7 +370,7 @@ def fused_model_class(
         check_fused_parallelism(vllm_config.parallel_config, contract)
         with replaced(module, block_name, block):
             parent.__init__(self, vllm_config=vllm_config, prefix=prefix)
-        self.moeprep_contract, self.moeprep_slot_steps = contract, SlotSteps.from_env()
+        self.moeprep_contract = contract
 
     def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         contract: FusedSharedExperts = self.moeprep_contract
@@ -383,7 +383,8 @@ def fused_model_class(
             if entry[2] >= contract.routed_experts
         ]
         slots_loaded: set[str] = set()
-        dense_shared = not self.moeprep_slot_steps.every_step
+        blocks = [m for m in self.modules() if isinstance(m, FusedSharedExpertsMoE)]
+        dense_shared = any(block.shared_experts is not None for block in blocks)  # MOEPREP_SHARED_SLOT_TOKENS set
 
         def routed_weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
