@@ -30,6 +30,7 @@ sampling and output handling that make up much of a few-layer model's TPOT), on 
 model.
 ``--slot-tokens SPEC`` adds the fused folder served with ``MOEPREP_SHARED_SLOT_TOKENS=SPEC`` ("fused-steps"):
 the slots at those step sizes only, vLLM's dense shared expert on its auxiliary stream at the others.
+``--without-fused`` leaves the fused folder at its default setting out (e.g. original and fused-steps only).
 ``--resume FILE`` completes a run cut short: FILE (an earlier ``--out`` of the same setup) keeps its rounds and
 only the model-rounds it lacks are run, in the order the full run would have run them.
 """
@@ -341,6 +342,11 @@ def main() -> None:
     parser.add_argument(
         "--slot-tokens", default=None, help="also the fused folder with MOEPREP_SHARED_SLOT_TOKENS set to this"
     )
+    parser.add_argument(
+        "--without-fused",
+        action="store_true",
+        help="leave out the fused folder at its default setting (with --slot-tokens: original and fused-steps only)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeprep-fused-bench"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -371,7 +377,9 @@ def main() -> None:
     folders = weightless_folders(args.family, args.preset, args.layers, args.replicas, args.quantization, args.workdir)
     if args.no_shared_bound and "n_shared_experts" not in json.loads((folders["original"] / "config.json").read_text()):
         parser.error(f"--no-shared-bound: {args.family} does not count its shared experts (n_shared_experts)")
-    names = ["original", "fused"] + (["serial"] if args.serial_baseline else [])
+    if args.without_fused and not (args.slot_tokens or args.serial_baseline or args.no_shared_bound):
+        parser.error("--without-fused needs another model: add --slot-tokens, --serial-baseline or --no-shared-bound")
+    names = ["original"] + ([] if args.without_fused else ["fused"]) + (["serial"] if args.serial_baseline else [])
     names += ["no-shared"] if args.no_shared_bound else []
     names += ["fused-steps"] if args.slot_tokens else []
     if args.one_process:
@@ -416,7 +424,8 @@ def print_rows(args: argparse.Namespace, rows: list[dict], runs: dict[str, list[
     model = f"{args.family} {args.preset} {args.quantization} x{args.layers} layers"
     where = "all in one process" if args.one_process else "a process each"
     print(f"{model}, input {args.input_len}, output {args.output_len}, {args.rounds} rounds per model ({where})")
-    ratios = [(name, "original") for name in names[1:]] + ([("fused", "serial")] if "serial" in names else [])
+    ratios = [(name, "original") for name in names[1:]]
+    ratios += [("fused", "serial")] if {"fused", "serial"} <= set(names) else []
     for metric in (metric.removesuffix("_ms") for metric in measured_metrics(runs)):
         heads = "".join(f"{f'{a}/{b}':>20}" for a, b in ratios)
         print(f"batch  {metric.upper() + ' ' + '/'.join(names) + ' ms':>40}{heads}  original's noise")
@@ -463,6 +472,8 @@ def summarize(batch: str, runs: dict[str, list[dict]]) -> dict:
         key = metric.removesuffix("_ms")
         if "fused" in measured:
             row[f"{key}_ratio"] = row[f"fused_{metric}"] / row[f"original_{metric}"]
+        if "fused-steps" in measured:
+            row[f"{key}_steps_ratio"] = row[f"fused-steps_{metric}"] / row[f"original_{metric}"]
         if "serial" in measured and "fused" in measured:
             row[f"{key}_ratio_to_serial"] = row[f"fused_{metric}"] / row[f"serial_{metric}"]
         originals = row[f"original_{metric}_rounds"]

@@ -27,7 +27,7 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.errors import PreparedCheckpointMismatch
-from moeprep.runtime.slot_steps import EVERY_STEP, SlotSteps, check_dense_steps, dense_shared_expert, slots_off
+from moeprep.runtime.slot_steps import EVERY_STEP, SlotSteps, check_dense_steps, dense_shared_expert
 from moeprep.runtime.vllm_compat import replaced
 from moeprep.schema.names import parse_expert_tensor
 from moeprep.schema.routing import FusedSharedExperts
@@ -90,7 +90,8 @@ class SharedSlotRouter(SlotRouter):
     """The family's router over the routed experts, plus every slot per token (replica ``token % replicas``)
     at weight 1, or ``sigmoid`` of the gate's extra logit row for gated shared experts. Slot ids and unit
     weights are sliced from tables built once, so a decode step adds only the two concatenations. At the steps
-    ``steps`` leaves to the dense shared expert, the slot columns add nothing (``slot_steps.slots_off``)."""
+    ``steps`` leaves to the dense shared expert it returns the family's routing alone, without slot columns: the
+    original's top-k (vLLM's MoE kernels size their work from the ids they are handed, not from the layer's top_k)."""
 
     def __init__(
         self,
@@ -119,9 +120,8 @@ class SharedSlotRouter(SlotRouter):
         if self.routed_ids is not None:
             ids = mapped_ids(ids, self.routed_ids)
         tokens = ids.shape[0]
-        if not self.steps.routes_slots(tokens):
-            slot_ids, slot_weights = slots_off(ids, c.slots, weights.dtype)
-            return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
+        if not self.steps.routes_slots(tokens):  # the original's routing; vLLM's kernels take top-k from the ids
+            return weights, ids
         if tokens <= self.slot_ids.shape[0]:
             slot_ids = self.slot_ids[:tokens]
         else:  # more tokens than the scheduler's batch budget: build the rows for this call

@@ -1,14 +1,15 @@
 """Per step, the shared-expert slots or vLLM's dense shared expert.
 
 CUDA vLLM runs an unfused model's shared expert as a dense MLP on an auxiliary stream, beside the routed experts.
-From about 16 tokens a step that costs less than a slot in the grouped kernel, whose work adds to the routed
-experts' in series (``benchmarks/results/fused_shared_speed_h200_vllm034.md``).
+At most step sizes that costs less than the fused layer's wider top-(k+1) routing; at a few (where vLLM's default
+kernel tiles are slow for the original's expert count) the slots win
+(``benchmarks/results/fused_shared_speed_h200_vllm034.md``).
 ``MOEPREP_SHARED_SLOT_TOKENS`` names the step sizes, in tokens, at which the slots run: ``1-15,257-`` (ranges,
 open at the top with ``N-``), ``none``, or ``all`` (the default, and the behaviour when it is unset). At any other
-step the slot columns go to each token's first routed expert at weight 0, which adds exactly nothing, and the
-slot's own weights, loaded a second time into the family's dense shared MLP, run as the MoE layer's shared
-experts: vLLM's own path for the original model. Both sides decide from the step's token count inside vLLM's MoE
-custom op, so each CUDA graph size captures one path.
+step the router returns the family's routing alone (the original's top-k, no slot columns: vLLM's MoE kernels
+size their work from the expert ids they are handed) and the slot's own weights, loaded a second time into the
+family's dense shared MLP, run as the MoE layer's shared experts: vLLM's own path for the original model. Both
+sides decide from the step's token count inside vLLM's MoE custom op, so each CUDA graph size captures one path.
 """
 
 from __future__ import annotations
@@ -125,10 +126,3 @@ def dense_shared_expert(mlp_class: type, steps: SlotSteps, **mlp_args: Any) -> n
 
     DenseSharedExpert.__name__ = DenseSharedExpert.__qualname__ = f"DenseShared{mlp_class.__name__}"
     return DenseSharedExpert(**mlp_args)
-
-
-def slots_off(ids: torch.Tensor, slots: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot columns for a step that does not route to the slots: each token's first routed expert (an expert the
-    kernel reads anyway; -1 padding rows stay -1) at weight 0."""
-    tokens = ids.shape[0]
-    return ids[:, :1].expand(tokens, slots), torch.zeros(tokens, slots, dtype=dtype, device=ids.device)

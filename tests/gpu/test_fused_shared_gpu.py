@@ -11,7 +11,9 @@ test also serves a fused folder whose shared expert's down-projection scales wer
 (what a slot loaded with the wrong scales would do) and requires it to score at least twice the tolerance
 away, so the tolerance is tight enough to see a scale mistake. With ``MOEPREP_SHARED_SLOT_TOKENS`` leaving
 steps to vLLM's dense shared expert (on its auxiliary CUDA stream), DeepSeek-V3 block fp8 and GLM-4-MoE score the
-same way: every step dense, or the 4-token decode steps on the slots and the prefills dense.
+same way: every step dense (``none``: the scored prefill runs the original's top-k and the dense shared MLP), or
+steps of 5 tokens and more on the slots (``5-``: the scored prefill runs the slots while the dense shared MLP is
+built and must add nothing, and the 4-sequence decode steps run dense).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.parametrize(("family", "quantization"), [("deepseek-v3", "fp8-block"), ("glm4-moe", "none")])
-@pytest.mark.parametrize("slot_tokens", ["none", "4"])
+@pytest.mark.parametrize("slot_tokens", ["none", "5-"])
 def test_steps_left_to_the_dense_shared_expert_score_like_the_original(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, quantization: str, slot_tokens: str
 ) -> None:
