@@ -27,7 +27,9 @@ unchanged): no way of computing the shared expert, fused or not, is faster than 
 ``--graph-replays N`` also times the model's forward alone: after each batch size's runs, its decode step's full
 CUDA graph is replayed N times back to back in the engine's worker (GPU time, free of the host's scheduling,
 sampling and output handling that make up much of a few-layer model's TPOT), on fixed token sets shared by every
-model.
+model. ``--kernel-profile`` also records, per batch size, the GPU kernels of that graph (torch's profiler over
+``KERNEL_PROFILE_REPLAYS`` replays: launches and microseconds per forward, by kernel name) and prints where each
+model's kernels differ from the original's.
 ``--slot-tokens SPEC`` adds the fused folder served with ``MOEPREP_SHARED_SLOT_TOKENS=SPEC`` ("fused-steps"):
 the slots at those step sizes only, vLLM's dense shared expert on its auxiliary stream at the others.
 ``--without-fused`` leaves the fused folder at its default setting out (e.g. original and fused-steps only).
@@ -109,7 +111,7 @@ def weightless_folders(
 
 
 RunBatch = Callable[[int], tuple[float, list[float]]]
-ForwardTime = Callable[[int], float]
+ForwardTime = Callable[[int], dict]  # batch -> {"forward_ms": ...[, "kernels": ...]}
 
 
 def spread_routing(worker: Any, seed: int) -> int:
@@ -185,6 +187,34 @@ def replay_decode_graph(worker: Any, batch: int, replays: int) -> float:
     return elapsed_ms / (GRAPH_TOKEN_SETS * (replays // GRAPH_TOKEN_SETS))
 
 
+KERNEL_PROFILE_REPLAYS = 20
+
+
+def decode_graph_kernels(worker: Any, batch: int) -> dict[str, list[float]]:
+    """Runs in vLLM's worker: the GPU kernels of the ``batch``-request decode graph, by name: [launches, microseconds]
+    per replay, over ``KERNEL_PROFILE_REPLAYS`` replays under torch's profiler (after ``replay_decode_graph``, on
+    its last token set). Empty where the profiler records no GPU kernels (no CUPTI); the summary says so."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, _ = full_decode_graph(worker.model_runner, batch)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(KERNEL_PROFILE_REPLAYS):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in profiler.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        device_us = getattr(event, "self_device_time_total", None)
+        device_us = event.self_cuda_time_total if device_us is None else device_us
+        launches, total_us = kernels.get(event.key[:160], [0.0, 0.0])
+        kernels[event.key[:160]] = [launches + event.count, total_us + device_us]
+    return {name: [n / KERNEL_PROFILE_REPLAYS, us / KERNEL_PROFILE_REPLAYS] for name, (n, us) in kernels.items()}
+
+
 def batch_runner(
     model: str,
     overrides: Callable[[Any], Any] | None,
@@ -194,11 +224,13 @@ def batch_runner(
     gpu_share: float,
     replays: int,
     spread: bool,
+    kernel_profile: bool,
 ) -> tuple[RunBatch, ForwardTime | None]:
     """Start vLLM on ``model`` (dummy weights, ``gpu_share`` of the GPU's memory, config changed by
     ``overrides``); returns ``run_batch(n)``:
     n requests at once, (time to the first step that returns tokens, the intervals between later such steps),
-    and with ``replays`` ``forward_ms(n)``: the decode step's CUDA graph timed in the worker."""
+    and with ``replays`` ``forward(n)``: the decode step's CUDA graph timed in the worker (and with
+    ``kernel_profile`` its kernels)."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -233,10 +265,13 @@ def batch_runner(
                 stamps.append(time.perf_counter())
         return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
-    def forward_ms(batch: int) -> float:
-        return llm.collective_rpc(replay_decode_graph, args=(batch, replays))[0]
+    def forward(batch: int) -> dict:
+        timed = {"forward_ms": llm.collective_rpc(replay_decode_graph, args=(batch, replays))[0]}
+        if kernel_profile:
+            timed["kernels"] = llm.collective_rpc(decode_graph_kernels, args=(batch,))[0]
+        return timed
 
-    return run_batch, forward_ms if replays else None
+    return run_batch, forward if replays else None
 
 
 def warm_up(run_batch: RunBatch, batches: list[int], seconds: float) -> None:
@@ -249,10 +284,11 @@ def warm_up(run_batch: RunBatch, batches: list[int], seconds: float) -> None:
 
 
 def measure_batches(
-    run_batch: RunBatch, forward_ms: ForwardTime | None, batches: list[int], repeats: int
+    run_batch: RunBatch, forward: ForwardTime | None, batches: list[int], repeats: int
 ) -> dict[str, dict]:
-    """``{batch: {ttft_ms, tpot_ms, tpot_p10_p90_ms[, forward_ms]}}``, medians over ``repeats`` batches of each
-    size; the decode graph is replayed after them (its attention then reads the last step's context)."""
+    """``{batch: {ttft_ms, tpot_ms, tpot_p10_p90_ms[, forward_ms[, kernels]]}}``, medians over ``repeats``
+    batches of each size; the decode graph is replayed after them (its attention then reads the last step's
+    context)."""
     results = {}
     for batch in batches:
         runs = [run_batch(batch) for _ in range(repeats)]
@@ -262,8 +298,8 @@ def measure_batches(
             "tpot_ms": 1e3 * statistics.median(steps),
             "tpot_p10_p90_ms": [1e3 * steps[len(steps) // 10], 1e3 * steps[(9 * len(steps)) // 10]],
         }
-        if forward_ms is not None:
-            results[str(batch)]["forward_ms"] = forward_ms(batch)
+        if forward is not None:
+            results[str(batch)] |= forward(batch)
     return results
 
 
@@ -284,13 +320,14 @@ def child_measure(
     warmup_s: float,
     replays: int,
     spread: bool,
+    kernel_profile: bool,
 ) -> None:
     """The ``names`` models (``VARIANTS``) in this process, an engine each on an equal share of the GPU, taking
     turns for ``rounds`` rounds (in the given order, then reversed, ...). Writes ``{name: [per-round results]}``."""
     # The router reset and the graph timer are functions sent to the engine's worker, which vLLM pickles only so.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     runners = {}
-    engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread)
+    engine = (batches, input_len, output_len, 0.9 / len(names), replays, spread, kernel_profile)
     for name in names:
         folder, env, overrides = VARIANTS[name]
         with patch.dict(os.environ, env):  # read by the engine process this starts
@@ -337,6 +374,11 @@ def main() -> None:
         help="also time each decode step's full CUDA graph over this many replays (GPU time of the forward alone)",
     )
     parser.add_argument(
+        "--kernel-profile",
+        action="store_true",
+        help="with --graph-replays: also record each decode graph's GPU kernels (launches and time per forward)",
+    )
+    parser.add_argument(
         "--dummy-routing", action="store_true", help="keep vLLM's dummy router gates (tokens crowd onto few experts)"
     )
     parser.add_argument(
@@ -367,10 +409,12 @@ def main() -> None:
         VARIANTS["fused-steps"] = ("fused", {SLOT_TOKENS_ENV: args.slot_tokens}, None)
     if 0 < args.graph_replays < GRAPH_TOKEN_SETS:
         parser.error(f"--graph-replays: at least {GRAPH_TOKEN_SETS} (one per token set)")
+    if args.kernel_profile and not args.graph_replays:
+        parser.error("--kernel-profile profiles the decode graphs --graph-replays times: add --graph-replays N")
     if args.child:
         out, *names = args.child
         measure = (args.batches, args.input_len, args.output_len, args.repeats, args.warmup_s, args.graph_replays)
-        measure += (not args.dummy_routing,)
+        measure += (not args.dummy_routing, args.kernel_profile)
         child_measure(args.workdir, names, Path(out), args.rounds, *measure)
         return
 
@@ -392,6 +436,8 @@ def main() -> None:
                     runs[name] += run_child([name], 1, args, f"{name}-{round_index}")[name]
                     write_results(args, runs)  # every process done so far survives a run cut short
     print_rows(args, write_results(args, runs), runs)
+    if args.kernel_profile:
+        print_kernel_differences(runs, args.batches)
 
 
 def resumed_runs(args: argparse.Namespace, names: list[str]) -> dict[str, list[dict]]:
@@ -435,6 +481,27 @@ def print_rows(args: argparse.Namespace, rows: list[dict], runs: dict[str, list[
             print(f"{r['batch']:5d}  {times:>40}{cells}  {r[f'{metric}_noise']:16.3f}")
 
 
+def print_kernel_differences(runs: dict[str, list[dict]], batches: list[int], shown: int = 6) -> None:
+    """Per batch and model, from the first round's profile: GPU kernel launches and time per forward against the
+    original's, and the kernels whose time per forward differs most."""
+    for batch in map(str, batches):
+        profiles = {name: results[0][batch].get("kernels", {}) for name, results in runs.items() if results}
+        original = profiles.get("original", {})
+        for name, kernels in profiles.items():
+            if not kernels:
+                print(f"batch {batch} {name}: the profiler recorded no GPU kernels")
+                continue
+            launches, total_us = (sum(k[i] for k in kernels.values()) for i in (0, 1))
+            print(f"batch {batch} {name}: {launches:.0f} kernel launches, {total_us:.1f} us per forward")
+            if name == "original" or not original:
+                continue
+            names = set(kernels) | set(original)
+            change = {k: kernels.get(k, [0, 0])[1] - original.get(k, [0, 0])[1] for k in names}
+            for kernel in sorted(names, key=lambda k: -abs(change[k]))[:shown]:
+                counts = f"{original.get(kernel, [0, 0])[0]:.0f} -> {kernels.get(kernel, [0, 0])[0]:.0f}"
+                print(f"    {change[kernel]:+8.1f} us  launches {counts:>9}  {kernel[:90]}")
+
+
 def run_child(names: list[str], rounds: int, args: argparse.Namespace, name: str) -> Any:
     """Measure the ``names`` models for ``rounds`` rounds in a fresh process running this script; returns the
     JSON it writes (``{name: [per-round results]}``)."""
@@ -444,6 +511,7 @@ def run_child(names: list[str], rounds: int, args: argparse.Namespace, name: str
     command += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     command += ["--repeats", str(args.repeats), "--warmup-s", str(args.warmup_s)]
     command += ["--graph-replays", str(args.graph_replays)] + (["--dummy-routing"] if args.dummy_routing else [])
+    command += ["--kernel-profile"] if args.kernel_profile else []
     command += ["--slot-tokens", args.slot_tokens] if args.slot_tokens else []
     with log.open("w") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
