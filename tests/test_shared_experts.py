@@ -3,6 +3,7 @@ and the runtime's slot router on vLLM CPU."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from pathlib import Path
@@ -243,6 +244,24 @@ def test_slot_routers_skip_padding_rows_and_monolithic_kernels() -> None:
     table = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
     assert mapped_ids(routed, table).tolist() == [[0, 6], [-1, -1], [4, 2], [-1, -1]]
     assert SlotRouter.supports_monolithic_kernels.fget(None) is False  # type: ignore[attr-defined]
+
+
+def test_slots_are_masked_only_behind_routers_that_mark_padding_rows() -> None:
+    """vLLM's grouped top-k router leaves padding rows routed unless built with ``skip_padding`` (moeprep never
+    asks for it), so the slot router skips the -1 check behind it; behind any other router it keeps it."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
+    from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+
+    from moeprep.runtime.fused_shared import marks_padding
+
+    def grouped(**skip: bool) -> GroupedTopKRouter:
+        return GroupedTopKRouter(top_k=2, global_num_experts=8, num_expert_group=2, topk_group=1, **skip)
+
+    assert not marks_padding(grouped())
+    if "skip_padding" in inspect.signature(GroupedTopKRouter).parameters:  # vLLM 0.32+
+        assert marks_padding(grouped(skip_padding=True))
+    assert marks_padding(create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False))
 
 
 def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:

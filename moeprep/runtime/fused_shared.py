@@ -24,6 +24,7 @@ from vllm.model_executor.layers import fused_moe
 from vllm.model_executor.layers.fused_moe import GateLinear, fused_moe_make_expert_params_mapping
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.errors import PreparedCheckpointMismatch
@@ -74,6 +75,12 @@ class SlotRouter(BaseRouter):
         return False
 
 
+def marks_padding(router: BaseRouter) -> bool:
+    """Whether ``router`` may route CUDA-graph padding rows to expert -1 (vLLM 0.32+: its fused top-k routers do,
+    its grouped top-k router only when built with ``skip_padding``, as moeprep never builds it; vLLM 0.26: none)."""
+    return not (isinstance(router, GroupedTopKRouter) and not getattr(router, "skip_padding", False))
+
+
 def padding_rows_skipped(routed_ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
     """``slot_ids`` with the rows the router marked as padding (expert ids -1, vLLM 0.34+) set to -1 too, so the
     kernel skips their slots as it skips their routed experts."""
@@ -104,6 +111,7 @@ class SharedSlotRouter(SlotRouter):
         """``routed_ids``: the router's expert -> the layer's id, when they differ (``contract.routed_ids``)."""
         super().__init__(inner, contract, contract.top_k + contract.slots)
         self.slot_ids, self.routed_ids, self.steps = slot_ids, routed_ids, steps
+        self.marks_padding = marks_padding(inner)  # else no -1 rows: two kernels a step saved
         self.unit_weights = torch.ones(slot_ids.shape, dtype=torch.float32, device=slot_ids.device)
 
     def _compute_routing(
@@ -133,7 +141,9 @@ class SharedSlotRouter(SlotRouter):
             slot_weights = self.unit_weights[:tokens]
         else:
             slot_weights = torch.ones(tokens, c.slots, dtype=weights.dtype, device=weights.device)
-        slot_ids = padding_rows_skipped(ids, slot_ids.to(ids.dtype))
+        slot_ids = slot_ids.to(ids.dtype)
+        if self.marks_padding:
+            slot_ids = padding_rows_skipped(ids, slot_ids)
         return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
 
 
