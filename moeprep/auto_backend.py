@@ -2,10 +2,10 @@
 
 vLLM's mxfp4 MoE backend selection (0.26-0.34, ``fused_moe/oracle/mxfp4.py``): Triton ``matmul_ogs`` on Hopper,
 FlashInfer TRT-LLM-Gen on datacenter Blackwell (sm100/sm103) where FlashInfer is installed, Marlin on other CUDA
-GPUs, the AMX kernel on vLLM CPU with AMX, and no kernel at all on vLLM CPU without AMX (moeprep's ``dequant``
-folders are served there by the plugin). Experts in other formats are loaded as stored: backend ``none``
-(``plan.auto_choice``). The target is ``--target-gpu`` or ``--arch`` when given, else this machine's GPU, else
-this machine's CPU when vLLM CPU is installed here.
+GPUs, the AMX kernel on vLLM CPU with AMX (moeprep's ``cpu`` layout), and no kernel at all on vLLM CPU without AMX
+(moeprep's ``dequant`` folders are served there by the plugin). Experts in other formats are loaded as stored:
+backend ``none`` (``plan.auto_choice``). The target is ``--target-gpu`` or ``--arch`` when given, else this
+machine's GPU, else this machine's CPU when vLLM CPU is installed here.
 """
 
 from __future__ import annotations
@@ -89,10 +89,7 @@ def choose_mxfp4(target: ServingTarget, trtllm_supported: bool) -> BackendChoice
     where = target.described
     if target.platform == "cpu":
         if target.amx:
-            raise UnsupportedModelError(
-                f"on {where}, vLLM runs gpt-oss's mxfp4 experts on its own AMX kernel from the original checkpoint; "
-                "moeprep's cpu layout is not served yet, so serve the original there"
-            )
+            return BackendChoice("cpu", None, f"vLLM CPU runs mxfp4 MoE on its AMX kernel; target: {where}")
         return BackendChoice("dequant", None, f"vLLM CPU without AMX has no mxfp4 MoE kernel; target: {where}")
     arch = target.arch or ""
     if arch == "sm90":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install, build a tiny gpt-oss checkpoint (mxfp4 experts), convert it with the defaults (here: vLLM CPU without
-# AMX, so --backend auto picks dequant), verify it, serve it with vLLM and send one request.
+# Install, build a tiny gpt-oss checkpoint (mxfp4 experts), convert it with the defaults (here vLLM CPU, so
+# --backend auto picks cpu on CPUs with AMX, dequant on others), verify it, serve it with vLLM and send one request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -131,10 +131,24 @@ def test_prepared_records_of_one_experts_module() -> None:
         }
 
 
-@pytest.mark.parametrize(("backend", "why"), [("cpu", "AMX"), ("flashinfer-trtllm", "Blackwell")])
-def test_layouts_not_served_yet_say_why(backend: str, why: str) -> None:
-    with pytest.raises(PreparedCheckpointMismatch, match=f"cannot serve backend '{backend}' yet: .*{why}"):
-        MoeprepConfig.from_config({"quant_method": "moeprep", "schema_version": SCHEMA_VERSION, "backend": backend})
+def test_layouts_not_served_yet_say_why() -> None:
+    with pytest.raises(PreparedCheckpointMismatch, match="cannot serve backend 'flashinfer-trtllm' yet: .*Blackwell"):
+        config = {"quant_method": "moeprep", "schema_version": SCHEMA_VERSION, "backend": "flashinfer-trtllm"}
+        MoeprepConfig.from_config(config)
+
+
+def test_cpu_layout_is_served_only_by_vllm_cpu_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its kernel (``CPUExpertsMxfp4``) runs only there; elsewhere the folder is refused in one line."""
+    from moeprep.runtime import cpu_mxfp4
+    from moeprep.runtime.mxfp4 import PreparedCpuMxfp4MoEMethod
+
+    method = object.__new__(PreparedCpuMxfp4MoEMethod)  # check_machine reads nothing off the layer
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(cpu_mxfp4, "vllm_cpu_has_mxfp4_moe", lambda: False)
+    with pytest.raises(PreparedCheckpointMismatch, match="need vLLM CPU on a CPU with AMX"):
+        method.check_machine()
+    monkeypatch.setattr(cpu_mxfp4, "vllm_cpu_has_mxfp4_moe", lambda: True)
+    method.check_machine()
 
 
 def test_unknown_backend_and_schema_are_refused() -> None:

@@ -1,4 +1,4 @@
-"""gpt-oss mxfp4 experts on a CPU where vLLM has no mxfp4 MoE kernel (vLLM CPU's needs AMX).
+"""gpt-oss mxfp4 experts dequantized by moeprep, for CPUs where vLLM has no mxfp4 MoE kernel (vLLM CPU's needs AMX).
 
 Serves folders prepared with ``--backend dequant``: the experts keep the checkpoint's bytes
 (``moeprep_w13_weight`` [E, 2I, H/2] u8, two e2m1 per byte, low nibble first; ``moeprep_w13_scale``
@@ -15,7 +15,6 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
-from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.runtime.prepared_params import PreparedExpertParams, PreparedWeightsMixin
 from moeprep.runtime.tracking import PreparedTensorTracker
 from moeprep.schema.manifest import TensorRecord
@@ -66,9 +65,9 @@ class DequantMxfp4MoEMethod(PreparedWeightsMixin, FusedMoEMethodBase):
         """``rank_folder``: the folder whose rank files hold ``records`` (``convert --tp N``)."""
         super().__init__(moe)
         if vllm_cpu_has_mxfp4_moe():
-            raise PreparedCheckpointMismatch(
-                "moeprep: this CPU has AMX, where vLLM's own mxfp4 MoE kernel runs; the dequant backend is for "
-                "CPUs without it: serve the original checkpoint here"
+            logger.warning_once(
+                "moeprep: this CPU has AMX, where vLLM's own mxfp4 MoE kernel runs faster than the dequant backend "
+                "this folder was converted for: convert with --backend auto (the cpu layout) for this machine"
             )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.tracker, self.rank_folder = prefix, tracker, rank_folder

@@ -50,11 +50,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
         self, moe: Any, prefix: str, records: dict[str, TensorRecord], knobs: dict, tracker: PreparedTensorTracker
     ) -> None:
         """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
-        if not torch.cuda.is_available():
-            raise PreparedCheckpointMismatch(
-                f"moeprep: this folder holds {self.LAYOUT} layouts, which need a CUDA GPU; on this machine "
-                "convert with --backend dequant (vLLM CPU), or serve the original checkpoint"
-            )
+        self.check_machine()
         arch = knobs.get("arch", "any")
         if arch != "any" and arch != running_arch():
             raise PreparedCheckpointMismatch(
@@ -69,6 +65,14 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
             )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
         self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
+
+    def check_machine(self) -> None:
+        """Refuse a machine whose vLLM has no kernel for this layout."""
+        if not torch.cuda.is_available():
+            raise PreparedCheckpointMismatch(
+                f"moeprep: this folder holds {self.LAYOUT} layouts, which need a CUDA GPU; on this machine "
+                "convert with --backend auto (vLLM CPU), or serve the original checkpoint"
+            )
 
     def process_weights_after_loading(self, layer: Any) -> None:
         if weights_pre_processed():
@@ -192,6 +196,26 @@ class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
         return tuple(getattr(layer, name).data for name in VLLM_ORDER)  # type: ignore[return-value]
 
 
+class PreparedCpuMxfp4MoEMethod(PreparedMxfp4MoEMethod):
+    """``CPUExpertsMxfp4`` (vLLM CPU's AMX kernel): weights and scales packed for it, float32 biases."""
+
+    PARAMS = prepared_param_names("weight", "scale", "bias")
+    BACKENDS = frozenset({"CPU"})
+    LAYOUT = "CPU AMX"
+
+    def check_machine(self) -> None:
+        from moeprep.runtime.cpu_mxfp4 import vllm_cpu_has_mxfp4_moe
+
+        if torch.cuda.is_available() or not vllm_cpu_has_mxfp4_moe():
+            raise PreparedCheckpointMismatch(
+                "moeprep: this folder holds CPU AMX layouts, which need vLLM CPU on a CPU with AMX; on this machine "
+                "convert with --backend auto, or serve the original checkpoint"
+            )
+
+    def kernel_tensors(self, layer: Any) -> KernelTensors:
+        return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
+
+
 class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     """``--backend none``: vLLM's mxfp4 parameters padded offline for the kernel vLLM picks on the folder's arch;
     vLLM's own kernel transform runs at load (a kernel with other padding is refused by the size check)."""
@@ -213,4 +237,5 @@ PREPARED_METHODS: dict[str, type[PreparedMxfp4MoEMethod]] = {
     "triton": PreparedTritonMxfp4MoEMethod,
     "marlin": PreparedMarlinMxfp4MoEMethod,
     "none": PaddedMxfp4MoEMethod,
+    "cpu": PreparedCpuMxfp4MoEMethod,
 }

@@ -40,7 +40,7 @@ from moeprep.schema.routing import FusedSharedExperts
 from moeprep.schema.serving import backend_not_served, unserved_reason
 from moeprep.schema.vllm_versions import in_ranges, served_vllm
 
-RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant")
+RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant", "cpu")
 STRICT_VLLM_ENV = "MOEPREP_STRICT_VLLM"  # 1: refuse folders outside their vLLM ranges without the layout check
 # Attributes vLLM reads off the model's quantization config by name (block-fp8 linear splits, the CUDA fp8
 # quant op and its norm/activation fusions, kv-cache scales): a prepared folder gets the original's.

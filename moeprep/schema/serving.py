@@ -11,8 +11,6 @@ from moeprep.schema.names import SCALE_SUFFIX, is_prepared_param
 
 # Layouts moeprep writes but its runtime cannot serve yet, with the reason.
 NOT_SERVED_YET = {
-    "cpu": "serving the AMX layout needs an AMX CPU to verify it on; serve the original checkpoint with vLLM, "
-    "or convert with --backend dequant for CPUs without AMX",
     "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
     "convert with --backend triton or marlin",
 }
@@ -33,6 +31,11 @@ def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool)
             f"multi-GPU host; vLLM CPU serves them: --tensor-parallel-size {target.ep_size} "
             "--enable-expert-parallel); on GPUs convert with --tp, or serve the original checkpoint with "
             "--enable-expert-parallel"
+        )
+    if target.backend == "cpu" and any(is_prepared_param(name) for name in rank_tensors):
+        return (
+            "serving tensor-parallel cpu layouts (convert --tp) is not verified yet; serve a folder converted "
+            "without --tp, or the original checkpoint"
         )
     if target.backend != "dequant" and any(is_prepared_param(name) for name in rank_tensors):
         return (

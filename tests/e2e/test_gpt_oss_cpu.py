@@ -156,6 +156,27 @@ def test_unquantized_gpt_oss_saved_by_transformers_serves_its_tokens(tmp_path: P
     assert served["prepared"] == served["original"]
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM CPU's mxfp4 MoE kernel needs AMX tiles")
+def test_default_folder_on_an_amx_cpu_serves_the_originals_tokens_and_logprobs(tiny, tmp_path: Path) -> None:
+    """On a CPU with AMX vLLM CPU serves the original gpt-oss on its own mxfp4 kernel, packing the experts at load.
+    ``convert`` with default flags writes them packed for that kernel (backend cpu), and the folder serves the
+    original's greedy tokens with the original's log-probabilities, bit for bit: the same kernel on the same bytes.
+    (Bytes packed twice, or not at all, give other tokens.)"""
+    src, dest = tiny("gpt-oss"), tmp_path / "prepared"
+    result = run_cli("convert", src, dest)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("backend cpu: vLLM CPU runs mxfp4 MoE on its AMX kernel"), result.stdout
+    served = {}
+    for name, folder in (("original", src), ("prepared", dest)):
+        with vllm_server(folder, tmp_path / f"{name}.log") as url:
+            choices = [complete(url, folder, prompt, TOKENS, logprobs=1) for prompt in PROMPTS]
+        served[name] = [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in choices]
+    for name in served:  # both on vLLM's own AMX kernel
+        assert "Using 'CPU' Mxfp4 MoE backend." in (tmp_path / f"{name}.log").read_text(), name
+    assert all(len(set(tokens)) > 4 for tokens, _ in served["original"]), "degenerate generations cannot tell apart"
+    assert served["prepared"] == served["original"]
+
+
 def test_triton_folder_is_refused_on_vllm_cpu(tiny, tmp_path: Path) -> None:
     dest = tmp_path / "triton"
     assert run_cli("convert", tiny("gpt-oss"), dest, "--backend", "triton").returncode == 0

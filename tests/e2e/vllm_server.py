@@ -47,6 +47,11 @@ def server_cores(tp: int) -> list[int]:
 def serve_command(model: Path, port: int, dtype: str = "bfloat16", tp: int = 1, extra: Sequence[str] = ()) -> list[str]:
     command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *SERVE_ARGS]
     command += extra
+    config = model / "config.json"
+    if config.is_file() and "kv_lora_rank" in json.loads(config.read_text()):  # MLA attention (DeepSeek-V3, Kimi-K2)
+        # vLLM CPU picks its AMX MLA backend on CPUs with AMX, which has no float32 path; the reference backend
+        # serves every dtype on every CPU, so the comparisons run the same attention on any machine
+        command += ["--attention-backend", "CPU_MLA"]
     if tp > 1:  # the CPU memory check counts all ranks' reservations against one node
         command += ["--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
     return command
