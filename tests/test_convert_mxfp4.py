@@ -178,7 +178,7 @@ def test_layouts_are_prepared_for_the_vllm_releases_their_recipe_covers(tiny, tm
     ("extra", "reason"),
     [
         (["--backend", "flashinfer-trtllm", "--vllm-version", "0.26.0"], "Blackwell"),
-        (["--backend", "cpu", "--tp", "2"], "tensor-parallel cpu layouts"),
+        (["--backend", "cpu", "--ep", "2"], "expert-parallel cpu layouts"),
         (["--backend", "triton", "--tp", "2"], "tensor-parallel triton layouts"),
     ],
 )

@@ -8,6 +8,7 @@ engine's post-processing only rebuilds the kernel around them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -47,9 +48,16 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
     LAYOUT: ClassVar[str]
 
     def __init__(
-        self, moe: Any, prefix: str, records: dict[str, TensorRecord], knobs: dict, tracker: PreparedTensorTracker
+        self,
+        moe: Any,
+        prefix: str,
+        records: dict[str, TensorRecord],
+        knobs: dict,
+        tracker: PreparedTensorTracker,
+        rank_folder: Path | None = None,
     ) -> None:
-        """``records``: the manifest records of this module's prepared tensors, by full tensor name."""
+        """``records``: the manifest records of this module's prepared tensors, by full tensor name;
+        ``rank_folder``: the folder whose rank files hold them (``convert --tp N``, CPU layouts only)."""
         self.check_machine()
         arch = knobs.get("arch", "any")
         if arch != "any" and arch != running_arch():
@@ -64,7 +72,7 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
                 f"folder holds {self.LAYOUT} layouts; serve with that backend or convert again"
             )
         self.params = PreparedExpertParams(self.PARAMS, prefix, records, tracker)
-        self.prefix, self.knobs, self.tracker = prefix, knobs, tracker
+        self.prefix, self.knobs, self.tracker, self.rank_folder = prefix, knobs, tracker, rank_folder
 
     def check_machine(self) -> None:
         """Refuse a machine whose vLLM has no kernel for this layout."""
@@ -79,6 +87,8 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
             tensors = self.cached_kernel_tensors(layer)
             self.params.taken_from_weight_cache()
         else:
+            if self.rank_folder is not None:
+                self.params.load_rank_files(layer, self.rank_folder)
             self.params.check_all_loaded()
             tensors = self.kernel_tensors(layer)
         for name in self.PARAMS:

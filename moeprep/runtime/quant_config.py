@@ -37,7 +37,7 @@ from moeprep.schema.manifest import (
 )
 from moeprep.schema.names import is_prepared_param
 from moeprep.schema.routing import FusedSharedExperts
-from moeprep.schema.serving import backend_not_served, unserved_reason
+from moeprep.schema.serving import CPU_BACKENDS, backend_not_served, unserved_reason
 from moeprep.schema.vllm_versions import in_ranges, served_vllm
 
 RUNTIME_BACKENDS = ("none", "triton", "marlin", "dequant", "cpu")
@@ -262,7 +262,7 @@ class MoeprepConfig(QuantizationConfig):
         if self.manifest is None:
             self._load_and_check_manifest()
         rank_records = self.rank_records()
-        if rank_records and isinstance(layer, RoutedExperts) and self.backend != "dequant":
+        if rank_records and isinstance(layer, RoutedExperts) and self.backend not in CPU_BACKENDS:
             from moeprep.runtime.rank_experts import RankExpertsMoEMethod
 
             experts = prefix.removesuffix(".routed_experts") + "."
@@ -281,8 +281,10 @@ class MoeprepConfig(QuantizationConfig):
 
             assert self.manifest is not None
             self.tracker.layer_built(prefix)
+            records = self.prepared_records(prefix, rank_records or None)
+            folder = self.folder if rank_records else None
             return PREPARED_METHODS[self.backend](
-                layer.moe_config, prefix, self.prepared_records(prefix), self.manifest.target.knobs, self.tracker
+                layer.moe_config, prefix, records, self.manifest.target.knobs, self.tracker, folder
             )
         if self.original is not None:
             self.original.packed_modules_mapping = self.packed_modules_mapping

@@ -9,6 +9,7 @@ from collections.abc import Collection
 from moeprep.schema.manifest import Target
 from moeprep.schema.names import SCALE_SUFFIX, is_prepared_param
 
+CPU_BACKENDS = ("dequant", "cpu")  # mxfp4 layouts served on vLLM CPU, also from --tp rank files
 # Layouts moeprep writes but its runtime cannot serve yet, with the reason.
 NOT_SERVED_YET = {
     "flashinfer-trtllm": "serving the TRT-LLM layout needs a Blackwell (sm100) GPU to verify it on; on Hopper "
@@ -25,6 +26,11 @@ def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool)
     (empty for a single-partition folder), on vLLM CPU or (``on_cpu`` False) on GPUs; None when it serves it."""
     if reason := backend_not_served(target.backend):
         return reason
+    if target.backend == "cpu" and rank_tensors and target.ep_size > 1:
+        return (
+            "serving expert-parallel cpu layouts (convert --ep) is not verified yet; convert with --tp, or serve "
+            "the original checkpoint with --enable-expert-parallel"
+        )
     if rank_tensors and target.ep_size > 1 and not on_cpu:
         return (
             "serving per-rank expert-parallel folders (convert --ep) on GPUs is not verified yet (it needs a "
@@ -32,12 +38,7 @@ def unserved_reason(target: Target, rank_tensors: Collection[str], on_cpu: bool)
             "--enable-expert-parallel); on GPUs convert with --tp, or serve the original checkpoint with "
             "--enable-expert-parallel"
         )
-    if target.backend == "cpu" and any(is_prepared_param(name) for name in rank_tensors):
-        return (
-            "serving tensor-parallel cpu layouts (convert --tp) is not verified yet; serve a folder converted "
-            "without --tp, or the original checkpoint"
-        )
-    if target.backend != "dequant" and any(is_prepared_param(name) for name in rank_tensors):
+    if target.backend not in CPU_BACKENDS and any(is_prepared_param(name) for name in rank_tensors):
         return (
             f"serving tensor-parallel {target.backend} layouts (convert --tp with an mxfp4 GPU backend) is not "
             "verified yet: it needs a multi-GPU host; serve a folder converted without --tp at "

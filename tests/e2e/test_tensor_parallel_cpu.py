@@ -3,13 +3,15 @@ experts from its own files, and greedy tokens (float32) equal the original check
 fused shared-expert slots included (sliced per rank like the routed experts, or sliced by vLLM from a
 single-partition fused folder); a folder converted for TP 2 is refused at any other size; an expert-parallel
 folder (``convert --ep 2``) served with expert parallelism over the two ranks generates the same tokens, with
-fused shared-expert replicas spread over the ranks too."""
+fused shared-expert replicas spread over the ranks too. gpt-oss: dequant rank folders against the single-partition
+folder, and on CPUs with AMX the cpu layout's rank folders against the original."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 from tests.e2e.vllm_server import run_until_exit, serve_and_generate
@@ -70,6 +72,24 @@ def test_gpt_oss_dequant_tp2_and_ep2_folders_generate_the_tokens_of_the_single_p
         assert served == reference, name
         reads = [line for line in log.read_text().splitlines() if "reads its experts from" in line]
         assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM CPU's mxfp4 MoE kernel needs AMX tiles")
+def test_gpt_oss_cpu_layout_tp2_folder_generates_the_original_tokens_on_an_amx_cpu(tiny, tmp_path: Path) -> None:
+    """On a CPU with AMX vLLM CPU serves the original gpt-oss at TP 2 itself: each rank cuts, pads and packs its
+    share of the experts at load. ``convert --tp 2`` (backend auto: cpu there) stores each rank's share packed in
+    its own files, and the folder serves the original's greedy tokens (bf16, the activations vLLM's AMX kernel
+    takes), each rank reading only its own files."""
+    prepared = tmp_path / "tp2"
+    result = run_cli("convert", tiny("gpt-oss"), prepared, "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("backend cpu:"), result.stdout
+    original = serve_and_generate(tiny("gpt-oss"), tmp_path / "original.log", max_tokens=64, tp=2)
+    served = serve_and_generate(prepared, tmp_path / "prepared.log", max_tokens=64, tp=2)
+    assert all(len(set(tokens)) > 4 for tokens in original), "degenerate generations cannot tell models apart"
+    assert served == original
+    reads = [line for line in (tmp_path / "prepared.log").read_text().splitlines() if "reads its experts from" in line]
+    assert reads and all("Worker_TP0" in line and "model-rank-0-part-" in line for line in reads), reads
 
 
 @pytest.mark.parametrize("tp_files", [True, False], ids=["rank-files", "single-partition"])
