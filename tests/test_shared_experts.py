@@ -264,6 +264,27 @@ def test_slots_are_masked_only_behind_routers_that_mark_padding_rows() -> None:
     assert marks_padding(create_fused_moe_router(top_k=2, global_num_experts=8, renormalize=False))
 
 
+@pytest.mark.parametrize(
+    ("module", "block", "routing"),
+    [("deepseek_v2", "DeepseekV2MoE", "deepseek_routing"), ("glm4_moe", "Glm4MoE", "glm4_moe_routing")],
+)
+def test_fused_blocks_apply_their_gate_where_the_installed_vllms_original_block_does(
+    module: str, block: str, routing: str
+) -> None:
+    """The original block either hands its gate to vLLM's MoE layer (whose runner applies it after starting the
+    shared expert on the auxiliary stream) or applies it itself: the fused block does the same, so the steps
+    left to the dense shared expert overlap as the original's do."""
+    pytest.importorskip("vllm")
+    import importlib
+
+    from moeprep.runtime import fused_shared
+
+    original = inspect.getsource(getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), block))
+    config = type("Config", (), {"n_group": 1, "topk_group": 1, "topk_method": "noaux_tc"})()
+    spec = getattr(fused_shared, routing)(config)
+    assert spec.gate_in_moe_layer == ("gate=self.gate" in original)
+
+
 def test_lora_on_fused_slots_is_refused(tiny, tmp_path: Path) -> None:
     combined = run_cli("convert", tiny("glm4-moe"), tmp_path / "both", "--fuse-shared-experts", "--lora", tmp_path)
     assert combined.returncode == 2 and "cannot be combined with --fuse-shared-experts" in combined.stderr

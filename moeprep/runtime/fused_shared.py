@@ -28,7 +28,13 @@ from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import Grou
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from moeprep.errors import PreparedCheckpointMismatch
-from moeprep.runtime.slot_steps import EVERY_STEP, SlotSteps, check_dense_steps, dense_shared_expert
+from moeprep.runtime.slot_steps import (
+    EVERY_STEP,
+    SlotSteps,
+    check_dense_steps,
+    dense_shared_expert,
+    moe_layer_parameters,
+)
 from moeprep.runtime.vllm_compat import replaced
 from moeprep.schema.names import parse_expert_tensor
 from moeprep.schema.routing import FusedSharedExperts
@@ -48,6 +54,9 @@ class GateAndRouting:
     correction_bias: bool = False
     gate_out_dtype: torch.dtype | None = None
     gate_params_dtype: torch.dtype | None = None
+    # The block hands its gate to vLLM's MoE layer, whose runner applies it after starting the shared expert on
+    # the auxiliary stream, so the two overlap (vLLM's DeepseekV2MoE); else the block applies it before the layer.
+    gate_in_moe_layer: bool = False
 
 
 def slot_id_table(contract: FusedSharedExperts, rows: int) -> torch.Tensor:
@@ -186,7 +195,7 @@ class FusedSharedExpertsMoE(nn.Module):
                 reduce_results=False,
                 prefix=f"{prefix}.shared_experts",
             )
-        shared = {} if self.shared_experts is None else {"shared_experts": self.shared_experts}
+        layer_modules = {} if self.shared_experts is None else {"shared_experts": self.shared_experts}
         self.gate = GateLinear(
             hidden,
             contract.routed_experts + int(contract.gated),
@@ -213,6 +222,9 @@ class FusedSharedExpertsMoE(nn.Module):
             routed_scaling_factor=contract.routed_scaling_factor,
             e_score_correction_bias=bias,
         )
+        self.gate_in_moe_layer = spec.gate_in_moe_layer and "gate" in moe_layer_parameters(MOE_LAYER)
+        if self.gate_in_moe_layer:
+            layer_modules["gate"] = self.gate
         self.experts = MOE_LAYER(
             num_experts=contract.num_experts,
             top_k=contract.top_k + contract.slots,
@@ -224,7 +236,7 @@ class FusedSharedExpertsMoE(nn.Module):
             router=SharedSlotRouter(inner, contract, self.slot_ids, self.routed_ids, steps),
             router_logits_dtype=spec.gate_out_dtype,
             reduce_results=True,  # under tensor parallelism the layer all-reduces routed + shared output itself
-            **shared,
+            **layer_modules,
         )
         # What vLLM's MoE-model mixins read from a block (expert counts for EPLB bookkeeping).
         self.n_routed_experts = self.n_logical_experts = contract.num_experts
@@ -234,7 +246,7 @@ class FusedSharedExpertsMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, already_sequence_parallel: bool = False) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.view(-1, shape[-1])
-        router_logits, _ = self.gate(flat)
+        router_logits = flat if self.gate_in_moe_layer else self.gate(flat)[0]  # the layer applies its gate itself
         return self.experts(hidden_states=flat, router_logits=router_logits).view(shape)
 
 
@@ -319,6 +331,7 @@ def deepseek_routing(config: Any) -> GateAndRouting:
         scoring_func=getattr(config, "scoring_func", "softmax"),
         correction_bias=getattr(config, "topk_method", None) == "noaux_tc",
         gate_out_dtype=_get_moe_router_dtype(config),
+        gate_in_moe_layer=True,
     )
 
 
