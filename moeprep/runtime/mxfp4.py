@@ -97,8 +97,9 @@ class PreparedMxfp4MoEMethod(PreparedWeightsMixin, GptOssMxfp4MoEMethod):
         self.tracker.layer_ready(self.prefix)
 
     def kernel_tensors(self, layer: Any) -> KernelTensors:
-        """The prepared (w13, w2, w13 scale, w2 scale, w13 bias, w2 bias) as the kernel reads them."""
-        raise NotImplementedError
+        """The prepared (w13, w2, w13 scale, w2 scale, w13 bias, w2 bias) as the kernel reads them: by default the
+        loaded parameters themselves (layouts the kernel reads as plain tensors)."""
+        return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
 
     def cached_kernel_tensors(self, layer: Any) -> KernelTensors:
         """The same, from the tensors vLLM's weight cache put on the layer under vLLM's names."""
@@ -199,9 +200,6 @@ class PreparedMarlinMxfp4MoEMethod(PreparedMxfp4MoEMethod):
     LAYOUT = "Marlin"
     supports_pre_processed_weights = True  # vLLM keeps the Marlin tensors as parameters of its own names
 
-    def kernel_tensors(self, layer: Any) -> KernelTensors:
-        return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
-
     def cached_kernel_tensors(self, layer: Any) -> KernelTensors:
         return tuple(getattr(layer, name).data for name in VLLM_ORDER)  # type: ignore[return-value]
 
@@ -221,9 +219,6 @@ class PreparedCpuMxfp4MoEMethod(PreparedMxfp4MoEMethod):
                 "moeprep: this folder holds CPU AMX layouts, which need vLLM CPU on a CPU with AMX; on this machine "
                 "convert with --backend auto, or serve the original checkpoint"
             )
-
-    def kernel_tensors(self, layer: Any) -> KernelTensors:
-        return tuple(getattr(layer, name).data for name in PREPARED_ORDER)  # type: ignore[return-value]
 
 
 class PaddedMxfp4MoEMethod(PreparedMxfp4MoEMethod):

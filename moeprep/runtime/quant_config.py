@@ -269,20 +269,17 @@ class MoeprepConfig(QuantizationConfig):
             records = {n: r for n, r in rank_records.items() if n.startswith(experts)}
             self.tracker.layer_built(prefix)
             return RankExpertsMoEMethod(layer.moe_config, self.folder, prefix, records, self.tracker)
-        if self.backend == "dequant" and isinstance(layer, RoutedExperts):
-            from moeprep.runtime.cpu_mxfp4 import DequantMxfp4MoEMethod
-
+        if isinstance(layer, RoutedExperts) and (self.backend != "none" or self.prepared_records(prefix)):
             self.tracker.layer_built(prefix)
             records = self.prepared_records(prefix, rank_records or None)
-            folder = self.folder if rank_records else None
-            return DequantMxfp4MoEMethod(layer.moe_config, prefix, records, self.tracker, folder)
-        if isinstance(layer, RoutedExperts) and (self.backend != "none" or self.prepared_records(prefix)):
+            folder = self.folder if rank_records else None  # CPU layouts read --tp rank files themselves
+            if self.backend == "dequant":
+                from moeprep.runtime.cpu_mxfp4 import DequantMxfp4MoEMethod
+
+                return DequantMxfp4MoEMethod(layer.moe_config, prefix, records, self.tracker, folder)
             from moeprep.runtime.mxfp4 import PREPARED_METHODS
 
             assert self.manifest is not None
-            self.tracker.layer_built(prefix)
-            records = self.prepared_records(prefix, rank_records or None)
-            folder = self.folder if rank_records else None
             return PREPARED_METHODS[self.backend](
                 layer.moe_config, prefix, records, self.manifest.target.knobs, self.tracker, folder
             )
