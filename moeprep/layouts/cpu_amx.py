@@ -23,6 +23,7 @@ from moeprep.layouts.mxfp4_experts import (
 )
 
 BLOCK_N = 32
+VLLM_RANGES = (("0.32.0", "0.32.0"),)  # the newest CPU build; its op recorded in tests/golden/cpu_amx
 
 
 def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ BACKEND = register(
         arches=("any",),  # x86 with AMX: the only CPUs vLLM runs this kernel on
         platform="cpu",
         recipe_version=1,
-        padding=same_padding(("any",), (("0.32.0", "0.32.0"),), (BLOCK_N, BLOCK_N)),  # the newest CPU build
+        padding=same_padding(("any",), VLLM_RANGES, (BLOCK_N, BLOCK_N)),
         prepared_expert_tensors=prepared_expert_tensors,
     )
 )
