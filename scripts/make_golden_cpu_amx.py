@@ -21,9 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.golden_inputs import CPU_AMX_CASES, cpu_amx_inputs  # noqa: E402
-
-SMALL_CASE_BYTES = 3 * 384 * 96  # cases up to this many weight bytes are stored whole
+from tests.golden_inputs import CPU_AMX_CASES, CPU_AMX_WHOLE_CASE_BYTES, cpu_amx_inputs  # noqa: E402
 
 
 def load_ops(library: str | None) -> str:
@@ -68,7 +66,7 @@ def main() -> None:
         record = {"seed": seed, "experts": experts, "rows": rows, "k": k, "outputs": {}}
         for name, t in outputs.items():
             record["outputs"][name] = {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": sha256(t)}
-        if weight.numel() <= SMALL_CASE_BYTES:
+        if weight.numel() <= CPU_AMX_WHOLE_CASE_BYTES:
             tensors = {"in.weight": weight, "in.scale": scale}
             tensors |= {f"out.{name}": t.contiguous() for name, t in outputs.items()}
             save_file(tensors, args.out / f"cpu_amx_mxfp4_{seed}.safetensors")

@@ -20,6 +20,7 @@ TRITON_CASES = [
 # (seed, experts, rows N, reduction K) of the CPU AMX pack (recorded by scripts/make_golden_cpu_amx.py): gpt-oss-20b
 # w13 and w2, and small sizes that are not multiples of its 32-row blocks (zero-padded to 32 as vLLM does)
 CPU_AMX_CASES = [(31, 2, 5760, 2880), (32, 2, 2880, 2880), (33, 3, 384, 192), (34, 2, 200, 320), (35, 1, 40, 64)]
+CPU_AMX_WHOLE_CASE_BYTES = 3 * 384 * 96  # cases up to this many (padded) weight bytes are stored whole
 
 # (seed, experts, intermediate n, hidden k), recorded from vLLM 0.26 on an H100 by scripts/make_golden_marlin.py
 MARLIN_CASES = [(11, 2, 128, 256), (12, 3, 192, 192), (13, 2, 2880, 2880)]
