@@ -32,7 +32,9 @@ model. ``--kernel-profile`` also records, per batch size, the GPU kernels of tha
 model's kernels differ from the original's.
 ``--slot-tokens SPEC`` adds the fused folder served with ``MOEPREP_SHARED_SLOT_TOKENS=SPEC`` ("fused-steps"):
 the slots at those step sizes only, vLLM's dense shared expert on its auxiliary stream at the others.
-``--without-fused`` leaves the fused folder at its default setting out (e.g. original and fused-steps only).
+"fused" serves the fused folder with every step on the slots (``MOEPREP_SHARED_SLOT_TOKENS=all``; unset, the
+runtime picks a per-step setting, ``moeprep/runtime/slot_steps.py``); ``--without-fused`` leaves it out (e.g.
+original and fused-steps only).
 ``--resume FILE`` completes a run cut short: FILE (an earlier ``--out`` of the same setup) keeps its rounds and
 only the model-rounds it lacks are run, in the order the full run would have run them.
 """
@@ -67,7 +69,7 @@ def without_shared_experts(config: Any) -> Any:
 # Each model measured: (its folder under --workdir, environment for its engine, vLLM hf_overrides).
 VARIANTS: dict[str, tuple[str, dict[str, str], Callable[[Any], Any] | None]] = {
     "original": ("original", {}, None),
-    "fused": ("fused", {}, None),
+    "fused": ("fused", {"MOEPREP_SHARED_SLOT_TOKENS": "all"}, None),  # every step on the slots
     "serial": ("original", {"VLLM_DISABLE_SHARED_EXPERTS_STREAM": "1"}, None),
     "no-shared": ("original", {}, without_shared_experts),
 }

@@ -11,14 +11,23 @@ import torch
 from torch import nn
 
 from moeprep.errors import PreparedCheckpointMismatch
+from moeprep.families import get_family
+from moeprep.fixtures.build import fixture_config
 from moeprep.runtime.slot_steps import (
+    DENSE_DECODE,
+    MEASURED_SETTINGS,
     SLOT_TOKENS_ENV,
+    ServingSetup,
     SlotSteps,
     check_dense_steps,
     check_slots_to_choose,
+    default_setting,
     dense_shared_expert,
+    log_default,
+    resolve_steps,
 )
 from moeprep.schema.routing import FusedSharedExperts
+from moeprep.shared_experts import routing_contract
 from tests.conftest import fresh_seed
 
 
@@ -36,9 +45,97 @@ def test_step_ranges_are_parsed_as_written() -> None:
 
 def test_the_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SLOT_TOKENS_ENV, raising=False)
-    assert SlotSteps.from_env().every_step
+    assert SlotSteps.from_env() is None
+    monkeypatch.setenv(SLOT_TOKENS_ENV, " ")
+    assert SlotSteps.from_env() is None
+    monkeypatch.setenv(SLOT_TOKENS_ENV, "all")
+    assert SlotSteps.from_env() == SlotSteps()
     monkeypatch.setenv(SLOT_TOKENS_ENV, "1-8")
     assert SlotSteps.from_env() == SlotSteps(((1, 8),))
+
+
+def measured_setup(family: str, preset: str, quantization: str, **serving: object) -> ServingSetup:
+    """The ServingSetup of the benchmark's shape (``fixture_config`` presets are the real models' dimensions)."""
+    config = fixture_config(family, preset, 4, quantization)
+    spec = get_family(family)
+    contract = routing_contract(spec, spec.moe_spec(config), config, 1)
+    where = {"cuda_capability": (9, 0), "vllm_version": "0.34.0", "tensor_parallel": 1} | serving
+    return ServingSetup(
+        architecture=contract.original_architectures[0],
+        hidden_size=config["hidden_size"],
+        routed_experts=contract.routed_experts,
+        expert_intermediate=contract.expert_intermediate,
+        top_k=contract.top_k,
+        weights=config.get("quantization_config", {}).get("quant_method", "none"),
+        **where,  # type: ignore[arg-type]
+    )
+
+
+def test_the_default_is_the_measured_setting_where_there_is_one_and_dense_decode_elsewhere_on_cuda() -> None:
+    deepseek = measured_setup("deepseek-v3", "v3", "fp8-block")
+    glm_air = measured_setup("glm4-moe", "air", "none")
+    assert default_setting(deepseek, None)[0] == "5-15,257-"
+    assert default_setting(glm_air, None)[0] == "2-4,257-"
+    assert default_setting(dataclasses.replace(deepseek, vllm_version="0.34.1+cu130"), None)[0] == "5-15,257-"
+    assert len(MEASURED_SETTINGS) == 2  # each entry above is reached from its model's real dimensions
+    for elsewhere in (
+        dataclasses.replace(deepseek, weights="none"),  # DeepSeek-V3 in bf16: another kernel
+        dataclasses.replace(deepseek, routed_experts=384),  # Kimi-K2's shape
+        dataclasses.replace(glm_air, tensor_parallel=2),
+        dataclasses.replace(glm_air, cuda_capability=(10, 0)),
+        dataclasses.replace(glm_air, vllm_version="0.35.0"),
+    ):
+        assert default_setting(elsewhere, None)[0] == DENSE_DECODE
+    everywhere = {
+        "off CUDA": (dataclasses.replace(deepseek, cuda_capability=None), None),
+        "vLLM 0.26.0": (dataclasses.replace(deepseek, vllm_version="0.26.0"), None),
+        "not built for expert": (deepseek, "expert or data parallelism"),
+    }
+    for why, args in everywhere.items():
+        setting, reason = default_setting(*args)
+        assert setting == "all" and why in reason
+
+
+def test_the_serving_setup_is_read_from_the_model_and_the_running_vllm() -> None:
+    pytest.importorskip("vllm")
+    import vllm
+
+    from moeprep.runtime.fused_shared import serving_setup
+
+    expected = measured_setup("deepseek-v3", "v3", "fp8-block")
+    config = fixture_config("deepseek-v3", "v3", 4, "fp8-block")
+    spec = get_family("deepseek-v3")
+    contract = routing_contract(spec, spec.moe_spec(config), config, 1)
+    quant_config = SimpleNamespace(original_config=config["quantization_config"])
+    setup = serving_setup(SimpleNamespace(hidden_size=config["hidden_size"]), contract, quant_config, 2)
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    where = {"cuda_capability": capability, "vllm_version": vllm.__version__.split("+")[0], "tensor_parallel": 2}
+    assert setup == dataclasses.replace(expected, **where)  # type: ignore[arg-type]
+    bf16 = serving_setup(SimpleNamespace(hidden_size=64), contract, SimpleNamespace(original_config=None), 1)
+    assert bf16.weights == "none"
+
+
+def test_the_environment_overrides_the_default_and_is_refused_where_the_dense_path_is_not_built(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def moe_layer(num_experts: int, shared_experts: nn.Module | None = None) -> None: ...
+
+    one_slot = FusedSharedExperts.of(8, 1, 1, 2, 64, False)
+    single = SimpleNamespace(enable_expert_parallel=False, data_parallel_size=1)
+    expert_parallel = SimpleNamespace(enable_expert_parallel=True, data_parallel_size=1)
+    setup = measured_setup("glm4-moe", "air", "none")
+    monkeypatch.delenv(SLOT_TOKENS_ENV, raising=False)
+    log_default.cache_clear()  # it logs once per process
+    with caplog.at_level("INFO", logger="vllm.moeprep"):
+        assert resolve_steps(one_slot, ToyMLP, moe_layer, single, setup) == SlotSteps.parse("2-4,257-")
+    assert "shared-expert slots at step sizes 2-4,257- (measured" in caplog.text
+    assert resolve_steps(one_slot, ToyMLP, moe_layer, expert_parallel, setup).every_step
+    monkeypatch.setenv(SLOT_TOKENS_ENV, "none")
+    assert resolve_steps(one_slot, ToyMLP, moe_layer, single, setup) == SlotSteps(())
+    with pytest.raises(PreparedCheckpointMismatch, match="expert or data parallelism"):
+        resolve_steps(one_slot, ToyMLP, moe_layer, expert_parallel, setup)
+    monkeypatch.setenv(SLOT_TOKENS_ENV, "all")
+    assert resolve_steps(one_slot, ToyMLP, moe_layer, expert_parallel, setup).every_step
 
 
 class ToyMLP(nn.Module):

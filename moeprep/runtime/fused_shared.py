@@ -26,14 +26,17 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+from vllm.platforms import current_platform
 
 from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.runtime.slot_steps import (
     EVERY_STEP,
+    ServingSetup,
     SlotSteps,
     check_dense_steps,
     dense_shared_expert,
     moe_layer_parameters,
+    resolve_steps,
 )
 from moeprep.runtime.vllm_compat import replaced
 from moeprep.schema.names import parse_expert_tensor
@@ -156,6 +159,25 @@ class SharedSlotRouter(SlotRouter):
         return torch.cat([weights, slot_weights], dim=1), torch.cat([ids, slot_ids], dim=1)
 
 
+def serving_setup(config: Any, contract: FusedSharedExperts, quant_config: Any, tensor_parallel: int) -> ServingSetup:
+    """The fused layer's shape and where vLLM serves it, for the default per-step setting."""
+    from moeprep.runtime.quant_config import running_vllm_version
+
+    capability = current_platform.get_device_capability() if current_platform.is_cuda() else None
+    original = getattr(quant_config, "original_config", None) or {}
+    return ServingSetup(
+        architecture=contract.original_architectures[0] if contract.original_architectures else "",
+        hidden_size=config.hidden_size,
+        routed_experts=contract.routed_experts,
+        expert_intermediate=contract.expert_intermediate,
+        top_k=contract.top_k,
+        weights=str(original.get("quant_method", "none")),
+        cuda_capability=None if capability is None else (capability.major, capability.minor),
+        vllm_version=running_vllm_version(),
+        tensor_parallel=tensor_parallel,
+    )
+
+
 def current_contract() -> FusedSharedExperts:
     """The contract of the prepared folder vLLM is loading (read through the moeprep quantization config)."""
     from moeprep.runtime.quant_config import MoeprepConfig
@@ -181,8 +203,9 @@ class FusedSharedExpertsMoE(nn.Module):
         hidden = config.hidden_size
         self.contract = contract
         vllm_config = get_current_vllm_config()
-        steps = SlotSteps.from_env()
-        check_dense_steps(steps, contract, self.dense_mlp, MOE_LAYER, vllm_config.parallel_config)
+        parallel = vllm_config.parallel_config
+        setup = serving_setup(config, contract, quant_config, parallel.tensor_parallel_size)
+        steps = resolve_steps(contract, self.dense_mlp, MOE_LAYER, parallel, setup)
         self.shared_experts: nn.Module | None = None
         if not steps.every_step:  # registered before the experts, so its parameters take the original's names
             self.shared_experts = dense_shared_expert(
@@ -288,7 +311,8 @@ class FusedSlotRowsMoE(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         contract = current_contract()
-        check_dense_steps(SlotSteps.from_env(), contract, None, MOE_LAYER, vllm_config.parallel_config)
+        if (steps := SlotSteps.from_env()) is not None:  # unset: every step on the slots (no dense path here)
+            check_dense_steps(steps, contract, None, MOE_LAYER, vllm_config.parallel_config)
         self.contract = contract
         self.router = GateLinear(config.hidden_size, contract.routed_experts, prefix=f"{prefix}.router")
         inner = create_fused_moe_router(

@@ -13,4 +13,11 @@ if [[ " $* " =~ \ (-n\ ?|--numprocesses[=\ ])[0-9a-z] ]]; then   # pytest-xdist:
   export MOEPREP_GPU_MEMORY_UTILIZATION="${MOEPREP_GPU_MEMORY_UTILIZATION:-0.08}"
   export MOEPREP_KV_CACHE_BYTES="${MOEPREP_KV_CACHE_BYTES:-1073741824}"
 fi
-python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log"
+status=0
+python -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$OUT/gpu-tests.xml" "$@" 2>&1 | tee "$OUT/gpu-tests.log" || status=$?
+# Each scored test writes NAME-summary.json; print them all (and keep them in one file), so they survive a
+# caller that brings back only the console or a few files.
+for summary in "$OUT"/*-summary.json; do
+  if [[ -e "$summary" ]]; then echo "$(basename "$summary" -summary.json) $(cat "$summary")"; fi
+done | tee "$OUT/summaries.txt"
+exit "$status"

@@ -13,7 +13,9 @@ away, so the tolerance is tight enough to see a scale mistake. With ``MOEPREP_SH
 steps to vLLM's dense shared expert (on its auxiliary CUDA stream), DeepSeek-V3 block fp8 and GLM-4-MoE score the
 same way: every step dense (``none``: the scored prefill runs the original's top-k and the dense shared MLP), or
 steps of 5 tokens and more on the slots (``5-``: the scored prefill runs the slots while the dense shared MLP is
-built and must add nothing, and the 4-sequence decode steps run dense).
+built and must add nothing, and the 4-sequence decode steps run dense), or unset (``default``: on CUDA vLLM 0.34
+these unmeasured shapes get decode steps dense, prefill-sized steps on the slots, and the engine's log says so).
+The fused tests above set ``all``, every step on the slots.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions
-from moeprep.runtime.slot_steps import SLOT_TOKENS_ENV
+from moeprep.runtime.slot_steps import DENSE_DECODE, SLOT_TOKENS_ENV, vllm_release
 from tests.gpu.test_mxfp4_gpu import OUT, generate
 
 TOLERANCE = {"none": 0.02, "fp8-block": 0.05}
@@ -66,8 +68,11 @@ def mean_delta(scored: dict, original: dict) -> torch.Tensor:
     ("family", "quantization"),
     [("deepseek-v3", "none"), ("glm4-moe", "none"), ("deepseek-v3", "fp8-block"), ("llama4", "none")],
 )
-def test_fused_shared_experts_score_like_the_original(tmp_path: Path, family: str, quantization: str) -> None:
+def test_fused_shared_experts_score_like_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, quantization: str
+) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv(SLOT_TOKENS_ENV, "all")  # every step on the slots (unset, decode steps may run dense)
     src = build_fixture(family, tmp_path / "src", quantization=quantization)
     name = f"fused-{family}" + ("" if quantization == "none" else f"-{quantization}")
     original = run(src, f"{name}-original")
@@ -97,7 +102,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.parametrize(("family", "quantization"), [("deepseek-v3", "fp8-block"), ("glm4-moe", "none")])
-@pytest.mark.parametrize("slot_tokens", ["none", "5-"])
+@pytest.mark.parametrize("slot_tokens", ["none", "5-", "default"])
 def test_steps_left_to_the_dense_shared_expert_score_like_the_original(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, quantization: str, slot_tokens: str
 ) -> None:
@@ -107,8 +112,16 @@ def test_steps_left_to_the_dense_shared_expert_score_like_the_original(
     original = run(src, f"{name}-original")
     sequences = tmp_path / "sequences.json"
     sequences.write_text(json.dumps(original["sequences"]))
-    monkeypatch.setenv(SLOT_TOKENS_ENV, slot_tokens)  # read by the engine process generate.py starts
+    if slot_tokens == "default":  # unset: these tiny shapes are not measured, so decode steps run dense
+        monkeypatch.delenv(SLOT_TOKENS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SLOT_TOKENS_ENV, slot_tokens)  # read by the engine process generate.py starts
     scored = run(fused(src, tmp_path / "fused"), f"{name}-fused", "--score", str(sequences))
+    if slot_tokens == "default":  # vLLM 0.26 keeps every step on the slots
+        import vllm
+
+        setting = DENSE_DECODE if vllm_release(vllm.__version__) >= (0, 34) else "all"
+        assert f"shared-expert slots at step sizes {setting} (" in (OUT / f"{name}-fused.log").read_text()
     delta = mean_delta(scored, original)
     same = [common_prefix(a, b) for a, b in zip(original["tokens"], scored["tokens"], strict=True)]
     summary = {"mean_abs_dlogprob": delta.mean().item(), "max_abs_dlogprob": delta.max().item(), "same_prefix": same}
