@@ -54,11 +54,16 @@ def test_the_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert SlotSteps.from_env() == SlotSteps(((1, 8),))
 
 
-def measured_setup(family: str, preset: str, quantization: str, **serving: object) -> ServingSetup:
-    """The ServingSetup of the benchmark's shape (``fixture_config`` presets are the real models' dimensions)."""
+def real_shape(family: str, preset: str, quantization: str) -> tuple[dict, FusedSharedExperts]:
+    """A model's config (``fixture_config`` presets are the real models' dimensions) and its one-slot contract."""
     config = fixture_config(family, preset, 4, quantization)
     spec = get_family(family)
-    contract = routing_contract(spec, spec.moe_spec(config), config, 1)
+    return config, routing_contract(spec, spec.moe_spec(config), config, 1)
+
+
+def measured_setup(family: str, preset: str, quantization: str, **serving: object) -> ServingSetup:
+    """The ServingSetup of the benchmark's shape, served on Hopper with vLLM 0.34 on one GPU unless ``serving``."""
+    config, contract = real_shape(family, preset, quantization)
     where = {"cuda_capability": (9, 0), "vllm_version": "0.34.0", "tensor_parallel": 1} | serving
     return ServingSetup(
         architecture=contract.original_architectures[0],
@@ -103,9 +108,7 @@ def test_the_serving_setup_is_read_from_the_model_and_the_running_vllm() -> None
     from moeprep.runtime.fused_shared import serving_setup
 
     expected = measured_setup("deepseek-v3", "v3", "fp8-block")
-    config = fixture_config("deepseek-v3", "v3", 4, "fp8-block")
-    spec = get_family("deepseek-v3")
-    contract = routing_contract(spec, spec.moe_spec(config), config, 1)
+    config, contract = real_shape("deepseek-v3", "v3", "fp8-block")
     quant_config = SimpleNamespace(original_config=config["quantization_config"])
     setup = serving_setup(SimpleNamespace(hidden_size=config["hidden_size"]), contract, quant_config, 2)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None

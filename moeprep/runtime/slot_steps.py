@@ -28,6 +28,7 @@ from torch import nn
 
 from moeprep.errors import PreparedCheckpointMismatch
 from moeprep.schema.routing import FusedSharedExperts
+from moeprep.schema.vllm_versions import version_key
 
 SLOT_TOKENS_ENV = "MOEPREP_SHARED_SLOT_TOKENS"
 _RANGE = re.compile(r"(\d+)(-(\d*))?")
@@ -99,12 +100,7 @@ class ServingSetup:
     def measured_key(self) -> tuple:
         major = None if self.cuda_capability is None else self.cuda_capability[0]
         shape = (self.architecture, self.hidden_size, self.routed_experts, self.expert_intermediate, self.top_k)
-        return (*shape, self.weights, major, vllm_release(self.vllm_version), self.tensor_parallel)
-
-
-def vllm_release(version: str) -> tuple[int, ...]:
-    """``0.34.1+cu130`` -> ``(0, 34)``."""
-    return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+        return (*shape, self.weights, major, version_key(self.vllm_version)[:2], self.tensor_parallel)
 
 
 # Settings measured against the original at batch sizes 1-64 on one GPU (benchmarks/results/
@@ -125,7 +121,7 @@ def default_setting(setup: ServingSetup, dense_unavailable: str | None) -> tuple
         return "all", f"the dense shared expert is not built for {dense_unavailable}"
     if setup.cuda_capability is None:
         return "all", "off CUDA, where the dense steps are not measured"
-    if vllm_release(setup.vllm_version) < (0, 34):
+    if version_key(setup.vllm_version) < (0, 34, 0):
         return "all", f"vLLM {setup.vllm_version}, where the dense steps are not measured (0.34 and later are)"
     if measured := MEASURED_SETTINGS.get(setup.measured_key()):
         return measured, "measured fastest for this shape, GPU generation and vLLM release"

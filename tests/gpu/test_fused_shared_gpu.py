@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from moeprep.convert import convert, load_plan
 from moeprep.fixtures import build_fixture
 from moeprep.plan import PlanOptions
-from moeprep.runtime.slot_steps import DENSE_DECODE, SLOT_TOKENS_ENV, vllm_release
+from moeprep.runtime.slot_steps import DENSE_DECODE, SLOT_TOKENS_ENV
+from moeprep.schema.vllm_versions import version_key
 from tests.gpu.test_mxfp4_gpu import OUT, generate
 
 TOLERANCE = {"none": 0.02, "fp8-block": 0.05}
@@ -120,7 +121,7 @@ def test_steps_left_to_the_dense_shared_expert_score_like_the_original(
     if slot_tokens == "default":  # vLLM 0.26 keeps every step on the slots
         import vllm
 
-        setting = DENSE_DECODE if vllm_release(vllm.__version__) >= (0, 34) else "all"
+        setting = DENSE_DECODE if version_key(vllm.__version__) >= (0, 34, 0) else "all"
         assert f"shared-expert slots at step sizes {setting} (" in (OUT / f"{name}-fused.log").read_text()
     delta = mean_delta(scored, original)
     same = [common_prefix(a, b) for a, b in zip(original["tokens"], scored["tokens"], strict=True)]
