@@ -120,9 +120,9 @@ def default_setting(setup: ServingSetup, dense_unavailable: str | None) -> tuple
     if dense_unavailable:
         return "all", f"the dense shared expert is not built for {dense_unavailable}"
     if setup.cuda_capability is None:
-        return "all", "off CUDA, where the dense steps are not measured"
+        return "all", "off CUDA, where the dense steps' speed is not measured"
     if version_key(setup.vllm_version) < (0, 34, 0):
-        return "all", f"vLLM {setup.vllm_version}, where the dense steps are not measured (0.34 and later are)"
+        return "all", f"vLLM {setup.vllm_version}: the dense steps' speed is measured on 0.34 and later only"
     if measured := MEASURED_SETTINGS.get(setup.measured_key()):
         return measured, "measured fastest for this shape, GPU generation and vLLM release"
     return DENSE_DECODE, "decode steps on vLLM's dense shared expert take the original's time"
